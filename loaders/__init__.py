@@ -1,0 +1,1 @@
+"""hamengine.loaders"""
