@@ -101,12 +101,14 @@ def _walk(root: Path) -> list[str]:
     return out
 
 
-def _depth(root: Path, path: str) -> int:
-    return os.path.relpath(path, root).count(os.sep)
-
-
 def _rel(root: Path, path: str | Path) -> str:
-    return os.path.relpath(path, root)
+    path, top = str(path), str(root) + os.sep
+    # every walked path starts with root: slicing is ~20x cheaper than relpath over 10k images
+    return path[len(top):] if path.startswith(top) else os.path.relpath(path, root)
+
+
+def _depth(root: Path, path: str) -> int:
+    return _rel(root, path).count(os.sep)
 
 
 def _shallowest(root: Path, files: list[str], names: tuple[str, ...]) -> list[str]:
@@ -127,7 +129,7 @@ def _image_index(root: Path, files: list[str], in_scope, zips: list[str],
     for f in files:
         stem, ext = os.path.splitext(os.path.basename(f))
         if ext.lower() in IMAGE_EXTS:
-            rank = in_scope(os.path.relpath(os.path.dirname(f), root))
+            rank = in_scope(os.path.dirname(_rel(root, f)))
             if rank is not None:
                 cand.append((stem, (rank, 0, _depth(root, f), f), f))
     for z in zips:
