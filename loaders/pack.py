@@ -1,0 +1,323 @@
+"""`hamengine pack`: a HAM10000 source folder -> a pack (format v1, see records.py / DESIGN.md).
+
+Flow: ingest (sources.load_source) -> split (split.py) -> order samples (train: seeded shuffle, since
+DALI only shuffles within a buffer; val/test: by image_id) -> process images in a pool (imaging.py)
+-> stream results, in order, into tar shards (tario.py) -> manifest last (packdir.py).
+
+Everything written depends only on the recipe (source metadata + options), never on time, worker
+count or scheduling: pool results are consumed in input order, so packs are byte-identical.
+Memory stays flat: the feeder lets at most `_inflight` images be ahead of the shard writer.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from hamengine.engine.environment import cpu_count
+from hamengine.loaders import packdir, split
+from hamengine.loaders.imaging import BadImage, ImagePolicy, process
+from hamengine.loaders.records import FORMAT, VERSION, PackError
+from hamengine.loaders.sources import ZIP_PREFIX, load_source, read_image_bytes
+from hamengine.loaders.tario import ShardWriter, archive_bytes, index_path_for, index_text, member_bytes
+
+from hamengine.config import CLASSES, SPLITS, PackConfig
+
+CHUNK = 4  # images per pool task: small keeps the ordered stream smooth, >1 amortises IPC
+MAX_LISTED = 50
+
+
+@dataclass(frozen=True)
+class _Result:
+    jpeg: bytes | None
+    width: int = 0
+    height: int = 0
+    orig_width: int = 0
+    orig_height: int = 0
+    conversions: tuple[str, ...] = ()
+    kept_original: bool = False
+    error: str | None = None
+
+
+def _work(ref: str, policy: ImagePolicy) -> _Result:
+    """Pool worker: read + process one image. Never raises: errors come back as data, in order."""
+    try:
+        data = read_image_bytes(ref)
+    except (OSError, KeyError, ValueError) as e:
+        return _Result(None, error=f"cannot read the file ({e})")
+    try:
+        enc = process(data, policy)
+    except BadImage as e:
+        return _Result(None, error=str(e))
+    except Exception as e:  # a decoder bug on a hostile file must not kill the whole pack
+        return _Result(None, error=f"cannot decode ({type(e).__name__}: {e})")
+    return _Result(enc.jpeg, enc.width, enc.height, enc.orig_width, enc.orig_height, enc.conversions,
+                   enc.kept_original)
+
+
+def _display_ref(root: Path, ref: str) -> str:
+    """A reference relative to the source folder (manifests must not hold this machine's paths)."""
+    if ref.startswith(ZIP_PREFIX):
+        zpath, _, member = ref[len(ZIP_PREFIX):].partition(".zip!")
+        return f"{os.path.relpath(zpath + '.zip', root)}!{member}"
+    return os.path.relpath(ref, root)
+
+
+def _file_sha256(path: str | None) -> str | None:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+
+
+def _clean(v: Any) -> Any:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, (np.floating, float)):
+        return float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v if isinstance(v, (str, int)) else str(v)
+
+
+def _ordered(df: pd.DataFrame, splits: np.ndarray, seed: int) -> list[int]:
+    """Row positions in storage order: train shuffled by the seed, then val, then test by image_id."""
+    order: list[int] = []
+    for s in SPLITS:
+        rows = np.flatnonzero(splits == s)  # df is sorted by image_id already
+        if s == "train":
+            rows = rows[np.random.default_rng([seed, 1]).permutation(len(rows))]
+        order.extend(int(r) for r in rows)
+    return order
+
+
+def _feed(items: list[str], limit: threading.Semaphore, stop: threading.Event) -> Iterator[str]:
+    # Runs in the pool's task-handler thread: blocks once `limit` images are ahead of the writer.
+    for it in items:
+        limit.acquire()
+        if stop.is_set():
+            return
+        yield it
+
+
+class _Shards:
+    """Rolls shards per split at `shard_size`; temp name + fsync + rename for every shard."""
+
+    def __init__(self, out: Path, shard_size: int):
+        self.out, self.shard_size = out, shard_size
+        self.writer: ShardWriter | None = None
+        self.split = ""
+        self.count: Counter[str] = Counter()
+        self.done: list[dict[str, Any]] = []
+
+    def add(self, split_name: str, key: str, comps: list[tuple[str, bytes]]) -> None:
+        w = self.writer
+        size = sum(member_bytes(len(d)) for _, d in comps)
+        if w is not None and (split_name != self.split or archive_bytes(w.pos + size) > self.shard_size):
+            self.close()
+        if self.writer is None:
+            self.split = split_name
+            name = f"{split_name}-{self.count[split_name]:06d}.tar"
+            self.count[split_name] += 1
+            self.writer = ShardWriter(self.out / f".{name}.tmp")
+        self.writer.add(key, comps)
+
+    def close(self) -> None:
+        w, self.writer = self.writer, None
+        if w is None:
+            return
+        name = w.path.name[1:-len(".tmp")]
+        nbytes, sha = w.close()
+        idx = index_text(w.samples).encode()
+        final = self.out / name
+        packdir.atomic_write(index_path_for(final), idx)
+        os.replace(w.path, final)
+        self.done.append({"name": name, "split": self.split, "samples": len(w.samples), "bytes": nbytes,
+                          "sha256": sha, "index": index_path_for(final).name,
+                          "index_sha256": hashlib.sha256(idx).hexdigest()})
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def _stats(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"min": 0, "max": 0, "mean": 0.0}
+    a = np.asarray(values, np.int64)
+    return {"min": int(a.min()), "max": int(a.max()), "mean": round(float(a.mean()), 2)}
+
+
+def _progress(total: int, enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    return Progress(TextColumn("[bold]packing"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                    TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=False)
+
+
+def pack_dataset(cfg: PackConfig, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build the pack described by `cfg`; returns the manifest. Raises PackError / SourceError /
+    SplitError with a message naming the file and what to do."""
+    say = log or (lambda _msg: None)
+    _check_config(cfg)
+    src = load_source(cfg.source, allow_missing=cfg.allow_missing)
+    df = src.df
+    if df.empty:
+        raise PackError(f"{cfg.source}: the source has no images to pack")
+    if cfg.split_file:
+        splits = split.read_split_file(cfg.split_file, df)
+        method = split.METHOD_FILE
+    else:
+        splits = split.assign_splits(df, cfg.val, cfg.test, cfg.seed)
+        method = split.METHOD_GROUPED
+    policy = ImagePolicy(cfg.size, cfg.quality, cfg.keep_original, cfg.max_pixels)
+    recipe = {
+        "format": FORMAT, "version": VERSION, "classes": list(CLASSES),
+        "source": {"layout": str(src.layout), "metadata_files": [f.name for f in src.metadata_files],
+                   "metadata_sha256": src.metadata_sha256, "images": len(df), "missing": list(src.missing),
+                   "excluded": list(src.skipped)},
+        "split": {"method": method, "seed": cfg.seed, "val": cfg.val, "test": cfg.test,
+                  "split_file": Path(cfg.split_file).name if cfg.split_file else None,
+                  "split_file_sha256": _file_sha256(cfg.split_file)},
+        "image": {"size": cfg.size, "quality": cfg.quality, "keep_original": cfg.keep_original,
+                  "max_pixels": cfg.max_pixels, "format": "baseline-jpeg", "subsampling": "4:2:0",
+                  "resample": "lanczos"},
+        "shard_size": cfg.shard_size, "skip_bad": cfg.skip_bad,
+    }
+    recipe_sha = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    out = Path(cfg.out)
+    state = packdir.prepare(out, recipe_sha, cfg.force)
+    if state is packdir.OutState.COMPLETE:
+        say(f"{out} is already a complete pack of this source with these options: nothing to do "
+            f"(--force rebuilds it)")
+        return json.loads((out / "manifest.json").read_bytes())
+    if state is packdir.OutState.RESUME:
+        say(f"{out}: finishing an interrupted pack with the same options (starting it over)")
+    packdir.clear(out)
+    packdir.mark(out, recipe, recipe_sha)
+
+    order = _ordered(df, splits, cfg.seed)
+    refs = df["image"].to_numpy()
+    meta_cols = ["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization", "dataset"]
+    meta_rows = df[meta_cols].to_dict("records")
+    shards = _Shards(out, cfg.shard_size)
+    bad: list[tuple[int, str]] = []
+    written = np.zeros(len(df), bool)
+    conversions: Counter[str] = Counter()
+    kept = 0
+    widths, heights, sizes = [], [], []
+    for pos, res in zip(order, _results([refs[i] for i in order], policy, cfg.workers, progress), strict=True):
+        if res.error is not None:
+            bad.append((pos, res.error))
+            continue
+        if bad and not cfg.skip_bad:
+            continue  # keep going only to list every bad file; nothing more gets written
+        conversions.update(res.conversions)
+        kept += res.kept_original
+        row = {k: _clean(v) for k, v in meta_rows[pos].items()}
+        row.update(split=str(splits[pos]), width=res.width, height=res.height, orig_width=res.orig_width,
+                   orig_height=res.orig_height, jpg_sha256=hashlib.sha256(res.jpeg).hexdigest())
+        label = CLASSES.index(row["dx"])
+        shards.add(str(splits[pos]), row["image_id"], [
+            ("cls", str(label).encode()), ("jpg", res.jpeg),
+            ("json", json.dumps(row, separators=(",", ":"), allow_nan=False).encode())])
+        written[pos] = True
+        widths.append(res.width)
+        heights.append(res.height)
+        sizes.append(len(res.jpeg))
+    if bad and not cfg.skip_bad:
+        shards.abort()
+        packdir.clear(out)
+        (out / packdir.MARKER).unlink(missing_ok=True)
+        lines = [f"{_display_ref(src.root, refs[p])}: {why}" for p, why in sorted(bad)]
+        more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
+        raise PackError(f"{len(bad)} image(s) in {src.root} cannot be packed:\n  "
+                        + "\n  ".join(lines[:MAX_LISTED]) + more +
+                        "\nReplace or remove them, or pass --skip-bad to leave them out (they are then "
+                        "listed in the manifest). Nothing was packed.")
+    shards.close()
+    if not written.any():
+        raise PackError(f"{src.root}: every image was skipped as unreadable; nothing to pack")
+    keep = written
+    manifest = dict(recipe)
+    manifest.update({
+        "recipe_sha256": recipe_sha,
+        "shards": shards.done,
+        "splits": split.summarize(df[keep].reset_index(drop=True), splits[keep]),
+        "skipped": [{"image_id": str(df["image_id"].iat[p]), "file": _display_ref(src.root, refs[p]),
+                     "reason": why} for p, why in sorted(bad)],
+        "converted": dict(sorted(conversions.items())),
+        "kept_original": kept,
+        "stats": {"width": _stats(widths), "height": _stats(heights), "jpeg_bytes": _stats(sizes),
+                  "total_bytes": int(sum(s["bytes"] for s in shards.done))},
+    })
+    packdir.finish(out, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def _results(refs: list[str], policy: ImagePolicy, workers: int, progress: bool) -> Iterator[_Result]:
+    """Process every ref in order, with a progress bar; a process pool when workers > 1."""
+    n = workers if workers > 0 else cpu_count()
+    fn = functools.partial(_work, policy=policy)
+    pool = None
+    if n > 1:
+        # Fork before the progress bar starts its refresh thread (forking a threaded process is unsafe).
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(n)
+    inflight = max(64, 8 * CHUNK * n)
+    limit, stop = threading.Semaphore(inflight), threading.Event()
+    try:
+        with _progress(len(refs), progress) as bar:
+            task = bar.add_task("pack", total=len(refs), rate="-")
+            stream = (map(fn, refs) if pool is None
+                      else pool.imap(fn, _feed(refs, limit, stop), chunksize=CHUNK))
+            for done, res in enumerate(stream, start=1):
+                limit.release()
+                yield res
+                if done % 16 == 0 or done == len(refs):
+                    speed = bar.tasks[0].speed
+                    bar.update(task, completed=done, rate=f"{speed:,.0f}" if speed else "-")
+    finally:
+        if pool is not None:
+            stop.set()
+            for _ in range(inflight):  # unblock the feeder so terminate() can join its thread
+                limit.release()
+            pool.terminate()
+            pool.join()
+
+
+def _check_config(cfg: PackConfig) -> None:
+    problems = []
+    if not cfg.source:
+        problems.append("--source is required")
+    if not cfg.out:
+        problems.append("--out is required")
+    if cfg.size < 16:
+        problems.append(f"--size {cfg.size}: must be at least 16 pixels")
+    if not 1 <= cfg.quality <= 100:
+        problems.append(f"--quality {cfg.quality}: must be between 1 and 100")
+    if cfg.shard_size < 64 * 1024:
+        problems.append(f"--shard-size {cfg.shard_size} bytes: must be at least 64KB")
+    if cfg.max_pixels < 1:
+        problems.append("max_pixels must be positive")
+    if cfg.split_file and not Path(cfg.split_file).is_file():
+        problems.append(f"--split-file {cfg.split_file}: no such file")
+    if problems:
+        raise PackError("; ".join(problems))
