@@ -1,0 +1,236 @@
+"""`hamengine serve`: a FastAPI app that classifies and explains dermatoscopic images with one run.
+
+Routes: GET / (the single page), GET /api/health, GET /api/model, POST /api/predict (multipart field
+`image` -> JSON), POST /api/explain (multipart field `image` -> Grad-CAM overlay PNG).
+
+Limits, and why each is where it is:
+- Upload size: a pure ASGI middleware rejects a Content-Length over the limit before any byte is read
+  and counts the bytes actually received (chunked uploads carry no Content-Length) -> 413.
+- Decompression bombs: the header is parsed first (Image.open is lazy); width x height over
+  `max_pixels` -> 413 before a single pixel is decoded.
+- Not an image / unsupported format -> 415; truncated or corrupt image data, empty upload, missing
+  field -> 422; every error body is {"detail": "<what went wrong and what to do>"}.
+- The model is loaded once per app; predictions go through a micro-batcher (serve_backend.py).
+- Nothing is written to disk except multipart spool files, which the multipart parser keeps in memory
+  up to 1 MiB and beyond that in the system temporary folder, deleted when the request ends.
+"""
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from hamengine.engine.serve_backend import (
+    Backend,
+    MicroBatcher,
+    PredictorBackend,
+    class_table,
+    load_test_metrics,
+)
+from hamengine.engine.serve_page import render_page
+from PIL import Image, UnidentifiedImageError
+from starlette.exceptions import HTTPException
+
+from hamengine.config import CLASS_NAMES
+
+# Formats PIL may even try to parse: a short allow-list keeps exotic parsers away from uploads.
+ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+MULTIPART_OVERHEAD = 64 * 1024  # boundary + part headers on top of the file itself
+FIELD = "image"
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000  # ~7300x5500: above any dermatoscope, far below a bomb's RAM cost
+    max_batch: int = 8  # micro-batch size (1: no batching)
+    max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
+    threads: int | None = None  # request worker threads (None: the server's default pool)
+
+
+class UploadError(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def decode_upload(data: bytes, limits: ServeLimits) -> Image.Image:
+    """Bytes -> checked RGB image, or UploadError(413/415/422) saying what is wrong."""
+    if not data:
+        raise UploadError(422, f"the upload in field '{FIELD}' is empty: choose a JPEG or PNG image")
+    if len(data) > limits.max_upload_bytes:
+        raise UploadError(413, _too_large(len(data), limits))
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))  # header only
+    except UnidentifiedImageError:
+        raise UploadError(415, "the upload is not an image this server reads "
+                               f"({', '.join(ACCEPTED_FORMATS)}); send a JPEG or PNG") from None
+    except Image.DecompressionBombError as exc:
+        raise UploadError(413, f"image dimensions are too large: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UploadError(422, f"the image header is corrupt: {exc}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise UploadError(422, f"the image has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise UploadError(413, f"the image is {width}x{height} = {width * height:,} pixels, over this "
+                               f"server's limit of {limits.max_pixels:,}; downscale it first")
+    try:
+        image.load()  # the full decode: raises on truncated / corrupt data (no LOAD_TRUNCATED_IMAGES)
+        return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise UploadError(413, f"image dimensions are too large: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UploadError(422, f"the {image.format} image is truncated or corrupt ({exc}); "
+                               "re-export it and try again") from None
+
+
+def _too_large(n: int | None, limits: ServeLimits) -> str:
+    mb = limits.max_upload_bytes / (1024 * 1024)
+    got = f" ({n / (1024 * 1024):.1f} MiB)" if n is not None else ""
+    return f"the upload is too large{got}: this server accepts images up to {mb:g} MiB"
+
+
+class BodyLimitMiddleware:
+    """Rejects request bodies over `limit` bytes with 413: by Content-Length up front, and by
+    counting received chunks (a missing or lying Content-Length cannot get past it)."""
+
+    def __init__(self, app: Any, limit: int, message: Callable[[int | None], str]):
+        self.app = app
+        self.limit = limit
+        self.message = message
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
+                       send: Callable[[dict], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = -1
+            if declared < 0 or declared > self.limit:
+                await _send_json(send, 413 if declared > self.limit else 400,
+                                 self.message(declared) if declared > self.limit
+                                 else "invalid Content-Length header")
+                return
+        received = 0
+
+        async def counting_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # FastAPI re-raises HTTPExceptions from body parsing, so this becomes the 413.
+                    raise HTTPException(413, self.message(None))
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+async def _send_json(send: Callable[[dict], Awaitable[None]], status: int, detail: str) -> None:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float = 10.0, *,
+               limits: ServeLimits | None = None, backend: Backend | None = None) -> Any:
+    """The FastAPI app for one run. The model loads here, once (not per request or per worker)."""
+    run_dir = Path(run_dir)
+    if limits is None:
+        limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    backend = backend if backend is not None else PredictorBackend(run_dir, device=device)
+    batcher = MicroBatcher(backend, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms)
+    info = {**backend.describe(), "classes": class_table(backend.classes),
+            "max_upload_mb": limits.max_upload_bytes / (1024 * 1024), "max_pixels": limits.max_pixels,
+            "max_batch": limits.max_batch}
+    started = time.time()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if limits.threads:
+            import anyio.to_thread
+
+            anyio.to_thread.current_default_thread_limiter().total_tokens = limits.threads
+        yield
+        batcher.close()
+
+    app = FastAPI(title="hamengine serve", lifespan=lifespan,
+                  description="Research software for skin-lesion classification; not a diagnosis.")
+    app.add_middleware(BodyLimitMiddleware, limit=limits.max_upload_bytes + MULTIPART_OVERHEAD,
+                       message=lambda n: _too_large(n, limits))
+    app.state.batcher = batcher
+    page = render_page(info)
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    def read_upload(request: Request, image: UploadFile | None) -> Image.Image:
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise UploadError(415, f"send the image as multipart/form-data in a field named '{FIELD}' "
+                                   f"(got Content-Type '{ctype or 'none'}')")
+        if image is None or isinstance(image, str):
+            raise UploadError(422, f"no file in a form field named '{FIELD}': send the image as "
+                                   f"multipart/form-data field '{FIELD}'")
+        data = image.file.read(limits.max_upload_bytes + 1)  # bounded read, counted
+        return decode_upload(data, limits)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        alive = batcher._thread.is_alive()
+        return {"status": "ok" if alive else "error", "model_loaded": alive, "model": info["model"],
+                "uptime_s": round(time.time() - started, 3), "batches": batcher.batches,
+                "images": batcher.images}
+
+    @app.get("/api/model")
+    def model() -> dict[str, Any]:
+        return {**info, "test_metrics": load_test_metrics(run_dir)}
+
+    # Sync handlers: FastAPI runs them in its thread pool, so decoding runs in parallel threads.
+    @app.post("/api/predict")
+    def predict(request: Request, image: UploadFile | None = File(None, description="the image")
+                ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        rgb = read_upload(request, image)
+        probs = batcher.predict(rgb)  # float[C]
+        table = {dx: float(p) for dx, p in zip(backend.classes, probs, strict=True)}
+        top = max(table, key=table.__getitem__)
+        return {"probabilities": table,
+                "top": {"dx": top, "name": CLASS_NAMES.get(top, top), "probability": table[top]},
+                "model": info["model"], "run": info["run"],
+                "image_size": list(rgb.size),
+                "latency_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
+
+    @app.post("/api/explain")
+    def explain(request: Request, image: UploadFile | None = File(None, description="the image"),
+                dx: str | None = None) -> Response:
+        if dx is not None and dx not in backend.classes:
+            raise UploadError(422, f"unknown class '{dx}': choose one of {', '.join(backend.classes)}")
+        rgb = read_upload(request, image)
+        png, cls = batcher.explain(rgb, dx)
+        return Response(png, media_type="image/png",
+                        headers={"X-Class": cls, "Cache-Control": "no-store"})
+
+    return app

@@ -1,0 +1,171 @@
+"""The model side of `hamengine serve`: one loaded run behind a micro-batcher.
+
+Concurrency model (why): request threads (the server's thread pool) decode and check uploads in
+parallel -- PIL releases the GIL while decoding -- and hand decoded RGB images to ONE batcher thread
+that owns the model. The batcher takes the first waiting image, waits at most `max_wait_ms` for more
+(up to `max_batch`), runs one forward pass for all of them and resolves each request's future. One
+forward over N images costs much less than N forwards, and the model is never entered by two threads
+at once. Grad-CAM (hooks + a backward pass on the same module) takes the same lock as the batcher, so
+an explanation never interleaves with a batched forward.
+"""
+from __future__ import annotations
+
+import io
+import json
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from hamengine.config import CLASS_NAMES
+
+
+class Backend(Protocol):
+    """What the web app needs from a trained run."""
+
+    classes: tuple[str, ...]
+
+    def describe(self) -> dict[str, Any]:
+        """model, run, input_size, temperature, device, checkpoint."""
+
+    def predict(self, images: list[Image.Image]) -> np.ndarray:
+        """RGB images -> calibrated probabilities float[N, len(classes)] (rows sum to 1)."""
+
+    def explain(self, image: Image.Image, dx: str | None) -> tuple[bytes, str]:
+        """Grad-CAM overlay as PNG bytes for class `dx` (None: the predicted class), and that class."""
+
+
+class PredictorBackend:
+    """Adapter over hamengine.engine.predict.Predictor and hamengine.engine.gradcam."""
+
+    def __init__(self, run_dir: str | Path, device: str = "auto"):
+        from hamengine.engine.predict import Predictor
+
+        self.run_dir = Path(run_dir)
+        self.predictor = Predictor(self.run_dir, device=device)
+        self.classes = tuple(self.predictor.classes)
+
+    def describe(self) -> dict[str, Any]:
+        p = self.predictor
+        return {
+            "model": str(getattr(p, "model_name", None) or _run_model_name(self.run_dir)),
+            "run": self.run_dir.name,
+            "input_size": int(p.size),
+            "temperature": float(getattr(p, "temperature", 1.0) or 1.0),
+            "device": str(p.device),
+            "checkpoint": str(getattr(p, "checkpoint_name", "best.pt")),
+        }
+
+    def predict(self, images: list[Image.Image]) -> np.ndarray:
+        return np.asarray(self.predictor.predict(images), dtype=np.float64)
+
+    def explain(self, image: Image.Image, dx: str | None) -> tuple[bytes, str]:
+        from hamengine.engine import gradcam
+
+        target = self.classes.index(dx) if dx is not None else None
+        overlay, cls_index = gradcam.explain_image(self.predictor, image, target)
+        buf = io.BytesIO()
+        overlay.save(buf, format="PNG")
+        return buf.getvalue(), self.classes[cls_index]
+
+
+def _run_model_name(run_dir: Path) -> str:
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    model = cfg.get("model")
+    return str(model.get("name") if isinstance(model, dict) else model or "unknown")
+
+
+def load_test_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+    """RUN/eval-test/metrics.json when present (None otherwise or when unreadable)."""
+    path = Path(run_dir) / "eval-test" / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def class_table(classes: tuple[str, ...]) -> list[dict[str, str]]:
+    return [{"dx": c, "name": CLASS_NAMES.get(c, c)} for c in classes]
+
+
+@dataclass
+class _Job:
+    image: Image.Image
+    future: Future = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """Collects single-image predictions from many threads into batched forward passes."""
+
+    def __init__(self, backend: Backend, max_batch: int = 8, max_wait_ms: float = 5.0):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
+        self.model_lock = threading.Lock()  # held for every use of the model (forward or Grad-CAM)
+        self.batches = 0  # forward passes run (for /api/health)
+        self.images = 0
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="hamengine-batcher", daemon=True)
+        self._thread.start()
+
+    def predict(self, image: Image.Image, timeout: float | None = 120.0) -> np.ndarray:
+        """Probabilities float[C] for one image; blocks the calling (request) thread only."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the model worker has stopped")
+        job = _Job(image)
+        self._queue.put(job)
+        return job.future.result(timeout=timeout)
+
+    def explain(self, image: Image.Image, dx: str | None) -> tuple[bytes, str]:
+        with self.model_lock:
+            return self.backend.explain(image, dx)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        jobs, stop = [first], False
+        deadline = time.monotonic() + self.max_wait_s
+        while len(jobs) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                stop = True
+                break
+            jobs.append(job)
+        return jobs, stop
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs, stop = self._collect(first)
+            try:
+                with self.model_lock:
+                    probs = self.backend.predict([j.image for j in jobs])  # [N, C]
+                self.batches += 1
+                self.images += len(jobs)
+                for job, row in zip(jobs, probs, strict=True):
+                    job.future.set_result(row)
+            except BaseException as exc:  # noqa: BLE001 - every waiting request must be answered
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            if stop:
+                return
