@@ -1,0 +1,222 @@
+"""Augmentation maths shared by the loaders: parameter sampling, one fused affine warp, and colour
+jitter + normalization as one per-sample affine colour map.
+
+Meaning (identical in every loader, see AugConfig):
+  1. random resized crop (torchvision's RandomResizedCrop: area fraction `scale`, aspect `ratio`,
+     10 tries then a center crop), resized to S x S;
+  2. rotation by an angle uniform in [0, 360) about the center, keeping the size; corners that
+     come from outside the crop are black (fill 0), as torchvision and DALI fill them;
+  3. horizontal / vertical flips, each with probability 1/2;
+  4. colour jitter in a fixed order brightness -> contrast -> saturation -> hue, each factor
+     uniform in [1-x, 1+x] (hue: a rotation by h turns, h uniform in [-hue, hue], in YIQ space as
+     DALI's `fn.hsv` does), clamped to [0, 1] once at the end;
+  5. ImageNet normalization.
+Every step but the clamp is linear in the pixel values, so 4 + 5 collapse to y = M x + t with a
+3x3 M and offset t per sample: one batched op instead of four passes over the batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hamengine.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig
+
+GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+_RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+@dataclass
+class AugParams:
+    """Per-sample augmentation parameters; every field has N rows, on the sampling device."""
+
+    box: torch.Tensor  # float[N, 4]: x0, y0, w, h of the crop in source pixels (integers)
+    angle: torch.Tensor  # float[N]: radians (0 without rotation)
+    hflip: torch.Tensor  # bool[N]
+    vflip: torch.Tensor  # bool[N]
+    brightness: torch.Tensor  # float[N] factors (1 = unchanged)
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    hue: torch.Tensor  # float[N]: fraction of a full turn
+
+    def row(self, i: int) -> dict[str, float]:
+        """One sample's parameters as plain numbers (the per-sample torch loader uses these)."""
+        x0, y0, w, h = (int(v) for v in self.box[i].tolist())
+        return {"x0": x0, "y0": y0, "w": w, "h": h, "angle_deg": math.degrees(float(self.angle[i])),
+                "hflip": bool(self.hflip[i]), "vflip": bool(self.vflip[i])}
+
+
+def _uniform(gen: torch.Generator, shape: tuple[int, ...], lo: float, hi: float) -> torch.Tensor:
+    return torch.rand(shape, generator=gen, device=gen.device) * (hi - lo) + lo
+
+
+def sample_crop_boxes(gen: torch.Generator, n: int, height: int, width: int,
+                      scale: tuple[float, float], ratio: tuple[float, float], tries: int = 10) -> torch.Tensor:
+    """torchvision RandomResizedCrop.get_params, vectorized over n samples -> float[n, 4] (x0, y0, w, h)."""
+    area = float(height * width)
+    target = _uniform(gen, (n, tries), scale[0], scale[1]) * area
+    logr = _uniform(gen, (n, tries), math.log(ratio[0]), math.log(ratio[1]))
+    ar = torch.exp(logr)
+    w = torch.round(torch.sqrt(target * ar))
+    h = torch.round(torch.sqrt(target / ar))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first successful try (0 if none)
+    found = ok.any(dim=1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    # Fallback: the whole image, cropped centrally to the nearest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    u = torch.rand((n, 2), generator=gen, device=gen.device)
+    x0 = torch.floor(u[:, 0] * (width - w + 1))
+    y0 = torch.floor(u[:, 1] * (height - h + 1))
+    x0 = torch.where(found, x0, torch.full_like(x0, (width - fw) // 2))
+    y0 = torch.where(found, y0, torch.full_like(y0, (height - fh) // 2))
+    return torch.stack((x0, y0, w, h), dim=1)
+
+
+def sample_params(gen: torch.Generator, n: int, height: int, width: int, aug: AugConfig) -> AugParams:
+    """Draw n samples' parameters for images of height x width (aug must be `.effective()`)."""
+    dev = gen.device
+    box = sample_crop_boxes(gen, n, height, width, aug.scale, aug.ratio)
+    angle = (_uniform(gen, (n,), 0.0, 2 * math.pi) if aug.rotation else torch.zeros(n, device=dev))
+    coins = torch.rand((n, 2), generator=gen, device=dev) < 0.5
+    hflip = coins[:, 0] & aug.hflip
+    vflip = coins[:, 1] & aug.vflip
+
+    def factor(x: float) -> torch.Tensor:
+        return _uniform(gen, (n,), max(0.0, 1 - x), 1 + x) if x > 0 else torch.ones(n, device=dev)
+
+    hue = _uniform(gen, (n,), -aug.hue, aug.hue) if aug.hue > 0 else torch.zeros(n, device=dev)
+    return AugParams(box, angle, hflip, vflip, factor(aug.brightness), factor(aug.contrast),
+                     factor(aug.saturation), hue)
+
+
+# -- geometry -------------------------------------------------------------------------------------
+def warp_theta(p: AugParams, height: int, width: int) -> torch.Tensor:
+    """float[N, 2, 3]: output coords (x, y in [-1, 1], pixel centers) -> grid_sample source coords.
+
+    Output point o is rotated into the S x S crop (q = R o), flipped, then mapped into the crop box:
+    crop, resize, rotation and flips are one affine map, so one grid_sample does all of them."""
+    x0, y0, w, h = p.box.unbind(1)
+    fx = 1 - 2 * p.hflip.to(w.dtype)
+    fy = 1 - 2 * p.vflip.to(w.dtype)
+    c, s = torch.cos(p.angle), torch.sin(p.angle)
+    ax, bx = w / width * fx, (2 * x0 + w) / width - 1  # align_corners=False normalized coords
+    ay, by = h / height * fy, (2 * y0 + h) / height - 1
+    row0 = torch.stack((ax * c, ax * s, bx), 1)
+    row1 = torch.stack((-ay * s, ay * c, by), 1)
+    return torch.stack((row0, row1), 1)
+
+
+def _axis(size: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
+
+
+def warp_grid(theta: torch.Tensor, angle: torch.Tensor | None, size: int,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """float[N, S, S, 2] sampling grid for theta; with `angle`, points whose rotated position falls
+    outside the crop are pushed out of the image so grid_sample fills them with 0 (black corners).
+
+    Built as (N,1,S,2) + (N,S,1,2): one pass over the grid instead of affine_grid's bmm with K=3."""
+    ax = _axis(size, theta.device)
+    col = (theta[:, :, 0][:, None, None, :] * ax[None, None, :, None])  # N,1,S,2: x term
+    row = (theta[:, :, 1][:, None, None, :] * ax[None, :, None, None]
+           + theta[:, :, 2][:, None, None, :])  # N,S,1,2: y term + offset
+    grid = torch.add(col, row, out=out) if out is not None else col + row
+    if angle is not None:
+        c, s = torch.cos(angle), torch.sin(angle)
+        rot = torch.stack((torch.stack((c, -s), 1), torch.stack((s, c), 1)), 1)  # N,2(x,y),2(q)
+        qcol = rot[:, 0][:, None, None, :] * ax[None, None, :, None]
+        qrow = rot[:, 1][:, None, None, :] * ax[None, :, None, None]
+        outside = (qcol + qrow).abs_().amax(-1) > 1  # N,S,S
+        grid.masked_fill_(outside.unsqueeze(-1), -4.0)
+    return grid
+
+
+# -- colour ---------------------------------------------------------------------------------------
+def _hue_matrix(turns: torch.Tensor) -> torch.Tensor:
+    """float[N, 3, 3]: RGB -> RGB rotation of the chroma plane (YIQ) by `turns` of a full circle."""
+    t = torch.tensor(_RGB2YIQ, device=turns.device)
+    ti = torch.linalg.inv(t)
+    a = turns * 2 * math.pi
+    c, s = torch.cos(a), torch.sin(a)
+    r = torch.zeros(turns.shape[0], 3, 3, device=turns.device)
+    r[:, 0, 0] = 1
+    r[:, 1, 1], r[:, 1, 2], r[:, 2, 1], r[:, 2, 2] = c, -s, s, c
+    return ti @ r @ t
+
+
+def colour_affine(p: AugParams | None, mean_gray: torch.Tensor | None, n: int,
+                  device: torch.device, in_scale: float = 1 / 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M float[N,3,3], t float[N,3]): y = M x + t maps pixels x (in [0, 1/in_scale]) to jittered,
+    ImageNet-normalized values. `mean_gray` float[N]: the mean gray level of each image in [0, 1]
+    (contrast blends towards it). Without `p`: normalization only."""
+    std = torch.tensor(IMAGENET_STD, device=device)
+    mean = torch.tensor(IMAGENET_MEAN, device=device)
+    eye = torch.eye(3, device=device).expand(n, 3, 3)
+    if p is None:
+        m = eye * in_scale
+        off = torch.zeros(n, 3, device=device)
+    else:
+        b, c, s = p.brightness, p.contrast, p.saturation
+        w = torch.tensor(GRAY, device=device)
+        sat = s[:, None, None] * eye + (1 - s)[:, None, None] * w.expand(3, 3)  # rows: s e_i + (1-s) w
+        # hue and saturation keep gray (1,1,1) fixed, so the contrast offset passes through them.
+        m = (c * b)[:, None, None] * (_hue_matrix(p.hue) @ sat) * in_scale
+        mg = mean_gray if mean_gray is not None else torch.full((n,), 0.5, device=device)
+        off = ((1 - c) * b * mg)[:, None].expand(n, 3)
+    m = m / std[None, :, None]
+    t = (off - mean) / std
+    return m.contiguous(), t.contiguous()
+
+
+def normalized_bounds(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (lo, hi) of pixel values 0 and 1 after normalization, shaped [1, 3, 1, 1]."""
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    return (0 - mean) / std, (1 - mean) / std
+
+
+def mean_gray(x: torch.Tensor, scale: float = 1 / 255) -> torch.Tensor:
+    """float[N]: mean luma of each image of x [N, 3, H, W] (in [0, 1] after `scale`)."""
+    w = torch.tensor(GRAY, device=x.device, dtype=torch.float32)
+    return (x.float().mean(dim=(2, 3)) @ w) * scale
+
+
+def apply_colour(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, clamp: bool) -> torch.Tensor:
+    """x float[N, 3, H, W] -> M x + t per sample (one batched matmul), clamped to the normalized
+    image of [0, 1] when jitter could push values out of it."""
+    n, ch, h, w = x.shape
+    y = torch.baddbmm(t.unsqueeze(-1).to(x.dtype), m.to(x.dtype), x.reshape(n, ch, h * w)).view(n, ch, h, w)
+    if clamp:
+        lo, hi = normalized_bounds(x.device)
+        y = torch.maximum(y, lo.to(y.dtype), out=y)
+        y = torch.minimum(y, hi.to(y.dtype), out=y)
+    return y
+
+
+def normalize_u8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> normalized `dtype`: ((x / 255) - mean) / std as one multiply-add."""
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    a, b = 1 / (255 * std), -mean / std
+    work = torch.float32 if x.device.type == "cpu" else dtype
+    return torch.addcmul(b.to(work), x.to(work), a.to(work)).to(dtype)
+
+
+def warp_batch(src: torch.Tensor, p: AugParams, size: int, rotation: bool) -> torch.Tensor:
+    """src float[N, 3, H, W] -> float[N, 3, S, S]: crop + resize + rotate + flip as one grid_sample.
+    `rotation`: the config's flag (not read from p.angle: that would sync a GPU)."""
+    theta = warp_theta(p, src.shape[2], src.shape[3])
+    grid = warp_grid(theta.to(src.dtype), p.angle if rotation else None, size)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,0 +1,105 @@
+"""build_loader: one entry point for every loader kind, and the `auto` choice."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from hamengine.engine.environment import cpu_count
+from hamengine.loaders.base import Loader, verify_shards
+from hamengine.loaders.records import Pack
+
+from hamengine.config import ConfigError, LoaderConfig, LoaderKind
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def memory_budget(cfg: LoaderConfig, device: torch.device) -> int:
+    """Bytes the resident cache may take: cfg.memory_budget_gb, or half the free memory of the device."""
+    if cfg.memory_budget_gb > 0:
+        return int(cfg.memory_budget_gb * (1 << 30))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return _available_ram() // 2
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def choose_kind(pack: Pack, split: str, cfg: LoaderConfig, device: torch.device) -> LoaderKind:
+    """`auto`: resident when the split's cache fits the budget, else dali when importable (and no
+    class-balanced sampling is asked: DALI's reader cannot sample by weight), else torch."""
+    kind = LoaderKind(cfg.kind)
+    if kind != LoaderKind.AUTO:
+        return kind
+    from hamengine.loaders.resident import cache_bytes
+
+    if cache_bytes(pack, split, cfg.size) <= memory_budget(cfg, device):
+        return LoaderKind.RESIDENT
+    if dali_available() and not (cfg.balance_sampler and split == "train"):
+        return LoaderKind.DALI
+    return LoaderKind.TORCH
+
+
+def build_loader(pack: Pack | str | Path, split: str, cfg: LoaderConfig, device: torch.device | str,
+                 rank: int = 0, world_size: int = 1, verify: bool = True) -> Loader:
+    """The loader for `split` of `pack` (see DESIGN.md, the loader contract).
+
+    Everything that can be wrong with the pack fails here, before the first batch: missing or
+    truncated shards (Pack), and -- with `verify` -- shard hashes (the resident loader hashes only
+    when it builds its cache: a cache keyed by the manifest's fingerprint was built from a verified
+    pack). `verify=False` skips hashing for very large packs."""
+    if not isinstance(pack, Pack):
+        pack = Pack(pack, check_files=True)
+    else:
+        pack.check_files()
+    pack.num_samples(split)  # unknown split -> PackError naming the splits
+    dev = resolve_device(device)
+    kind = choose_kind(pack, split, cfg, dev)
+    workers = cfg.workers if cfg.workers > 0 else cpu_count()
+    if kind == LoaderKind.RESIDENT:
+        from hamengine.loaders.resident import ResidentLoader, cache_bytes
+
+        need = cache_bytes(pack, split, cfg.size)
+        if cfg.memory_budget_gb > 0 and need > memory_budget(cfg, dev):
+            raise ConfigError(f"resident loader: the {split} cache needs {need / (1 << 30):.2f} GB, over "
+                              f"memory_budget_gb={cfg.memory_budget_gb}; raise the budget or use --loader dali/torch")
+        return ResidentLoader(pack, split, cfg, dev, rank, world_size, workers=workers, verify=verify)
+    if kind == LoaderKind.FOLDER:
+        from hamengine.loaders.folder import FolderLoader
+
+        return FolderLoader(pack, split, cfg, dev, rank, world_size, workers=workers)
+    if verify:
+        verify_shards(pack, split)
+    if kind == LoaderKind.TORCH:
+        from hamengine.loaders.torch_loader import TorchLoader
+
+        return TorchLoader(pack, split, cfg, dev, rank, world_size, workers=workers)
+    if kind == LoaderKind.DALI:
+        if not dali_available():
+            raise ConfigError("loader 'dali' needs NVIDIA DALI (pip install nvidia-dali-cuda130); "
+                              "or use --loader resident/torch")
+        from hamengine.loaders.dali import DaliLoader
+
+        return DaliLoader(pack, split, cfg, dev, rank, world_size, workers=workers)
+    raise ConfigError(f"loader {kind.value!r} is not provided by hamengine.loaders.build_loader "
+                      f"(kinds: auto, dali, resident, torch, folder)")

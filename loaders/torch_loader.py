@@ -1,0 +1,139 @@
+"""`torch`: the portable fallback -- torch DataLoader over the pack's random access (global shuffle).
+
+Workers decode with torchvision.io.decode_jpeg and do the per-sample geometry with
+torchvision.transforms.v2 (resized crop, rotation, flips) on uint8, from parameters drawn by
+augment.sample_params with a per-sample seed (seed, epoch, index): batches do not depend on which
+worker ran what. The uint8 batch goes to the device (pinned + non_blocking with CUDA); colour jitter
+and normalization then run batched there (augment.colour_affine: one 3x3 matmul), which is both
+cheaper than per-sample ColorJitter and the same maths the resident loader uses.
+
+Workers are persistent; they are started with `forkserver` when CUDA is initialized or DALI is
+loaded in this process (forking a CUDA context or DALI's threads breaks the children), else `fork`.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from collections.abc import Iterator
+
+import torch
+from hamengine.loaders import augment
+from hamengine.loaders.base import Batch, Loader, mix_seed
+from hamengine.loaders.records import Pack
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from hamengine.config import AugConfig, AugPreset, LoaderConfig
+
+Item = tuple[int, int]  # (split index, per-sample seed)
+
+
+def eval_transform(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, h, w] -> [3, S, S]: shorter side to S (antialiased), center crop."""
+    return TF.center_crop(TF.resize(img, [size], antialias=True), [size, size])
+
+
+def train_geometry(img: torch.Tensor, size: int, aug: AugConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample: (uint8 [3, S, S] cropped/rotated/flipped, float[4] colour factors b, c, s, h)."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = img.shape[1:]
+    p = augment.sample_params(gen, 1, h, w, aug)
+    r = p.row(0)
+    out = TF.resized_crop(img, r["y0"], r["x0"], r["h"], r["w"], [size, size], antialias=True)
+    if aug.rotation:
+        out = TF.rotate(out, r["angle_deg"], interpolation=InterpolationMode.BILINEAR, fill=0)
+    if r["hflip"]:
+        out = TF.horizontal_flip(out)
+    if r["vflip"]:
+        out = TF.vertical_flip(out)
+    colour = torch.stack((p.brightness, p.contrast, p.saturation, p.hue), 1)[0]
+    return out, colour
+
+
+class PackDataset(Dataset):
+    """Random access into one split; items are (index, seed) pairs from the loader's batch sampler."""
+
+    def __init__(self, pack: Pack, split: str, size: int, aug: AugConfig, augment_train: bool):
+        self.pack, self.split, self.size, self.aug, self.augment = pack, split, size, aug, augment_train
+        self.labels = pack.labels(split)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, item: Item) -> tuple[torch.Tensor, int, torch.Tensor]:
+        i, seed = item
+        buf = torch.frombuffer(bytearray(self.pack.jpeg(self.split, i)), dtype=torch.uint8)
+        img = decode_jpeg(buf, mode=ImageReadMode.RGB)
+        if self.augment:
+            out, colour = train_geometry(img, self.size, self.aug, seed)
+        else:
+            out, colour = eval_transform(img, self.size), torch.ones(4)
+        return out, int(self.labels[i]), colour
+
+
+class _PlanSampler:
+    """Batch sampler following the loader's epoch plan; runs in the main process, so set_epoch is
+    seen by persistent workers too."""
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[list[Item]]:
+        ld = self.loader
+        for b in ld.plan().batches():
+            yield [(int(i), mix_seed(ld.cfg.seed, ld.epoch, int(i), 0x70C)) for i in b]
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def worker_context() -> str:
+    cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return "forkserver" if cuda_live or "nvidia.dali" in sys.modules else "fork"
+
+
+class TorchLoader(Loader):
+    kind = "torch"
+
+    def __init__(self, pack: Pack, split: str, cfg: LoaderConfig, device: torch.device,
+                 rank: int = 0, world_size: int = 1, workers: int = 2):
+        super().__init__(pack, split, cfg, device, rank, world_size)
+        self.augment = self.train and self.aug.preset != AugPreset.NONE
+        self.dataset = PackDataset(pack, split, self.size, self.aug, self.augment)
+        cuda = self.device.type == "cuda"
+        kw: dict = {}
+        if workers > 0:
+            kw = dict(num_workers=workers, persistent_workers=True, prefetch_factor=4,
+                      multiprocessing_context=multiprocessing.get_context(worker_context()))
+        self._dl = DataLoader(self.dataset, batch_sampler=_PlanSampler(self), pin_memory=cuda, **kw)
+
+    def _finish_batch(self, imgs: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+        n = imgs.shape[0]
+        x = imgs.to(self.device, non_blocking=True)
+        if not (self.augment and self.aug.has_jitter):
+            return augment.normalize_u8(x, self.dtype)
+        colour = colour.to(self.device, non_blocking=True)
+        work = torch.float32 if self.device.type == "cpu" else self.dtype
+        xf = x.to(work)
+        p = augment.AugParams(box=torch.empty(0), angle=torch.empty(0), hflip=torch.empty(0),
+                              vflip=torch.empty(0), brightness=colour[:, 0], contrast=colour[:, 1],
+                              saturation=colour[:, 2], hue=colour[:, 3])
+        m, t = augment.colour_affine(p, augment.mean_gray(xf), n, self.device)
+        return augment.apply_colour(xf, m, t, clamp=True)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for imgs, labels, colour in self._dl:
+            with torch.no_grad():
+                images = self._finish_batch(imgs, colour)
+            yield self.finish(images), labels.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._dl._iterator = None
+
+
+__all__ = ["TorchLoader", "PackDataset", "eval_transform", "train_geometry"]
