@@ -28,6 +28,7 @@ from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from hamengine.engine.serve_backend import (
     Backend,
+    InputError,
     MicroBatcher,
     PredictorBackend,
     class_table,
@@ -62,7 +63,9 @@ class UploadError(Exception):
 
 
 def decode_upload(data: bytes, limits: ServeLimits) -> Image.Image:
-    """Bytes -> checked RGB image, or UploadError(413/415/422) saying what is wrong."""
+    """Bytes -> a fully decoded, size-checked PIL image (mode and EXIF kept: the backend's
+    preprocessing applies orientation and converts to RGB, exactly as `hamengine predict` does),
+    or UploadError(413/415/422) saying what is wrong."""
     if not data:
         raise UploadError(422, f"the upload in field '{FIELD}' is empty: choose a JPEG or PNG image")
     if len(data) > limits.max_upload_bytes:
@@ -84,7 +87,7 @@ def decode_upload(data: bytes, limits: ServeLimits) -> Image.Image:
                                f"server's limit of {limits.max_pixels:,}; downscale it first")
     try:
         image.load()  # the full decode: raises on truncated / corrupt data (no LOAD_TRUNCATED_IMAGES)
-        return image.convert("RGB")
+        return image
     except Image.DecompressionBombError as exc:
         raise UploadError(413, f"image dimensions are too large: {exc}") from None
     except (OSError, ValueError, SyntaxError) as exc:
@@ -199,7 +202,7 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
-        alive = batcher._thread.is_alive()
+        alive = batcher.alive
         return {"status": "ok" if alive else "error", "model_loaded": alive, "model": info["model"],
                 "uptime_s": round(time.time() - started, 3), "batches": batcher.batches,
                 "images": batcher.images}
@@ -213,14 +216,17 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
     def predict(request: Request, image: UploadFile | None = File(None, description="the image")
                 ) -> dict[str, Any]:
         t0 = time.perf_counter()
-        rgb = read_upload(request, image)
-        probs = batcher.predict(rgb)  # float[C]
+        upload = read_upload(request, image)
+        try:
+            probs = batcher.predict(upload)  # float[C]
+        except InputError as exc:
+            raise UploadError(422, f"the image cannot be used: {exc}") from None
         table = {dx: float(p) for dx, p in zip(backend.classes, probs, strict=True)}
         top = max(table, key=table.__getitem__)
         return {"probabilities": table,
                 "top": {"dx": top, "name": CLASS_NAMES.get(top, top), "probability": table[top]},
                 "model": info["model"], "run": info["run"],
-                "image_size": list(rgb.size),
+                "image_size": list(upload.size),
                 "latency_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
 
     @app.post("/api/explain")
@@ -228,8 +234,11 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
                 dx: str | None = None) -> Response:
         if dx is not None and dx not in backend.classes:
             raise UploadError(422, f"unknown class '{dx}': choose one of {', '.join(backend.classes)}")
-        rgb = read_upload(request, image)
-        png, cls = batcher.explain(rgb, dx)
+        upload = read_upload(request, image)
+        try:
+            png, cls = batcher.explain(upload, dx)
+        except InputError as exc:
+            raise UploadError(422, f"the image cannot be used: {exc}") from None
         return Response(png, media_type="image/png",
                         headers={"X-Class": cls, "Cache-Control": "no-store"})
 

@@ -26,6 +26,10 @@ from PIL import Image
 from hamengine.config import CLASS_NAMES
 
 
+class InputError(ValueError):
+    """An upload the model cannot take (raised by Backend.prepare); becomes HTTP 422."""
+
+
 class Backend(Protocol):
     """What the web app needs from a trained run."""
 
@@ -34,15 +38,19 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]:
         """model, run, input_size, temperature, device, checkpoint."""
 
-    def predict(self, images: list[Image.Image]) -> np.ndarray:
-        """RGB images -> calibrated probabilities float[N, len(classes)] (rows sum to 1)."""
+    def prepare(self, image: Image.Image) -> Any:
+        """A decoded upload -> the model input for it (runs in the request threads, in parallel)."""
+
+    def predict(self, prepared: list[Any]) -> np.ndarray:
+        """Prepared inputs -> calibrated probabilities float[N, len(classes)] (rows sum to 1)."""
 
     def explain(self, image: Image.Image, dx: str | None) -> tuple[bytes, str]:
         """Grad-CAM overlay as PNG bytes for class `dx` (None: the predicted class), and that class."""
 
 
 class PredictorBackend:
-    """Adapter over hamengine.engine.predict.Predictor and hamengine.engine.gradcam."""
+    """Adapter over hamengine.engine.predict.Predictor (the same preprocessing, calibration and
+    weights as `hamengine predict`) and hamengine.engine.gradcam."""
 
     def __init__(self, run_dir: str | Path, device: str = "auto"):
         from hamengine.engine.predict import Predictor
@@ -53,35 +61,35 @@ class PredictorBackend:
 
     def describe(self) -> dict[str, Any]:
         p = self.predictor
-        return {
-            "model": str(getattr(p, "model_name", None) or _run_model_name(self.run_dir)),
-            "run": self.run_dir.name,
-            "input_size": int(p.size),
-            "temperature": float(getattr(p, "temperature", 1.0) or 1.0),
-            "device": str(p.device),
-            "checkpoint": str(getattr(p, "checkpoint_name", "best.pt")),
-        }
+        return {"model": p.model_name, "run": self.run_dir.resolve().name, "input_size": int(p.size),
+                "temperature": float(p.temperature), "device": str(p.device),
+                "checkpoint": p.checkpoint_name, "epoch": p.loaded.epoch}
 
-    def predict(self, images: list[Image.Image]) -> np.ndarray:
-        return np.asarray(self.predictor.predict(images), dtype=np.float64)
+    def prepare(self, image: Image.Image):
+        from hamengine.engine.predict import ImageError
+
+        try:
+            return self.predictor.preprocess(image)[1]  # float [3, S, S], normalized (EXIF applied)
+        except ImageError as exc:
+            raise InputError(str(exc)) from None
+
+    def predict(self, prepared: list) -> np.ndarray:
+        import torch
+
+        return self.predictor.predict_tensor(torch.stack(prepared))  # float64 [N, C]
 
     def explain(self, image: Image.Image, dx: str | None) -> tuple[bytes, str]:
-        from hamengine.engine import gradcam
+        from hamengine.engine.gradcam import explain_image
+        from hamengine.engine.predict import ImageError
 
         target = self.classes.index(dx) if dx is not None else None
-        overlay, cls_index = gradcam.explain_image(self.predictor, image, target)
+        try:
+            overlay, cls_index = explain_image(self.predictor, image, target)
+        except ImageError as exc:
+            raise InputError(str(exc)) from None
         buf = io.BytesIO()
         overlay.save(buf, format="PNG")
         return buf.getvalue(), self.classes[cls_index]
-
-
-def _run_model_name(run_dir: Path) -> str:
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return "unknown"
-    model = cfg.get("model")
-    return str(model.get("name") if isinstance(model, dict) else model or "unknown")
 
 
 def load_test_metrics(run_dir: str | Path) -> dict[str, Any] | None:
@@ -99,7 +107,7 @@ def class_table(classes: tuple[str, ...]) -> list[dict[str, str]]:
 
 @dataclass
 class _Job:
-    image: Image.Image
+    prepared: Any  # Backend.prepare's output for one image
     future: Future = field(default_factory=Future)
 
 
@@ -119,11 +127,15 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._loop, name="hamengine-batcher", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def predict(self, image: Image.Image, timeout: float | None = 120.0) -> np.ndarray:
         """Probabilities float[C] for one image; blocks the calling (request) thread only."""
-        if not self._thread.is_alive():
+        if not self.alive:
             raise RuntimeError("the model worker has stopped")
-        job = _Job(image)
+        job = _Job(self.backend.prepare(image))  # preprocessing here, in parallel request threads
         self._queue.put(job)
         return job.future.result(timeout=timeout)
 
@@ -158,7 +170,7 @@ class MicroBatcher:
             jobs, stop = self._collect(first)
             try:
                 with self.model_lock:
-                    probs = self.backend.predict([j.image for j in jobs])  # [N, C]
+                    probs = self.backend.predict([j.prepared for j in jobs])  # [N, C]
                 self.batches += 1
                 self.images += len(jobs)
                 for job, row in zip(jobs, probs, strict=True):
