@@ -108,7 +108,7 @@ def read_table(path: Path, name: str, problems: Problems) -> Table | None:
     prev_line = 0
     for record in reader:
         start, prev_line = prev_line + 1, reader.line_num
-        if not any(c.strip() for c in record):
+        if not "".join(record).strip():
             continue  # blank line
         if header is None:
             header = [c.strip().lower() for c in record]

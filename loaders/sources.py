@@ -36,6 +36,7 @@ _ISIC_GROUPS = "isic2018_task3_{}_lesiongroupings.csv"
 _ISIC_INPUT = ("isic2018_task3_{}_input", "isic2018_task3_{}_images")  # folder or .zip
 _ISIC_SPLITS = (("training", None), ("validation", "val"), ("test", "test"))
 _OWN_EXTS = (".csv", ".tsv", ".tab")
+_NA_TOKENS = ("", "na", "nan", "n/a", "null", "none")
 
 
 class Layout(StrEnum):
@@ -126,12 +127,16 @@ def _image_index(root: Path, files: list[str], in_scope, zips: list[str],
     """image stem -> reference. Several copies (a duplicated folder, zip + extracted folder) collapse
     into one: preferred folder first, then plain files before zip members, then shallow, then name."""
     cand: list[tuple[str, tuple, str]] = []
+    ranks: dict[str, int | None] = {}  # per folder, not per image
     for f in files:
-        stem, ext = os.path.splitext(os.path.basename(f))
-        if ext.lower() in IMAGE_EXTS:
-            rank = in_scope(os.path.dirname(_rel(root, f)))
-            if rank is not None:
-                cand.append((stem, (rank, 0, _depth(root, f), f), f))
+        folder, _, base = f.rpartition(os.sep)
+        stem, ext = os.path.splitext(base)
+        if ext.lower() not in IMAGE_EXTS:
+            continue
+        if folder not in ranks:
+            ranks[folder] = in_scope(os.path.dirname(_rel(root, f)))
+        if ranks[folder] is not None:
+            cand.append((stem, (ranks[folder], 0, f.count(os.sep), f), f))
     for z in zips:
         try:
             with zipfile.ZipFile(z) as zf:  # central directory only: no member is read here
@@ -171,19 +176,21 @@ class _Plan:
 def _detect(root: Path, files: list[str], problems: Problems, skipped: list[str]) -> _Plan:
     ham = _shallowest(root, files, _HAM_META)
     isic = _shallowest(root, files, (_ISIC_GT.format("training"),))
+    depth = min(_depth(root, f[0]) for f in (ham, isic) if f) if ham or isic else None
+    # A CSV of our own in the folder itself beats a download found further down (e.g. an old copy).
+    own = _own_candidates(root, files) if depth != 0 else []
+    if len(own) > 1:
+        raise SourceError([f"several CSV files with an image_id column: {', '.join(_rel(root, f) for f in own)}; "
+                           "keep one (or name it metadata.csv)"], root)
+    if own:
+        return _plan_own(root, files, own[0], problems)
     if ham and (not isic or _depth(root, ham[0]) <= _depth(root, isic[0])):
         return _plan_ham(root, files, ham, problems)
     if isic:
         return _plan_isic(root, files, isic[0], problems, skipped)
-    own = _own_candidates(root, files)
-    if len(own) == 1:
-        return _plan_own(root, files, own[0], problems)
     looked = ("HAM10000_metadata.csv / HAM10000_metadata.tab / HAM10000_metadata (Kaggle, Harvard Dataverse), "
               "ISIC2018_Task3_Training_GroundTruth.csv (ISIC 2018 Task 3), or one CSV in the folder itself "
               "with an image_id column (own layout)")
-    if own:
-        raise SourceError([f"several CSV files with an image_id column: {', '.join(_rel(root, f) for f in own)}; "
-                           "keep one (or name it metadata.csv)"], root)
     raise SourceError([f"no HAM10000 source found; looked for {looked}"], root)
 
 
@@ -229,7 +236,7 @@ def _plan_isic(root: Path, files: list[str], gt_train: str, problems: Problems, 
             continue
         groups = _shallowest(root, files, (_ISIC_GROUPS.format(word),))
         if split is None and not groups:
-            problems.add(_rel(root, gt[0]), f"needs {_ISIC_GROUPS.format('Training')} beside it (lesion ids "
+            problems.add(_rel(root, gt[0]), "needs ISIC2018_Task3_Training_LesionGroupings.csv beside it (lesion ids "
                                             "keep one lesion's images in one split); download it from the "
                                             "ISIC 2018 challenge data page")
         plan.metadata += gt[:1] + groups[:1]
@@ -291,8 +298,9 @@ def _check_rows(df: pd.DataFrame, problems: Problems) -> np.ndarray:
     for i in np.flatnonzero(df["lesion_id"].fillna("").astype(str).eq("").to_numpy()):
         problems.add(df["_file"].iat[i], "lesion_id is empty", **_where(df, i))
     age_text = df["age"].fillna("").astype(str)
-    age = pd.to_numeric(age_text.where(age_text != "", None), errors="coerce")
-    bad_age = (age_text != "").to_numpy() & ~age.between(0, 130).to_numpy()
+    absent = age_text.str.lower().isin(_NA_TOKENS)  # R / Dataverse exports write NA for a missing age
+    age = pd.to_numeric(age_text.where(~absent, None), errors="coerce")
+    bad_age = ~absent.to_numpy() & ~age.between(0, 130).to_numpy()
     for i in np.flatnonzero(bad_age):
         problems.add(df["_file"].iat[i], f"age {age_text.iat[i]!r} is not a number between 0 and 130",
                      **_where(df, i))
@@ -331,7 +339,8 @@ def load_source(root: str | Path, allow_missing: bool = False) -> SourceTable:
     caller to report) instead of failing on them."""
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
-        raise SourceError([f"{root} is not a folder" if root.exists() else f"{root} does not exist"])
+        raise SourceError([f"{root} is a file: pass the folder that holds the metadata file and the images"
+                           if root.exists() else f"{root} does not exist"])
     files = _walk(root)
     problems, skipped = Problems(), []
     plan = _detect(root, files, problems, skipped)

@@ -75,7 +75,8 @@ def to_dataverse(df: pd.DataFrame, dst: Path, ext: str = ".tab", zipped: bool = 
     dst.mkdir(parents=True)
     meta = _meta(df)
     meta["dataset"] = ["vidir_modern", "rosendahl", "vienna_dias"] * (len(df) // 3) + ["vidir_molemax"] * (len(df) % 3)
-    meta.to_csv(dst / f"HAM10000_metadata{ext}", index=False, sep="\t")
+    meta["age"] = meta["age"].replace("", "NA")  # as an R / Dataverse export writes a missing age
+    meta.to_csv(dst / f"HAM10000_metadata{ext}", index=False, sep="\t", quoting=csv.QUOTE_NONNUMERIC)
     halves = {1: df.iloc[::2], 2: df.iloc[1::2]}
     for part, rows in halves.items():
         if zipped:
@@ -363,9 +364,22 @@ def test_no_layout_and_no_images(tmp_path):
     assert "HAM10000_metadata.csv" in msg and "ISIC2018_Task3_Training_GroundTruth.csv" in msg
     assert "image_id column" in msg
     assert "does not exist" in _problems(tmp_path / "nowhere")[1]
+    assert "is a file: pass the folder" in _problems(tmp_path / "empty" / "hmnist_28_28_L.csv")[1]
     root = tmp_path / "noimg"
     root.mkdir()
     (root / "HAM10000_metadata.csv").write_text(",".join(META_COLS) + "\nHAM_1,ISIC_1,nv,histo,5,male,back\n")
     err, msg = _problems(root, allow_missing=True)
     assert err.problems == ["HAM10000_metadata.csv: no image found for any of its 1 rows; looked for "
                             "<image_id>.jpg/.jpeg/.png in HAM10000_images_part_1/ and _part_2/ (folders or .zip)"]
+
+
+def test_own_layout_detection(synth, tmp_path):
+    df = load_source(synth).df
+    root = to_own(df, tmp_path / "own")
+    shutil.copytree(synth, root / "old-download")  # a Kaggle copy further down does not win
+    st = load_source(root)
+    assert st.layout == Layout.OWN and st.metadata_files == [root / "metadata.csv"]
+    (root / "metadata.csv").rename(root / "labels.csv")
+    shutil.copy(root / "labels.csv", root / "labels-v2.csv")
+    err, msg = _problems(root)
+    assert "several CSV files with an image_id column: labels-v2.csv, labels.csv" in msg
