@@ -1,0 +1,259 @@
+"""`hamengine eval`: predictions of a run's checkpoint over a pack split, metrics, ISIC files, plots.
+
+Outputs in RUN/eval-<split>/ (each file written atomically):
+  metrics.json            classification_metrics + calibration + what was evaluated (checkpoint, TTA, ...)
+  predictions.csv         image_id, lesion_id, true, pred, one probability column per class
+  isic2018_submission.csv image,MEL,NV,BCC,AKIEC,BKL,DF,VASC (ISIC 2018 Task 3 format and column order)
+  isic2018_ground_truth.csv the same rows one-hot: run the official scorer on the pair
+  confusion_matrix.png, roc.png, reliability.png, confidence_hist.png, mistakes.png, correct.png
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hamengine.engine import calibration, metrics
+from hamengine.engine.predict import TTA, CheckpointName, LoadedRun, RunError, load_run, predict_batch
+
+from hamengine.config import ISIC_COLUMNS, LoaderConfig, LoaderKind, Precision
+
+SUBMISSION = "isic2018_submission.csv"
+GROUND_TRUTH = "isic2018_ground_truth.csv"
+
+
+@dataclass
+class EvalOptions:
+    split: str = "test"
+    checkpoint: CheckpointName = CheckpointName.BEST
+    tta: TTA = TTA.NONE
+    calibrate: bool = False  # fit a temperature on val, save RUN/calibration.json
+    n_boot: int = 1000  # lesion bootstrap replicates for the 95% intervals (0 = none)
+    pack: str | None = None  # pack folder; default: the run's config.json "pack"
+    loader: LoaderKind = LoaderKind.AUTO
+    batch_size: int = 64
+    workers: int = 0
+    device: str = "auto"
+    plots: bool = True
+    seed: int = 0
+
+
+@dataclass
+class SplitPredictions:
+    split: str
+    image_ids: list[str]
+    lesion_ids: list[str]
+    y: np.ndarray  # int64 [N]
+    probs: np.ndarray  # float64 [N, C], TTA-averaged, before calibration
+    classes: tuple[str, ...]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_pack(run: LoadedRun, override: str | None):
+    from hamengine.loaders.records import Pack, PackError
+
+    ref = override or run.config.get("pack")
+    if not ref:
+        raise RunError(f"{run.run / 'config.json'} names no pack: pass --pack PACK")
+    candidates = [Path(ref)] if Path(ref).is_absolute() or override else [Path(ref), run.run / ref]
+    for p in candidates:
+        if (p / "manifest.json").is_file():
+            try:
+                return Pack(p)
+            except PackError as e:
+                raise RunError(str(e)) from None
+    raise RunError(f"pack {ref!r} of this run was not found (tried {', '.join(map(str, candidates))}): "
+                   f"pass --pack PACK")
+
+
+def eval_batches(pack, split: str, size: int, opts: EvalOptions, device: torch.device):
+    """(iterator of (images [B, 3, S, S], labels [B]) in storage order, number of batches)."""
+    from hamengine.loaders import build_loader
+
+    # fp32 batches: evaluation precision matters more than its speed (see predict_batch).
+    cfg = LoaderConfig(kind=opts.loader, size=size, batch_size=opts.batch_size, dtype=Precision.FP32,
+                       workers=opts.workers, seed=opts.seed)
+    loader = build_loader(pack, split, cfg, device)
+    return iter(loader), len(loader)
+
+
+def collect(run: LoadedRun, pack, split: str, opts: EvalOptions, progress: bool = True) -> SplitPredictions:
+    """Probabilities of every sample of `split` (storage order), checked against the pack's labels."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if pack.num_samples(split) == 0:
+        raise RunError(f"{pack.path}: split {split!r} has no samples")
+    if tuple(pack.classes) != tuple(run.classes):
+        raise RunError(f"{pack.path}: pack classes {pack.classes} differ from the run's {run.classes}")
+    batches, total = eval_batches(pack, split, run.size, opts, run.device)
+    probs, labels = [], []
+    with Progress(TextColumn(f"eval {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not progress, transient=True) as bar:
+        task = bar.add_task("eval", total=total)
+        for x, y in batches:
+            probs.append(predict_batch(run.model, x.to(run.device), opts.tta).double().cpu())
+            labels.append(y.cpu())
+            bar.advance(task)
+    p = torch.cat(probs).numpy()
+    y = torch.cat(labels).numpy().astype(np.int64)
+    expected = pack.labels(split)
+    if len(y) != len(expected) or not np.array_equal(y, expected):
+        raise RunError(f"the {split} loader returned {len(y)} samples in an order that does not match the "
+                       f"pack's {len(expected)} labels: cannot attribute predictions to image ids")
+    meta = pack.metadata(split)
+    keys = pack.keys(split)
+    lesions = [str(m.get("lesion_id") or k) for m, k in zip(meta, keys, strict=True)]
+    return SplitPredictions(split, keys, lesions, y, p, tuple(run.classes))
+
+
+# ---------------------------------------------------------------- files
+
+def _atomic_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _csv_bytes(header: list[str], rows: list[list[Any]]) -> bytes:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _p(v: float) -> str:
+    return repr(float(v))  # shortest string that reads back to the same float: no rounding ties
+
+
+def isic_columns(classes: tuple[str, ...]) -> list[int]:
+    """Index into `classes` of each ISIC 2018 column (MEL, NV, BCC, AKIEC, BKL, DF, VASC)."""
+    try:
+        return [classes.index(c.lower()) for c in ISIC_COLUMNS]
+    except ValueError:
+        raise RunError(f"classes {classes} are not the 7 HAM10000 classes: no ISIC 2018 submission") from None
+
+
+def write_predictions(out: Path, sp: SplitPredictions, probs: np.ndarray) -> dict[str, Path]:
+    pred = probs.argmax(axis=1)
+    c = sp.classes
+    rows = [[iid, lid, c[t], c[q], *map(_p, pr)] for iid, lid, t, q, pr in
+            zip(sp.image_ids, sp.lesion_ids, sp.y, pred, probs, strict=True)]
+    paths = {"predictions": _atomic_bytes(out / "predictions.csv", _csv_bytes(
+        ["image_id", "lesion_id", "true", "pred", *c], rows))}
+    try:
+        cols = isic_columns(c)
+    except RunError:
+        return paths
+    header = ["image", *ISIC_COLUMNS]
+    sub = [[iid, *(_p(pr[j]) for j in cols)] for iid, pr in zip(sp.image_ids, probs, strict=True)]
+    gt = [[iid, *("1.0" if t == j else "0.0" for j in cols)] for iid, t in zip(sp.image_ids, sp.y, strict=True)]
+    paths["submission"] = _atomic_bytes(out / SUBMISSION, _csv_bytes(header, sub))
+    paths["ground_truth"] = _atomic_bytes(out / GROUND_TRUTH, _csv_bytes(header, gt))
+    return paths
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return _atomic_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+
+
+# ---------------------------------------------------------------- plots
+
+def make_plots(out: Path, sp: SplitPredictions, probs: np.ndarray, m: dict[str, Any], pack=None
+               ) -> dict[str, Path]:
+    from hamengine.engine import plots_eval as pe
+    from PIL import Image
+
+    c = sp.classes
+    paths = {"confusion_matrix": out / "confusion_matrix.png", "roc": out / "roc.png",
+             "reliability": out / "reliability.png", "confidence_hist": out / "confidence_hist.png"}
+    pe.plot_confusion(m["confusion_matrix"], c, paths["confusion_matrix"],
+                      title=f"{sp.split}: balanced accuracy {m['balanced_accuracy']:.3f}")
+    pe.plot_roc(sp.y, probs, c, {dx: v["auc"] for dx, v in m["per_class"].items()}, paths["roc"])
+    pe.plot_reliability(m["reliability"], m["ece"], paths["reliability"],
+                        (m.get("calibration") or {}).get("ece_before"))
+    pe.plot_confidence_hist(probs, sp.y, paths["confidence_hist"])
+    if pack is not None:
+        index = {k: i for i, k in enumerate(pack.keys(sp.split))}
+
+        def load(row: int) -> Image.Image:
+            return Image.open(io.BytesIO(pack.jpeg(sp.split, index[sp.image_ids[row]]))).convert("RGB")
+
+        paths["mistakes"] = out / "mistakes.png"
+        paths["correct"] = out / "correct.png"
+        pe.plot_gallery(pe.confident_mistakes(probs, sp.y), load, probs, sp.y, c, sp.image_ids,
+                        paths["mistakes"], "Most confident mistakes")
+        pe.plot_gallery(pe.correct_per_class(probs, sp.y), load, probs, sp.y, c, sp.image_ids,
+                        paths["correct"], "Correct predictions per class (most confident)")
+    return paths
+
+
+# ---------------------------------------------------------------- the whole evaluation
+
+def score(sp: SplitPredictions, temperature: float, n_boot: int, seed: int = 0
+          ) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics of the (calibrated) probabilities; reliability bins added for the diagram."""
+    probs = sp.probs if temperature == 1.0 else calibration.softmax_t(calibration.log_probs(sp.probs),
+                                                                        temperature)
+    m = metrics.classification_metrics(sp.y, probs, sp.classes, lesion_ids=sp.lesion_ids, n_boot=n_boot,
+                                       seed=seed)
+    m["reliability"] = metrics.reliability_bins(probs, sp.y)
+    return m, probs
+
+
+def fit_calibration(run: LoadedRun, pack, opts: EvalOptions, val: SplitPredictions) -> dict[str, Any]:
+    logits = calibration.log_probs(val.probs)
+    t = calibration.fit_temperature(logits, val.y)
+    info = {"fitted_on": "val", "n": len(val.y), "checkpoint": run.checkpoint.name, "tta": str(opts.tta),
+            "val_nll_before": calibration.nll_at(logits, val.y, 1.0),
+            "val_nll_after": calibration.nll_at(logits, val.y, t)}
+    calibration.save_calibration(run.run, t, info)
+    return {"temperature": t, **info}
+
+
+def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
+    """Evaluate one run; returns metrics.json's content (plus `outputs`: the written paths)."""
+    run = load_run(run_dir, opts.checkpoint, opts.device)
+    pack = resolve_pack(run, opts.pack)
+    sp = collect(run, pack, opts.split, opts, progress)
+    cal: dict[str, Any] | None = None
+    if opts.calibrate:
+        val = sp if opts.split == "val" else collect(run, pack, "val", opts, progress)
+        cal = fit_calibration(run, pack, opts, val)
+        temperature = cal["temperature"]
+    else:
+        try:
+            temperature = calibration.load_temperature(run.run)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        if temperature != 1.0:
+            cal = {"temperature": temperature, "source": calibration.CALIBRATION_FILE}
+    m, probs = score(sp, temperature, opts.n_boot, opts.seed)
+    if cal is not None:
+        raw = metrics.classification_metrics(sp.y, sp.probs, sp.classes)
+        cal.update(ece_before=raw["ece"], ece_after=m["ece"], nll_before=raw["nll"], nll_after=m["nll"],
+                   brier_before=raw["brier"], brier_after=m["brier"])
+        m["calibration"] = cal
+    m["eval"] = {"run": run.run.name, "model": run.model_name, "split": opts.split,
+                 "checkpoint": run.checkpoint.name, "epoch": run.epoch, "tta": str(opts.tta),
+                 "temperature": temperature, "input_size": run.size, "pack": str(pack.path),
+                 "pack_fingerprint": pack.fingerprint, "device": str(run.device)}
+    out = run.run / f"eval-{opts.split}"
+    paths = write_predictions(out, sp, probs)
+    if opts.plots:
+        paths.update(make_plots(out, sp, probs, m, pack))
+    m["files"] = {k: v.name for k, v in paths.items()} | {"metrics": "metrics.json"}
+    paths["metrics"] = write_json(out / "metrics.json", m)
+    m["outputs"] = {k: str(v) for k, v in paths.items()}
+    return m

@@ -1,0 +1,290 @@
+"""Load a trained run once and predict single images: the code path of `hamengine predict`, `explain`
+and `serve`.
+
+Preprocessing equals the eval loader's: RGB (EXIF orientation applied), resize the shorter side to
+the run's input size S, center crop S x S, ImageNet-normalize. Probabilities are softmax(logits / T)
+with T from RUN/calibration.json when the run was calibrated (`hamengine eval --calibrate`), else T=1.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hamengine.engine.calibration import load_temperature
+from hamengine.engine.checkpoint import CheckpointError, load_checkpoint
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+
+from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, StrEnum
+
+MAX_PIXELS = 64_000_000  # decompression-bomb guard, as for packing
+
+
+class RunError(Exception):
+    """A run directory or checkpoint that cannot be used; the message says which file and what to do."""
+
+
+class ImageError(Exception):
+    """One input image cannot be read; str() is the reason."""
+
+
+class TTA(StrEnum):
+    NONE = "none"
+    FLIPS = "flips"  # identity, horizontal, vertical, both (4 views)
+    FLIPS_ROT = "flips+rot"  # the 8 symmetries of the square: 90-degree rotations x horizontal flip
+
+
+class CheckpointName(StrEnum):
+    BEST = "best"
+    LAST = "last"
+
+
+def tta_views(x: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
+    """Transformed copies of a batch x [N, 3, S, S]. Lesions have no canonical orientation, so every
+    view is as valid as the original; averaging their probabilities reduces variance."""
+    if tta == TTA.NONE:
+        return [x]
+    if tta == TTA.FLIPS:
+        return [x, x.flip(3), x.flip(2), x.flip(2, 3)]
+    rots = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+    return rots + [r.flip(3) for r in rots]
+
+
+def predict_batch(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.NONE) -> torch.Tensor:
+    """Mean softmax over the TTA views (float32 [N, C], on x's device). Eval runs in float32: bf16
+    logits are coarse enough to tie the top two classes, and the ISIC scorer counts a tie as wrong."""
+    with torch.inference_mode():
+        probs = None
+        views = tta_views(x.float(), tta)
+        for v in views:
+            p = torch.softmax(model(v).float(), dim=1)
+            probs = p if probs is None else probs + p
+        return probs / len(views)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing: is {path.parent} a run directory made by `hamengine train`?"
+                       ) from None
+    except ValueError as e:
+        raise RunError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object")
+    return data
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class LoadedRun:
+    run: Path
+    config: dict[str, Any]  # RUN/config.json (the resolved TrainConfig as a dict)
+    model: nn.Module  # eval mode, on `device`
+    model_name: str
+    size: int
+    classes: tuple[str, ...]
+    checkpoint: Path
+    epoch: int | None
+    device: torch.device
+
+
+def checkpoint_path(run: Path, which: CheckpointName | str) -> Path:
+    name = CheckpointName(which)
+    path = run / "checkpoints" / f"{name.value}.pt"
+    if not path.is_file():
+        others = sorted(p.name for p in (run / "checkpoints").glob("*.pt")) if (run / "checkpoints").is_dir() else []
+        hint = f"; available: {', '.join(others)} (use --checkpoint)" if others else \
+            "; the run has no checkpoints yet (did training start?)"
+        raise RunError(f"{path} does not exist{hint}")
+    return path
+
+
+def _model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The weights that were validated: best.pt's 'model' (already EMA weights when EMA was on);
+    in last.pt the EMA copy ({'model': state dict, 'updates': n}) when present, else 'model'."""
+    ema = ckpt.get("ema")
+    state = ema.get("model") if isinstance(ema, dict) else None
+    if not isinstance(state, dict):
+        state = ckpt.get("model")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RunError(f"{path}: no model weights in this checkpoint (expected a 'model' state dict)")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def load_run(run: str | Path, checkpoint: CheckpointName | str = CheckpointName.BEST,
+             device: str | torch.device = "auto") -> LoadedRun:
+    """Model of a run, in eval mode on `device`. Architecture and input size from RUN/config.json."""
+    from hamengine.models import create_model
+
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"{run}: no such run directory")
+    config = read_json(run / "config.json")
+    path = checkpoint_path(run, checkpoint)
+    try:
+        ckpt = load_checkpoint(path)  # weights_only=True; damage -> CheckpointError naming the file
+    except CheckpointError as e:
+        raise RunError(f"{e}; or try --checkpoint {'last' if path.stem == 'best' else 'best'}") from None
+    model_name = str(ckpt.get("model_name") or config.get("model") or "")
+    if not model_name:
+        raise RunError(f"{run / 'config.json'}: no 'model' key")
+    classes = tuple(ckpt.get("classes") or config.get("classes") or CLASSES)
+    size = int(config.get("size") or 224)
+    device = resolve_device(device)
+    try:
+        model = create_model(model_name, num_classes=len(classes))
+        model.load_state_dict(_model_state(ckpt, path))
+    except (ValueError, RuntimeError) as e:
+        raise RunError(f"{path}: weights do not fit model {model_name!r} ({str(e).splitlines()[0]})") from None
+    # channels_last on CUDA (what the loaders deliver there); NCHW on CPU (measured faster there)
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    model.eval()
+    epoch = ckpt.get("epoch")
+    return LoadedRun(run, config, model, model_name, size, classes, path,
+                     int(epoch) if isinstance(epoch, int) else None, device)
+
+
+def decode_image(data: bytes | Image.Image | str | Path) -> Image.Image:
+    """Any PIL-readable JPEG/PNG (bytes, path or image) -> upright 8-bit RGB. Raises ImageError."""
+    if isinstance(data, Image.Image):
+        im = data
+    else:
+        try:
+            raw = data if isinstance(data, bytes) else Path(data).read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read file ({e.strerror or e})") from None
+        if not raw:
+            raise ImageError("empty file (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(raw))
+                if im.size[0] * im.size[1] > MAX_PIXELS:
+                    raise ImageError(f"{im.size[0]}x{im.size[1]} pixels exceeds the limit of {MAX_PIXELS:,}")
+                im.load()
+        except ImageError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ImageError(f"not a readable image ({type(e).__name__})") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(f"corrupt or truncated image ({e})") from None
+    try:
+        im = ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError):  # broken EXIF: keep the stored orientation
+        pass
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(np.rint(arr * 255.0 / top), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def eval_crop(im: Image.Image, size: int) -> torch.Tensor:
+    """RGB image -> uint8 [3, S, S]: the loaders' eval transform (shorter side to S, antialiased
+    bilinear, center crop), so a file predicts as its packed copy evaluates."""
+    from hamengine.loaders.torch_loader import eval_transform
+
+    img = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # 3 x H x W
+    return eval_transform(img, size)
+
+
+def normalize(crop: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, S, S] -> float32 ImageNet-normalized."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
+    return (crop.float() - mean) / std
+
+
+class Predictor:
+    """A run loaded once; `predict` maps images to calibrated probabilities.
+
+    Thread safety: not re-entrant (one model); serve wraps it in its own batcher lock.
+    """
+
+    def __init__(self, run: str | Path, checkpoint: CheckpointName | str = CheckpointName.BEST,
+                 device: str | torch.device = "auto", tta: TTA | str = TTA.NONE,
+                 temperature: float | None = None, batch_size: int = 32):
+        self.loaded = load_run(run, checkpoint, device)
+        self.run = self.loaded.run
+        self.model = self.loaded.model
+        self.model_name = self.loaded.model_name
+        self.classes = self.loaded.classes
+        self.size = self.loaded.size
+        self.device = self.loaded.device
+        self.checkpoint_name = self.loaded.checkpoint.name
+        self.tta = TTA(tta)
+        self.batch_size = batch_size
+        try:
+            self.temperature = float(temperature) if temperature is not None else load_temperature(self.run)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+
+    def preprocess(self, image: bytes | Image.Image | str | Path) -> tuple[Image.Image, torch.Tensor]:
+        """-> (the S x S RGB crop the model sees, its normalized tensor [3, S, S])."""
+        crop = eval_crop(decode_image(image), self.size)  # uint8 3 x S x S
+        return Image.fromarray(crop.permute(1, 2, 0).numpy()), normalize(crop)
+
+    def calibrate(self, probs: torch.Tensor) -> torch.Tensor:
+        """softmax(log(p) / T): temperature applied AFTER averaging the TTA views, the same order
+        `hamengine eval --calibrate` fits T in."""
+        if self.temperature == 1.0:
+            return probs
+        return torch.softmax(torch.log(probs.clamp_min(1e-12)) / self.temperature, dim=1)
+
+    def predict_tensor(self, x: torch.Tensor) -> np.ndarray:
+        """x [N, 3, S, S] normalized -> probabilities float64 [N, C] (TTA averaged, calibrated)."""
+        probs = predict_batch(self.model, x.to(self.device), self.tta)
+        return self.calibrate(probs).double().cpu().numpy()
+
+    def predict(self, images: Sequence[bytes | Image.Image | str | Path]) -> np.ndarray:
+        """Images (decoded or not) -> float64 [N, C]; raises ImageError on the first unreadable one
+        (use `predict_files` to keep going past bad files)."""
+        if not images:
+            return np.zeros((0, len(self.classes)))
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = torch.stack([self.preprocess(im)[1] for im in images[i:i + self.batch_size]])
+            out.append(self.predict_tensor(x))
+        return np.concatenate(out)
+
+    def predict_files(self, paths: Sequence[str | Path]) -> list[np.ndarray | ImageError]:
+        """Per path: probabilities [C], or the ImageError that made it unreadable."""
+        results: list[np.ndarray | ImageError] = [ImageError("not processed")] * len(paths)
+        pending: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            if pending:
+                probs = self.predict_tensor(torch.stack([t for _, t in pending]))
+                for (j, _), p in zip(pending, probs, strict=True):
+                    results[j] = p
+                pending.clear()
+
+        for i, path in enumerate(paths):
+            try:
+                pending.append((i, self.preprocess(path)[1]))
+            except ImageError as e:
+                results[i] = e
+            if len(pending) >= self.batch_size:
+                flush()
+        flush()
+        return results
+
+    def top_k(self, probs: np.ndarray, k: int = 3) -> list[dict[str, Any]]:
+        from hamengine.config import CLASS_NAMES
+
+        order = np.argsort(-probs, kind="stable")[: max(1, min(k, len(self.classes)))]
+        return [{"dx": self.classes[c], "name": CLASS_NAMES.get(self.classes[c], self.classes[c]),
+                 "probability": float(probs[c])} for c in order]

@@ -1,0 +1,202 @@
+"""`hamengine eval | predict | explain | compare | report`: parse options, delegate to hamengine.engine."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hamengine.commands.common import console, emit_json, fail
+
+TTA_CHOICES = ["none", "flips", "flips+rot"]
+CKPT_CHOICES = ["best", "last"]
+RUN_ARG = click.Path(file_okay=False, path_type=Path)
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    from hamengine.config import ConfigError
+    from hamengine.engine.predict import RunError
+    from hamengine.loaders.records import PackError
+
+    errs: list[type[Exception]] = [RunError, PackError, ConfigError]
+    try:
+        from hamengine.engine.checkpoint import CheckpointError
+        errs.append(CheckpointError)
+    except ImportError:  # pragma: no cover - training area absent
+        pass
+    return tuple(errs)
+
+
+@click.command("eval")
+@click.argument("run", type=RUN_ARG)
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
+              help="Pack split to evaluate.")
+@click.option("--checkpoint", type=click.Choice(CKPT_CHOICES), default="best", show_default=True,
+              help="Which checkpoint of the run: best (validation balanced accuracy) or last.")
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
+              help="Test-time augmentation: average probabilities over flips, or flips and 90-degree rotations.")
+@click.option("--calibrate", is_flag=True,
+              help="Fit temperature scaling on val, report ECE before/after, save RUN/calibration.json "
+                   "(used by predict and serve).")
+@click.option("--boot", "n_boot", type=click.IntRange(0), default=1000, show_default=True,
+              help="Bootstrap replicates (resampling lesions) for 95% intervals; 0 disables.")
+@click.option("--pack", type=click.Path(file_okay=False), default=None,
+              help="Pack folder to read (default: the pack recorded in RUN/config.json).")
+@click.option("--loader", type=click.Choice(["auto", "dali", "resident", "torch"]), default="auto",
+              show_default=True, help="Loader kind for the eval split.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Eval batch size.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-plots", is_flag=True, help="Skip the figures (metrics and CSV files only).")
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of a table.")
+def eval_run(run: Path, split: str, checkpoint: str, tta: str, calibrate: bool, n_boot: int,
+             pack: str | None, loader: str, batch_size: int, device: str, no_plots: bool,
+             as_json: bool) -> None:
+    """Evaluate RUN on a pack split: metrics with lesion-bootstrap CIs, predictions.csv, an ISIC 2018
+    Task 3 submission CSV and figures, all in RUN/eval-<split>/."""
+    from hamengine.config import LoaderKind
+    from hamengine.engine.evaluate import EvalOptions, evaluate_run
+    from hamengine.engine.predict import TTA, CheckpointName
+    from hamengine.engine.report import metrics_table
+
+    opts = EvalOptions(split=split, checkpoint=CheckpointName(checkpoint), tta=TTA(tta), calibrate=calibrate,
+                       n_boot=n_boot, pack=pack, loader=LoaderKind(loader), batch_size=batch_size,
+                       device=device, plots=not no_plots)
+    try:
+        m = evaluate_run(run, opts, progress=not as_json)
+    except _known_errors() as e:
+        fail(str(e))
+    if as_json:
+        emit_json(m)
+        return
+    console.print(metrics_table(m))
+    cal = m.get("calibration")
+    if cal and "ece_before" in cal:
+        console.print(f"temperature {cal['temperature']:.3f}: ECE {cal['ece_before']:.4f} -> "
+                      f"{cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}")
+    console.print(f"outputs: {Path(m['outputs']['metrics']).parent}")
+
+
+@click.command("predict")
+@click.argument("run", type=RUN_ARG)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Choice(CKPT_CHOICES), default="best", show_default=True,
+              help="Which checkpoint of the run.")
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
+              help="Average probabilities over flips / flips and 90-degree rotations.")
+@click.option("--top-k", type=click.IntRange(1, 7), default=3, show_default=True,
+              help="Classes to list per image.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (per-image results).")
+def predict(run: Path, images: tuple[Path, ...], checkpoint: str, tta: str, top_k: int, device: str,
+            as_json: bool) -> None:
+    """Classify IMAGE files (JPEG/PNG, any size) with RUN. Unreadable files are reported and the
+    others still predicted; the exit status is non-zero if any file failed."""
+    from rich.table import Table
+
+    from hamengine.engine.predict import ImageError, Predictor
+
+    try:
+        predictor = Predictor(run, checkpoint=checkpoint, device=device, tta=tta)
+    except _known_errors() as e:
+        fail(str(e))
+    results = predictor.predict_files(list(images))
+    out, failed = [], 0
+    for path, r in zip(images, results, strict=True):
+        if isinstance(r, ImageError):
+            failed += 1
+            out.append({"image": str(path), "error": str(r)})
+        else:
+            out.append({"image": str(path), "top": predictor.top_k(r, top_k),
+                        "probabilities": dict(zip(predictor.classes, map(float, r), strict=True))})
+    if as_json:
+        emit_json({"run": str(run), "model": predictor.model_name, "temperature": predictor.temperature,
+                   "tta": str(predictor.tta), "results": out, "failed": failed})
+    else:
+        table = Table(title=f"{run.name} ({predictor.model_name}, T={predictor.temperature:.3g})")
+        table.add_column("image")
+        for k in range(top_k):
+            table.add_column(f"#{k + 1}")
+        for r in out:
+            if "error" in r:
+                table.add_row(Path(r["image"]).name, f"[red]error: {r['error']}[/]", *[""] * (top_k - 1))
+            else:
+                table.add_row(Path(r["image"]).name, *[f"{t['dx']} {t['probability']:.3f}\n[dim]{t['name']}[/]"
+                                            for t in r["top"]])
+        console.print(table)
+    if failed:
+        fail(f"{failed} of {len(images)} image(s) could not be read (listed above)")
+
+
+@click.command("explain")
+@click.argument("run", type=RUN_ARG)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for one PNG per image and contact_sheet.png.")
+@click.option("--class", "dx", default=None,
+              help="Explain this class (akiec, bcc, bkl, df, mel, nv, vasc) instead of the predicted one.")
+@click.option("--checkpoint", type=click.Choice(CKPT_CHOICES), default="best", show_default=True,
+              help="Which checkpoint of the run.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the written files and classes as JSON.")
+def explain(run: Path, images: tuple[Path, ...], out: Path, dx: str | None, checkpoint: str, device: str,
+            as_json: bool) -> None:
+    """Grad-CAM overlays of RUN's decision for each IMAGE (the predicted class, or --class)."""
+    from hamengine.engine.gradcam import explain_files
+
+    try:
+        res = explain_files(run, list(images), out, dx=dx, checkpoint=checkpoint, device=device)
+    except (ValueError, *_known_errors()) as e:
+        fail(str(e))
+    if as_json:
+        emit_json(res)
+    else:
+        for r in res["images"]:
+            msg = (f"[red]error: {r['error']}[/]" if "error" in r else
+                   f"{r['explained']} (predicted {r['predicted']} {r['probability']:.3f}) -> {r['png']}")
+            console.print(f"{r['image']}: {msg}")
+        console.print(f"contact sheet: {res['contact_sheet']}")
+    if res["failed"]:
+        fail(f"{res['failed']} of {len(images)} image(s) could not be read")
+
+
+@click.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=RUN_ARG)
+@click.option("--split", default="test", show_default=True, help="Evaluation split to compare (eval-<split>/).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for compare.png and compare.json (default: no files).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def compare(runs: tuple[Path, ...], split: str, out: Path | None, as_json: bool) -> None:
+    """Compare evaluated RUNS side by side: balanced accuracy and macro AUC with 95% CIs, per-class
+    recall, parameters, training img/s and wall time."""
+    from hamengine.engine.compare import compare_runs, compare_table
+
+    try:
+        res = compare_runs(list(runs), split=split, out=out)
+    except _known_errors() as e:
+        fail(str(e))
+    if as_json:
+        emit_json(res)
+    else:
+        console.print(compare_table(res))
+        if out is not None:
+            console.print(f"figure: {res['figure']}")
+
+
+@click.command("report")
+@click.argument("run", type=RUN_ARG)
+@click.option("--split", default="test", show_default=True, help="Evaluation split to report (eval-<split>/).")
+@click.option("--json", "as_json", is_flag=True, help="Print the written paths as JSON.")
+def report(run: Path, split: str, as_json: bool) -> None:
+    """Write RUN/report.md and a self-contained RUN/report.html: curves, evaluation figures, config,
+    environment and a model card."""
+    from hamengine.engine.report import write_report
+
+    try:
+        res = write_report(run, split=split)
+    except _known_errors() as e:
+        fail(str(e))
+    if as_json:
+        emit_json(res)
+    else:
+        console.print(f"report: {res['markdown']}\n        {res['html']}")
+        for w in res["warnings"]:
+            console.print(f"[yellow]note:[/] {w}")
