@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -280,7 +281,9 @@ def _results(refs: list[str], policy: ImagePolicy, workers: int, progress: bool)
     if n > 1:
         # Fork before the progress bar starts its refresh thread (forking a threaded process is unsafe).
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(n)
+        # Workers ignore Ctrl-C: the parent alone handles it and terminates the pool (a worker dying
+        # of KeyboardInterrupt mid-send leaves the pool's queues wedged).
+        pool = ctx.Pool(n, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
     inflight = max(64, 8 * CHUNK * n)
     limit, stop = threading.Semaphore(inflight), threading.Event()
     try:
