@@ -278,6 +278,9 @@ def _id_reason(s: str) -> str:
         return "contains a control character"
     if any(c.isspace() for c in s):
         return "contains a space"
+    stem, ext = os.path.splitext(s)
+    if ext.lower() in IMAGE_EXTS and _PLAIN_ID.fullmatch(stem):
+        return f"contains a dot (give the id without the file extension: {stem!r})"
     if "." in s:
         return "contains a dot"
     return "contains characters other than letters, digits, '_' and '-'"

@@ -326,9 +326,12 @@ def test_own_layout_problems(synth, tmp_path):
     meta.loc[4, "dx"] = "NV"  # any case accepted
     meta.loc[5, "lesion_id"] = ""
     meta.loc[6, "age"] = "old"
+    meta.loc[7, "image_id"] = meta.loc[7, "image_id"] + ".jpg"
     meta.to_csv(root / "metadata.csv", index=False)
     err, msg = _problems(root)
-    assert len(err.problems) == 3, msg
+    assert len(err.problems) == 4, msg
+    assert "metadata.csv row 8 (line 9): image_id 'ISIC_0000007.jpg' is not a plain name: it contains a dot " \
+           "(give the id without the file extension: 'ISIC_0000007')" in msg
     assert "metadata.csv row 2 (line 3): image file 'pictures/nowhere.jpg' not found" in msg
     assert "metadata.csv row 6 (line 7): lesion_id is empty" in msg
     assert "metadata.csv row 7 (line 8): age 'old' is not a number" in msg
