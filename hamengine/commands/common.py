@@ -15,7 +15,9 @@ err_console = Console(stderr=True)
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print a user-facing error (no traceback) and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # The message may quote user data ("[...]", "..") verbatim: print it without markup.
+    err_console.print("error:", style="bold red", end=" ")
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
