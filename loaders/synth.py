@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from hamengine.loaders.synth_draw import draw_image
 
 from hamengine.config import CLASSES
+from hamengine.loaders.synth_draw import draw_image
 
 SYNTH_VERSION = 1  # bump whenever the drawing or the metadata changes: old outputs then differ
 METADATA_NAME = "HAM10000_metadata.csv"

@@ -169,7 +169,7 @@ def _tex_mel(f: Frame, rng: np.random.Generator) -> np.ndarray:
 
 
 def _tex_bkl(f: Frame, rng: np.random.Generator) -> np.ndarray:
-    base = _lerp((0.74, 0.60, 0.46), (0.46, 0.34, 0.25), rng.uniform(0, 1))
+    base = _lerp((0.68, 0.54, 0.42), (0.44, 0.32, 0.24), rng.uniform(0, 1))
     rgb = f.fill(base)
     n = f.noise(rng.uniform(6, 12))
     fissure = np.exp(-(n / 0.18) ** 2)  # narrow dark ridges: the cerebriform "stuck-on" surface
@@ -310,12 +310,19 @@ def draw_image(dx: str, seed: int, lesion_number: int, image_number: int, size: 
     angle = vrng.uniform(0, 360)
     r_px = r_frac * min(w, h) * scale
     rgb, alpha = draw_lesion(dx, lrng, r_px)
+    tone = _lerp((0.96, 0.80, 0.74), (0.70, 0.50, 0.40), min(1.0, max(0.0, skin_t + vrng.normal(0, 0.05))))
+    # Keep every lesion visibly darker than its skin on average (a pale keratosis on tanned skin
+    # would otherwise vanish): the lesion must be findable, for the model and for Grad-CAM checks.
+    luma = np.asarray((0.30, 0.59, 0.11), np.float32)
+    lesion_l = float((rgb @ luma * alpha).sum() / max(alpha.sum(), 1e-6))
+    limit = 0.8 * float(np.dot(tone, luma))
+    if lesion_l > limit:
+        rgb = rgb * (limit / lesion_l)
     patch = np.concatenate([rgb, alpha[..., None]], axis=2)
     patch8 = Image.fromarray((np.clip(patch, 0, 1) * 255 + 0.5).astype(np.uint8), "RGBA")
     patch8 = patch8.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
     pa = np.asarray(patch8, np.float32) / 255.0  # [P', P', 4]
 
-    tone = _lerp((0.96, 0.80, 0.74), (0.70, 0.50, 0.40), min(1.0, max(0.0, skin_t + vrng.normal(0, 0.05))))
     canvas = np.empty((h, w, 3), np.float32)
     canvas[:] = tone
     canvas *= (1.0 + 0.04 * smooth_noise(vrng, h, w, 4))[..., None]
