@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from hamengine.loaders.records import Pack, PackError
 
 from hamengine.config import LoaderConfig, MemoryFormat, Precision
+from hamengine.loaders.records import Pack, PackError
 
 TRAIN_SPLIT = "train"
 DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16, Precision.FP32: torch.float32}

@@ -5,11 +5,11 @@ import importlib.util
 from pathlib import Path
 
 import torch
+
+from hamengine.config import ConfigError, LoaderConfig, LoaderKind
 from hamengine.engine.environment import cpu_count
 from hamengine.loaders.base import Loader, verify_shards
 from hamengine.loaders.records import Pack
-
-from hamengine.config import ConfigError, LoaderConfig, LoaderKind
 
 
 def resolve_device(device: torch.device | str) -> torch.device:

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hamengine.loaders import augment
-from hamengine.loaders.base import Batch, Loader, mix_seed, verify_shards
-from hamengine.loaders.records import Pack, PackError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from hamengine.config import AugPreset, LoaderConfig
+from hamengine.loaders import augment
+from hamengine.loaders.base import Batch, Loader, mix_seed, verify_shards
+from hamengine.loaders.records import Pack, PackError
 
 CACHE_VERSION = 1
 

@@ -17,15 +17,15 @@ import sys
 from collections.abc import Iterator
 
 import torch
-from hamengine.loaders import augment
-from hamengine.loaders.base import Batch, Loader, mix_seed
-from hamengine.loaders.records import Pack
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from hamengine.config import AugConfig, AugPreset, LoaderConfig
+from hamengine.loaders import augment
+from hamengine.loaders.base import Batch, Loader, mix_seed
+from hamengine.loaders.records import Pack
 
 Item = tuple[int, int]  # (split index, per-sample seed)
 
@@ -90,8 +90,11 @@ class _PlanSampler:
 
 
 def worker_context() -> str:
-    cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return "forkserver" if cuda_live or "nvidia.dali" in sys.modules else "fork"
+    # DALI creates its own CUDA context (torch.cuda.is_initialized() does not see it); CPU-only DALI
+    # pipelines fork safely, and forkserver costs seconds of re-imports per worker.
+    if not torch.cuda.is_available():
+        return "fork"
+    return "forkserver" if torch.cuda.is_initialized() or "nvidia.dali" in sys.modules else "fork"
 
 
 class TorchLoader(Loader):

@@ -1,0 +1,204 @@
+"""`dali`: an NVIDIA DALI pipeline over the pack's shards, read through their DALI index files.
+
+With CUDA, JPEGs are decoded on `mixed` (nvJPEG, hardware decoder share `hw_decoder_load`, buffers
+preallocated for the pack's image size) and every augmentation runs on the GPU; the HWC output
+viewed as NCHW is a channels_last tensor without a copy. Without CUDA the same graph runs on CPU
+threads (`device_id=None`).
+
+Graph (train): read -> decode a random-resized-crop window (fused) -> resize S x S -> rotate (keep
+size, black fill) -> flip by two random coins -> brightness/contrast (pivot at mid-gray, as the
+other loaders, see augment.py) -> hue/saturation (fn.hsv, YIQ) -> normalize to HWC float.
+Graph (eval): read -> decode -> resize shorter side to S -> center crop + normalize.
+
+Differences from the other kinds, by design of DALI's reader:
+- order: the reader shuffles within a buffer of `initial_fill` samples (train shards are written in
+  a seeded random order, so this is enough); the order follows the pipeline seed (seed, rank), not
+  `set_epoch`. Each rank reads its contiguous 1/w of the shards and moves to the next share every
+  epoch (stick_to_shard=False), so ranks stay disjoint and together cover the split.
+- train: every rank yields exactly len(loader) = (N // w) // batch_size batches (a share one sample
+  longer than N // w may allow one more DALI batch: it is read and dropped to keep counts equal).
+- eval: pad_last_batch + LastBatchPolicy.PARTIAL: every sample exactly once, shards identical to
+  the other kinds (base.eval_share); a short rank splits its last batch like the others.
+- class-balanced sampling is not available (the reader has no weighted sampler): build_loader
+  refuses `dali` with balance_sampler on the train split.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from hamengine.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, AugPreset, ConfigError, LoaderConfig
+from hamengine.loaders.base import Batch, Loader, eval_batch_sizes, mix_seed
+from hamengine.loaders.records import Pack, PackError
+
+HW_DECODER_LOAD = 0.75  # share of JPEGs sent to the hardware decoder (A100/H100 guidance)
+
+
+def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bool, size: int,
+           aug: AugConfig, cuda: bool, shard_id: int, num_shards: int, initial_fill: int,
+           fp16: bool, hint_hw: tuple[int, int]):
+    from nvidia.dali import fn, types
+
+    jpg, cls = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
+        dtypes=[types.UINT8, types.UINT8], random_shuffle=train, initial_fill=initial_fill,
+        shard_id=shard_id, num_shards=num_shards, pad_last_batch=not train, name="reader")
+    decode_kw: dict = {"device": "mixed" if cuda else "cpu", "output_type": types.RGB}
+    if cuda:
+        decode_kw.update(hw_decoder_load=HW_DECODER_LOAD, preallocate_height_hint=hint_hw[0],
+                         preallocate_width_hint=hint_hw[1])
+    mean = [m * 255 for m in IMAGENET_MEAN]
+    std = [s * 255 for s in IMAGENET_STD]
+    out_dtype = types.FLOAT16 if fp16 else types.FLOAT
+    if augment:
+        images = fn.decoders.image_random_crop(jpg, random_area=list(aug.scale),
+                                               random_aspect_ratio=list(aug.ratio), num_attempts=10,
+                                               **decode_kw)
+        images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
+        if aug.rotation:
+            angle = fn.random.uniform(range=[0.0, 360.0])
+            images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0,
+                               interp_type=types.INTERP_LINEAR)
+        h = fn.random.coin_flip(probability=0.5) if aug.hflip else 0
+        v = fn.random.coin_flip(probability=0.5) if aug.vflip else 0
+        if aug.hflip or aug.vflip:  # fn.flip's default flips always: pass the coins explicitly
+            images = fn.flip(images, horizontal=h, vertical=v)
+        if aug.brightness > 0 or aug.contrast > 0:
+            b = fn.random.uniform(range=[max(0.0, 1 - aug.brightness), 1 + aug.brightness])
+            c = fn.random.uniform(range=[max(0.0, 1 - aug.contrast), 1 + aug.contrast])
+            images = fn.brightness_contrast(images, brightness=b, contrast=c, contrast_center=127.5)
+        if aug.saturation > 0 or aug.hue > 0:
+            s = fn.random.uniform(range=[max(0.0, 1 - aug.saturation), 1 + aug.saturation])
+            hue = fn.random.uniform(range=[-360.0 * aug.hue, 360.0 * aug.hue])
+            images = fn.hsv(images, hue=hue, saturation=s, value=1.0)
+        images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="HWC", mean=mean, std=std)
+    else:
+        images = fn.decoders.image(jpg, **decode_kw)
+        # torchvision's exact eval geometry (what the torch and resident loaders do): longer side
+        # int(S * long / short), center-crop offset round-half-even((side - S) / 2). DALI's own
+        # resize_shorter / crop_pos round differently and shift small images by a pixel.
+        (ry, rx), (ay, ax) = _eval_geometry(jpg, size)
+        images = fn.resize(images, resize_x=rx, resize_y=ry, antialias=True)
+        images = fn.slice(images, fn.stack(ay, ax), (size, size), axes=[0, 1])
+        images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="HWC", mean=mean, std=std)
+    # `.cls` holds the class index as ASCII digits (one digit: <= 10 classes, checked at build)
+    label = fn.cast(cls[0], dtype=types.INT64) - 48
+    if cuda:
+        label = label.gpu()
+    return images, label
+
+
+def _eval_geometry(jpg, size: int):
+    """Per-sample (resize y, x) floats and (crop anchor y, x) ints, computed on the CPU from the
+    JPEG header (fn.peek_image_shape): no decode needed, works for both CPU and mixed decoding."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    shape = fn.peek_image_shape(jpg)  # H, W, C
+    h = fn.cast(shape[0], dtype=types.FLOAT)
+    w = fn.cast(shape[1], dtype=types.FLOAT)
+    short = dmath.min(h, w)
+    ry, rx = dmath.floor(size * h / short), dmath.floor(size * w / short)
+
+    def center(side):
+        d = fn.cast(side, dtype=types.INT32) - size
+        k = d // 2
+        return k + (d - 2 * k) * (k - 2 * (k // 2))  # int32, round half to even
+
+    return (ry, rx), (center(ry), center(rx))
+
+
+class DaliLoader(Loader):
+    kind = "dali"
+
+    def __init__(self, pack: Pack, split: str, cfg: LoaderConfig, device: torch.device,
+                 rank: int = 0, world_size: int = 1, workers: int = 2):
+        super().__init__(pack, split, cfg, device, rank, world_size)
+        from nvidia.dali import pipeline_def
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        if self.balance:
+            raise ConfigError("loader 'dali' cannot do class-balanced sampling (balance_sampler): its reader "
+                              "has no weighted sampler; use --loader resident or torch, or --balance loss")
+        if len(pack.classes) > 10:
+            raise PackError(f"{pack.path}: {len(pack.classes)} classes; the dali loader reads one-digit labels")
+        shards = pack.shards(split)
+        cuda = self.device.type == "cuda"
+        self.augment = self.train and self.aug.preset != AugPreset.NONE
+        hint = _image_hw(pack, split)
+        graph = pipeline_def(_graph, enable_conditionals=False)
+        seed = mix_seed(cfg.seed, rank, 0xDA1) % (2**31 - 1)
+        self.pipe = graph(
+            [str(s.path) for s in shards], [str(s.idx_path) for s in shards], train=self.train,
+            augment=self.augment, size=self.size, aug=self.aug, cuda=cuda, shard_id=rank,
+            num_shards=world_size, initial_fill=max(self.batch_size, min(1024, self.total_samples)),
+            fp16=self.dtype == torch.float16, hint_hw=hint,
+            batch_size=self.batch_size, num_threads=max(1, workers),
+            device_id=(self.device.index or 0) if cuda else None, seed=seed, prefetch_queue_depth=2)
+        try:
+            self.pipe.build()
+        except RuntimeError as e:  # a damaged index or shard: say which pack, before the first batch
+            raise PackError(f"{pack.path}: DALI cannot open the {split} shards: {str(e).splitlines()[0]}") from None
+        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
+        self._it = DALIGenericIterator(self.pipe, ["images", "labels"], reader_name="reader",
+                                       last_batch_policy=policy, auto_reset=True)
+        self._mid_epoch = False
+
+    def _batches(self) -> Iterator[Batch]:
+        if self._mid_epoch:  # the consumer left the last epoch early: DALI resets only at an epoch's end
+            for _ in _drain(self._it):
+                pass
+        self._mid_epoch = True
+        for out in _drain(self._it):
+            d = out[0]
+            yield d["images"], d["labels"].reshape(-1)
+        self._mid_epoch = False
+
+    def __iter__(self) -> Iterator[Batch]:
+        want = len(self)
+        sizes = [self.batch_size] * want if self.train else eval_batch_sizes(
+            self.total_samples, self.rank, self.world_size, self.batch_size)
+        k = 0
+        for images, labels in self._batches():  # images: N,S,S,3 (HWC)
+            if k >= want:
+                continue  # drain: DALI resets only at its epoch's end
+            nchw = images.permute(0, 3, 1, 2)  # channels_last view, no copy
+            # split DALI's batch where the plan wants smaller ones (a short eval rank's last batch)
+            pos = 0
+            while pos < nchw.shape[0] and k < want:
+                take = sizes[k]
+                yield self.finish(nchw[pos:pos + take]), labels[pos:pos + take].to(self.device, torch.int64)
+                pos += take
+                k += 1
+        while k < want:  # only with batch_size 1 and uneven shares: an empty last batch
+            s = self.size
+            yield (self.finish(torch.empty(0, 3, s, s, device=self.device)),
+                   torch.empty(0, dtype=torch.int64, device=self.device))
+            k += 1
+
+    def close(self) -> None:
+        self._it = None
+        self.pipe = None
+
+
+def _drain(it) -> Iterator:
+    """next() until StopIteration (auto_reset then rewinds); `for` would call iter(), which warns."""
+    while True:
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+
+
+def _image_hw(pack: Pack, split: str) -> tuple[int, int]:
+    """(h, w) of the split's first image: the decoder's preallocation hint."""
+    from torchvision.io import decode_jpeg
+
+    if pack.num_samples(split) == 0:
+        return pack.image_size, pack.image_size
+    img = decode_jpeg(torch.frombuffer(bytearray(pack.jpeg(split, 0)), dtype=torch.uint8))
+    return int(img.shape[1]), int(img.shape[2])
+
+
+__all__ = ["DaliLoader"]
