@@ -280,3 +280,17 @@ def test_fixture_dev200_packs_and_verifies(dev200, tmp_path):
     res = subprocess.run([sys.executable, "-m", "hamengine", "verify", str(out)], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr
+
+
+def test_bench_pack_reports_each_worker_count(tmp_path):
+    src = make_source(tmp_path / "src", n=30, size=(64, 48))
+    res = CliRunner().invoke(cli, ["bench", "pack", "--source", str(src), "--workers", "1,2", "--size", "48",
+                                   "--tmp", str(tmp_path), "--out", str(tmp_path / "r.json"), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [r["workers"] for r in report["results"]] == [1, 2]
+    for r in report["results"]:
+        assert r["images"] == 30 and r["images_per_s"] > 0 and r["peak_rss_mb"] > 10
+        assert r["peak_tree_rss_mb"] >= r["peak_rss_mb"] * 0.5
+    assert report["results"][0]["speedup"] == 1.0 and report["hardware"]["cpus"] >= 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("hamengine-bench")] == []  # cleaned up

@@ -1,0 +1,143 @@
+"""`hamengine bench pack`: images/s and peak memory of `hamengine pack` per worker count.
+
+Each configuration runs in a fresh child process (so peak RSS is its own, not a previous run's):
+the child packs into a temporary folder and reports its time and `ru_maxrss` for itself and for its
+pool workers (RUSAGE_CHILDREN, reaped before it exits). The parent also samples the whole process
+tree's summed RSS every 50 ms: that is the number to hold against a memory budget.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hamengine.commands.common import console, emit_json, fail
+
+_CHILD = "from hamengine.bench.pack import _child; _child()"
+
+
+def _child() -> None:
+    """Child entry: pack per the JSON config in argv[1]; print timing and ru_maxrss as JSON."""
+    from hamengine.loaders.pack import pack_dataset
+
+    from hamengine.config import PackConfig
+
+    cfg = PackConfig(**json.loads(sys.argv[1]))
+    start = time.perf_counter()
+    manifest = pack_dataset(cfg, progress=False)
+    seconds = time.perf_counter() - start
+    images = sum(s["samples"] for s in manifest["shards"])
+    print(json.dumps({"seconds": seconds, "images": images, "bytes": manifest["stats"]["total_bytes"],
+                      "rss_self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "rss_workers_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """Summed VmRSS of pid and all its descendants (Linux /proc); 0 where unreadable."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def run_config(source: Path, out: Path, workers: int, size: int, quality: int) -> dict[str, Any]:
+    cfg = {"source": str(source), "out": str(out), "size": size, "quality": quality, "workers": workers,
+           "force": True}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.05):
+            peak = max(peak, _tree_rss_kb(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out_text, err_text = proc.communicate()
+    done.set()
+    sampler.join()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"pack with {workers} worker(s) failed:\n{err_text.strip()[-2000:]}")
+    r = json.loads(out_text.strip().splitlines()[-1])
+    return {"workers": workers, "images": r["images"], "seconds": round(r["seconds"], 2),
+            "images_per_s": round(r["images"] / r["seconds"], 1), "wall_s": round(wall, 2),
+            "peak_rss_mb": round(max(r["rss_self_kb"], r["rss_workers_kb"]) / 1024, 1),
+            "peak_tree_rss_mb": round(peak / 1024, 1), "pack_mb": round(r["bytes"] / 1e6, 1)}
+
+
+@click.command()
+@click.option("--source", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="HAM10000 folder to pack (e.g. `hamengine synth --out DIR` for the 10,015-image set).")
+@click.option("--workers", "workers_list", default="1,0", show_default=True,
+              help="Comma-separated worker counts to compare; 0 = all cores.")
+@click.option("--size", default=256, show_default=True, type=int, help="Shorter side of packed images.")
+@click.option("--quality", default=90, show_default=True, type=int, help="JPEG quality of packed images.")
+@click.option("--tmp", "tmp_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the temporary packs go (default: the system temp folder); removed afterwards.")
+@click.option("--out", "result_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results JSON to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir: Path | None,
+               result_file: Path | None, as_json: bool) -> None:
+    """Pack SOURCE with each worker count; report images/s, peak RSS and the speedup over the first."""
+    from hamengine.engine.environment import cpu_count, hardware
+
+    try:
+        counts = [int(w) or cpu_count() for w in workers_list.split(",") if w.strip()]
+    except ValueError:
+        fail(f"--workers {workers_list!r}: expected comma-separated integers such as 1,2")
+    if not counts:
+        fail("--workers: give at least one worker count")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="hamengine-bench-pack-", dir=tmp_dir) as tmp:
+        for w in counts:
+            if not as_json:
+                console.print(f"packing with {w} worker(s) ...", highlight=False)
+            try:
+                results.append(run_config(source, Path(tmp) / f"w{w}", w, size, quality))
+            except RuntimeError as e:
+                fail(str(e))
+    base = results[0]["images_per_s"]
+    for r in results:
+        r["speedup"] = round(r["images_per_s"] / base, 2)
+    report = {"bench": "pack", "source_images": results[0]["images"], "size": size, "quality": quality,
+              "results": results, "hardware": hardware(),
+              "command": shlex.join(["hamengine", "bench", "pack", *sys.argv[3:]])}
+    if result_file:
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        result_file.write_text(json.dumps(report, indent=2) + "\n")
+    if as_json:
+        emit_json(report)
+        return
+    from rich.table import Table
+    t = Table(title=f"hamengine pack, {results[0]['images']} images -> shorter side {size}")
+    for col in ("workers", "seconds", "images/s", "speedup", "peak RSS (MB, max process)",
+                "peak RSS (MB, tree sum)"):
+        t.add_column(col, justify="right")
+    for r in results:
+        t.add_row(str(r["workers"]), f"{r['seconds']:.1f}", f"{r['images_per_s']:.1f}", f"{r['speedup']:.2f}x",
+                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_tree_rss_mb']:.0f}")
+    console.print(t)
+    console.print(f"hardware: {report['hardware']['cpu']}, {report['hardware']['cpus']} cpus", highlight=False)
