@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hamengine.config import AugConfig, AugPreset, LoaderConfig
+from hamengine.config import AugConfig, AugPreset, ConfigError, LoaderConfig
 from hamengine.loaders import build_loader
 from hamengine.loaders.base import eval_batch_sizes, train_order
 from hamengine.loaders.records import Pack, PackError
@@ -223,3 +223,22 @@ def test_crop_flip_and_none_presets(small_pack):
 def test_unknown_split_and_kind(small_pack):
     with pytest.raises(PackError, match="no split"):
         build_loader(small_pack[0], "holdout", cfg_for("resident"), "cpu")
+
+
+def test_folder_baseline(small_pack):
+    pack_path, src = small_pack
+    pack = Pack(pack_path)
+    tr = build_loader(pack, "train", cfg_for("folder", source=str(src)), "cpu")
+    x, y = next(iter(tr))
+    assert x.shape == (BS, 3, S, S) and x.dtype == torch.bfloat16 and y.dtype == torch.int64
+    assert -2.2 < float(x.min()) < -0.5 and 0.5 < float(x.max()) < 2.7
+    ev = build_loader(pack, "val", cfg_for("folder", source=str(src), dtype="fp32"), "cpu")
+    xe, ye = epoch(ev)
+    assert np.array_equal(ye.numpy(), pack.labels("val"))
+    # same images as the pack (the pack re-encodes a smaller copy: agreement is loose, not exact)
+    xr, _ = epoch(build_loader(pack, "val", cfg_for("resident", dtype="fp32"), "cpu"))
+    assert (xe - xr).abs().mean() < 0.1
+    tr.close()
+    ev.close()
+    with pytest.raises(ConfigError, match="source"):
+        build_loader(pack, "val", cfg_for("folder"), "cpu")
