@@ -26,6 +26,10 @@ from typing import Any
 
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from starlette.exceptions import HTTPException
+
+from hamengine.config import CLASS_NAMES
 from hamengine.engine.serve_backend import (
     Backend,
     InputError,
@@ -35,10 +39,6 @@ from hamengine.engine.serve_backend import (
     load_test_metrics,
 )
 from hamengine.engine.serve_page import render_page
-from PIL import Image, UnidentifiedImageError
-from starlette.exceptions import HTTPException
-
-from hamengine.config import CLASS_NAMES
 
 # Formats PIL may even try to parse: a short allow-list keeps exotic parsers away from uploads.
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")

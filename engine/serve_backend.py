@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import queue
 import threading
 import time
@@ -96,9 +97,21 @@ def load_test_metrics(run_dir: str | Path) -> dict[str, Any] | None:
     """RUN/eval-test/metrics.json when present (None otherwise or when unreadable)."""
     path = Path(run_dir) / "eval-test" / "metrics.json"
     try:
-        return json.loads(path.read_text())
+        return _finite(json.loads(path.read_text()))
     except (OSError, ValueError):
         return None
+
+
+def _finite(obj: Any) -> Any:
+    """NaN / Infinity (Python's json writes them, e.g. an AUC undefined for an absent class) -> None:
+    strict JSON responses cannot carry them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def class_table(classes: tuple[str, ...]) -> list[dict[str, str]]:

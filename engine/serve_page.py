@@ -126,7 +126,10 @@ async function analyse(file) {
   const form = () => { const f = new FormData(); f.append("image", file, file.name); return f; };
   try {
     const resp = await fetch("api/predict", { method: "POST", body: form() });
-    if (!resp.ok) { $("top-class").textContent = ""; showError(resp.status + ": " + await detail(resp)); return; }
+    if (!resp.ok) {
+      $("top-class").textContent = ""; $("preview").removeAttribute("src");
+      showError(resp.status + ": " + await detail(resp)); return;
+    }
     renderBars(await resp.json());
     const ex = await fetch("api/explain", { method: "POST", body: form() });
     if (!ex.ok) { showError("Grad-CAM failed: " + await detail(ex)); return; }
