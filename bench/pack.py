@@ -28,9 +28,8 @@ _CHILD = "from hamengine.bench.pack import _child; _child()"
 
 def _child() -> None:
     """Child entry: pack per the JSON config in argv[1]; print timing and ru_maxrss as JSON."""
-    from hamengine.loaders.pack import pack_dataset
-
     from hamengine.config import PackConfig
+    from hamengine.loaders.pack import pack_dataset
 
     cfg = PackConfig(**json.loads(sys.argv[1]))
     start = time.perf_counter()

@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from hamengine.config import CLASSES, SPLITS, PackConfig
 from hamengine.engine.environment import cpu_count
 from hamengine.loaders import packdir, split
 from hamengine.loaders.imaging import BadImage, ImagePolicy, process
-from hamengine.loaders.records import FORMAT, VERSION, PackError
+from hamengine.loaders.records import FORMAT, VERSION, Pack, PackError
 from hamengine.loaders.sources import ZIP_PREFIX, load_source, read_image_bytes
 from hamengine.loaders.tario import ShardWriter, archive_bytes, index_path_for, index_text, member_bytes
-
-from hamengine.config import CLASSES, SPLITS, PackConfig
 
 CHUNK = 4  # images per pool task: small keeps the ordered stream smooth, >1 amortises IPC
 MAX_LISTED = 50
@@ -183,7 +183,7 @@ def pack_dataset(cfg: PackConfig, progress: bool = True,
     if df.empty:
         raise PackError(f"{cfg.source}: the source has no images to pack")
     if cfg.split_file:
-        splits = split.read_split_file(cfg.split_file, df)
+        splits = split.read_split_file(cfg.split_file, df, ignore=set(src.missing))
         method = split.METHOD_FILE
     else:
         splits = split.assign_splits(df, cfg.val, cfg.test, cfg.seed)
@@ -206,9 +206,15 @@ def pack_dataset(cfg: PackConfig, progress: bool = True,
     out = Path(cfg.out)
     state = packdir.prepare(out, recipe_sha, cfg.force)
     if state is packdir.OutState.COMPLETE:
-        say(f"{out} is already a complete pack of this source with these options: nothing to do "
-            f"(--force rebuilds it)")
-        return json.loads((out / "manifest.json").read_bytes())
+        try:
+            done = Pack(out)  # sizes only: a shard lost or cut since then means rebuilding
+        except PackError as e:
+            say(f"{out}: the pack with these options is damaged ({e}); rebuilding it")
+        else:
+            (out / packdir.MARKER).unlink(missing_ok=True)  # left if killed right after the manifest
+            say(f"{out} is already a complete pack of this source with these options: nothing to do "
+                f"(--force rebuilds it)")
+            return done.manifest
     if state is packdir.OutState.RESUME:
         say(f"{out}: finishing an interrupted pack with the same options (starting it over)")
     packdir.clear(out)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from hamengine.loaders.tario import TarIndexError, index_path_for, read_index
 
 FORMAT = "hamengine-pack"

@@ -97,9 +97,10 @@ def assign_splits(df: pd.DataFrame, val: float, test: float, seed: int) -> np.nd
     return groups.map(group_split).to_numpy(dtype=object)
 
 
-def read_split_file(path: str | Path, df: pd.DataFrame) -> np.ndarray:
+def read_split_file(path: str | Path, df: pd.DataFrame, ignore: set[str] | None = None) -> np.ndarray:
     """Splits from a CSV with columns image_id,split. Every image of the source must be listed once;
-    every problem is reported with its line number; no lesion may span two splits."""
+    every problem is reported with its line number; no lesion may span two splits. Rows for ids in
+    `ignore` (images left out with --allow-missing) are accepted and unused."""
     p = Path(path)
     try:
         with open(p, newline="", encoding="utf-8-sig") as f:
@@ -125,6 +126,8 @@ def read_split_file(path: str | Path, df: pd.DataFrame) -> np.ndarray:
         image_id, split = row[ci].strip(), row[cs].strip().lower()
         if split not in SPLITS:
             problems.append(f"{p}, line {line}: split {row[cs]!r} is not one of {', '.join(SPLITS)}")
+        if image_id in (ignore or ()):
+            continue
         if image_id not in known:
             problems.append(f"{p}, line {line}: image_id {image_id!r} is not in the source metadata")
         elif image_id in seen:

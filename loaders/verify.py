@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from hamengine.loaders.records import COMPONENTS, Pack, PackError, Shard
 from hamengine.loaders.tario import BLOCK, Component, TarIndexError, read_index
-from PIL import Image
 
 
 @dataclass

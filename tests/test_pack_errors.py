@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hamengine.loaders.pack import pack_dataset
-from hamengine.loaders.packdir import MARKER
-from hamengine.loaders.records import Pack, PackError
 from PIL import Image
 from test_pack import PART, make_source, sha_tree
 
 from hamengine.cli import cli
 from hamengine.config import PackConfig
+from hamengine.loaders.pack import pack_dataset
+from hamengine.loaders.packdir import MARKER
+from hamengine.loaders.records import Pack, PackError
 
 
 def _png_header_only(width: int, height: int) -> bytes:

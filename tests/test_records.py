@@ -8,12 +8,12 @@ import tarfile
 
 import numpy as np
 import pytest
-from hamengine.loaders.pack import pack_dataset
-from hamengine.loaders.records import Pack, PackError
 from PIL import Image
 from test_pack import make_source
 
 from hamengine.config import CLASSES, PackConfig
+from hamengine.loaders.pack import pack_dataset
+from hamengine.loaders.records import Pack, PackError
 
 
 @pytest.fixture(scope="module")
