@@ -153,12 +153,14 @@ async def _send_json(send: Callable[[dict], Awaitable[None]], status: int, detai
 
 
 def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float = 10.0, *,
-               limits: ServeLimits | None = None, backend: Backend | None = None) -> Any:
-    """The FastAPI app for one run. The model loads here, once (not per request or per worker)."""
+               checkpoint: str = "best", limits: ServeLimits | None = None,
+               backend: Backend | None = None) -> Any:
+    """The FastAPI app for one run. The model loads here, once (not per request or per worker).
+    `limits` overrides `max_upload_mb`; `backend` replaces the run's Predictor (another model source)."""
     run_dir = Path(run_dir)
     if limits is None:
         limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024))
-    backend = backend if backend is not None else PredictorBackend(run_dir, device=device)
+    backend = backend if backend is not None else PredictorBackend(run_dir, device, checkpoint)
     batcher = MicroBatcher(backend, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms)
     info = {**backend.describe(), "classes": class_table(backend.classes),
             "max_upload_mb": limits.max_upload_bytes / (1024 * 1024), "max_pixels": limits.max_pixels,

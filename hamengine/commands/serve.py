@@ -27,6 +27,8 @@ def is_loopback(host: str) -> bool:
               help="TCP port to listen on.")
 @click.option("--device", default="auto", show_default=True,
               help="Inference device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Which checkpoint of the run to serve.")
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Largest accepted upload in MiB; larger requests get HTTP 413.")
 @click.option("--max-pixels", default=40_000_000, show_default=True, type=click.IntRange(min=1),
@@ -43,10 +45,10 @@ def is_loopback(host: str) -> bool:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               help="uvicorn log level.")
-def serve(run: Path, host: str, port: int, device: str, max_upload_mb: float, max_pixels: int,
+def serve(run: Path, host: str, port: int, device: str, checkpoint: str, max_upload_mb: float, max_pixels: int,
           threads: int, max_batch: int, max_wait_ms: float, log_level: str) -> None:
-    """Serve a web page and JSON API that classify and explain dermatoscopic images with the RUN's
-    best checkpoint (research software, not a diagnosis).
+    """Serve a web page and JSON API that classify and explain dermatoscopic images with a
+    checkpoint of RUN, best by default (research software, not a diagnosis).
 
     \b
     GET  /              upload page: probabilities of the 7 classes and a Grad-CAM overlay
@@ -60,15 +62,15 @@ def serve(run: Path, host: str, port: int, device: str, max_upload_mb: float, ma
         from hamengine.engine.serve import ServeLimits, create_app
     except ImportError as exc:
         fail(f"serving needs the 'serve' extra ({exc.name} is missing): pip install 'hamengine[serve]'")
-    if not (run / "checkpoints" / "best.pt").is_file():
-        fail(f"{run} has no checkpoints/best.pt: give a run directory written by `hamengine train`")
+    if not (run / "checkpoints" / f"{checkpoint}.pt").is_file():
+        fail(f"{run} has no checkpoints/{checkpoint}.pt: give a run directory written by `hamengine train`")
     if not is_loopback(host):
         err_console.print(f"[yellow]warning:[/] binding to {host}: anyone who can reach this address "
                           "can use the model (there is no authentication)")
     limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
                          max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads or None)
     try:
-        app = create_app(run, device=device, limits=limits)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        fail(f"cannot load the run {run}: {exc}")
+        app = create_app(run, device=device, checkpoint=checkpoint, limits=limits)
+    except Exception as exc:  # RunError, a bad --device, an unloadable checkpoint: one clear line
+        fail(f"cannot serve {run}: {exc}")
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
