@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from hamengine.engine import calibration, metrics
-from hamengine.engine.predict import TTA, CheckpointName, LoadedRun, RunError, load_run, predict_batch
 
 from hamengine.config import ISIC_COLUMNS, LoaderConfig, LoaderKind, Precision
+from hamengine.engine import calibration, metrics
+from hamengine.engine.predict import TTA, CheckpointName, LoadedRun, RunError, load_run, predict_batch
 
 SUBMISSION = "isic2018_submission.csv"
 GROUND_TRUTH = "isic2018_ground_truth.csv"
@@ -172,8 +172,9 @@ def write_json(path: Path, obj: Any) -> Path:
 
 def make_plots(out: Path, sp: SplitPredictions, probs: np.ndarray, m: dict[str, Any], pack=None
                ) -> dict[str, Path]:
-    from hamengine.engine import plots_eval as pe
     from PIL import Image
+
+    from hamengine.engine import plots_eval as pe
 
     c = sp.classes
     paths = {"confusion_matrix": out / "confusion_matrix.png", "roc": out / "roc.png",

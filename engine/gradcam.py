@@ -115,6 +115,7 @@ def _panel_title(name: str, e: Explanation, classes: Sequence[str]) -> str:
 def save_panel(e: Explanation, name: str, classes: Sequence[str], path: Path) -> Path:
     """Input crop and overlay side by side, one PNG."""
     import matplotlib.pyplot as plt
+
     from hamengine.engine.plots_eval import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.8))
@@ -131,6 +132,7 @@ def save_panel(e: Explanation, name: str, classes: Sequence[str], path: Path) ->
 def save_contact_sheet(items: Sequence[tuple[str, Explanation]], classes: Sequence[str], path: Path,
                        cols: int = 4) -> Path:
     import matplotlib.pyplot as plt
+
     from hamengine.engine.plots_eval import save_figure
 
     n = max(1, len(items))

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from hamengine.engine.calibration import load_temperature
-from hamengine.engine.checkpoint import CheckpointError, load_checkpoint
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, StrEnum
+from hamengine.engine.calibration import load_temperature
+from hamengine.engine.checkpoint import CheckpointError, load_checkpoint
 
 MAX_PIXELS = 64_000_000  # decompression-bomb guard, as for packing
 

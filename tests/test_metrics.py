@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
-from hamengine.engine import calibration, metrics
 from sklearn import metrics as skm
 
 from hamengine.config import CLASSES
+from hamengine.engine import calibration, metrics
 
 C = len(CLASSES)
 
