@@ -1,0 +1,110 @@
+"""The run directory (DESIGN.md): config.json, env.json, metrics.jsonl, checkpoints/, plots/,
+eval-<split>/. Only rank 0 writes; every file is replaced atomically except metrics.jsonl, which
+grows by whole lines (and is rewritten atomically when a resume drops epochs past the checkpoint)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hamengine.config import TrainConfig, to_dict
+
+
+class RunError(RuntimeError):
+    """The run directory cannot be used as asked; the message says what to do."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # Fixed names (DESIGN.md "Run directory").
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def env_path(self) -> Path:
+        return self.path / "env.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def eval_dir(self, split: str) -> Path:
+        return self.path / f"eval-{split}"
+
+    def has_training(self) -> bool:
+        return self.last.exists() or self.metrics_path.exists()
+
+    def prepare(self, cfg: TrainConfig) -> None:
+        """Create the directory for a new run (refusing to mix two runs) or check it for --resume."""
+        if cfg.resume:
+            if not self.last.is_file():
+                raise RunError(f"--resume: {self.last} does not exist; nothing to resume (start a new "
+                               f"run without --resume)")
+        elif self.has_training():
+            raise RunError(f"{self.path} already holds a run; pass --resume to continue it or choose "
+                           "another --out")
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.plots.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        atomic_write_text(self.config_path, json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    def write_env(self, env: dict[str, Any]) -> None:
+        record = {**env, "argv": sys.argv,
+                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        atomic_write_text(self.env_path, json.dumps(record, indent=2, default=str) + "\n")
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut by a kill -9: dropped, the checkpoint decides anyway
+                continue
+        return rows
+
+    def truncate_metrics(self, epochs: int) -> list[dict[str, Any]]:
+        """Keep the lines of the first `epochs` epochs (a killed run may have logged one more)."""
+        rows = [r for r in self.read_metrics() if r.get("epoch", 0) <= epochs]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        return rows
