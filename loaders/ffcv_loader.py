@@ -1,0 +1,168 @@
+"""`ffcv`: FFCV over the pack's `.beton` export, with the same contract as every other kind.
+
+FFCV does what it is built for -- JPEG decode fused with the random resized crop
+(`RandomResizedCropRGBImageDecoder`, torchvision's crop sampling) and `RandomHorizontalFlip`,
+compiled by numba into one multi-threaded pass; eval uses `CenterCropRGBImageDecoder` with ratio
+1 (the square of the shorter side, resized to S == resize shorter side to S + center crop S).
+What FFCV lacks runs on the device on the whole batch, with the maths of loaders/augment.py so
+the augmentation config means the same as in every loader:
+  - vertical flip (a flag per sample; a cheap uint8 flip when there is no rotation),
+  - rotation (one grid_sample over the S x S crop; flips and rotation commute in distribution
+    because the angle is uniform over the whole circle),
+  - colour jitter + ImageNet normalization as one per-sample 3x3 colour map.
+
+Order: the epoch plan of loaders/base.py (seeded permutation, DDP strided shares; eval storage
+order in contiguous shares) is handed to FFCV as its traversal order, so FFCV reads exactly the
+samples and order the other kinds read. FFCV's own crop/flip draws come from numba's unseeded
+per-thread generators: the order and the device-side draws are deterministic per (seed, epoch),
+FFCV's crop boxes are not.
+
+numba compiles the pipeline on the first iteration (10-30 s on 2 cores); later epochs reuse it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from hamengine.config import AugPreset, LoaderConfig
+from hamengine.loaders import augment
+from hamengine.loaders.base import Batch, Loader, mix_seed
+from hamengine.loaders.ffcv_export import beton_for, require_ffcv
+from hamengine.loaders.records import Pack
+
+# numba (0.6x) raises KeyError inside the finalizer of a dispatcher compiled with Literal
+# arguments -- FFCV's JPEG decode is one -- printing "Exception ignored ..." tracebacks whenever
+# an FFCV pipeline is garbage-collected. Closed loaders park their compiled pipeline here instead
+# (a few compiled functions each; a process builds a handful of loaders).
+_COMPILED_PIPELINES: list[object] = []
+
+
+class _PlanOrder:
+    """FFCV TraversalOrder stand-in: sample ids of an epoch = this loader's epoch plan."""
+
+    def __init__(self, owner: FFCVLoader):
+        self.owner = owner
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.owner.plan(epoch).indices.astype(np.uint64)
+
+
+class FFCVLoader(Loader):
+    kind = "ffcv"
+
+    def __init__(self, pack: Pack, split: str, cfg: LoaderConfig, device: torch.device,
+                 rank: int = 0, world_size: int = 1, workers: int = 1, verify: bool = True,
+                 batches_ahead: int = 3):
+        super().__init__(pack, split, cfg, device, rank, world_size)
+        require_ffcv()
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader as FfcvLoader
+        from ffcv.loader import OrderOption
+        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor
+
+        self.beton = beton_for(pack, split, verify=verify)
+        self.augment = self.train and self.aug.preset != AugPreset.NONE
+        s = self.size
+        if self.augment:
+            image_ops = [RandomResizedCropRGBImageDecoder((s, s), scale=tuple(self.aug.scale),
+                                                          ratio=tuple(self.aug.ratio))]
+            if self.aug.hflip:
+                image_ops.append(RandomHorizontalFlip(0.5))
+        else:
+            image_ops = [CenterCropRGBImageDecoder((s, s), ratio=1.0)]
+        image_ops.append(ToTensor())  # uint8 [N, S, S, 3] (a view of FFCV's reused batch buffer)
+        label_ops = [IntDecoder(), ToTensor()]  # int64 [N, 1]
+        if self.device.type == "cuda":  # FFCV copies on its own streams, overlapping the next decode
+            image_ops.append(ToDevice(self.device, non_blocking=True))
+            label_ops.append(ToDevice(self.device, non_blocking=True))
+        plan0 = self.plan(0)
+        self._ffcv = FfcvLoader(str(self.beton), batch_size=self.batch_size, num_workers=max(1, workers),
+                                order=OrderOption.SEQUENTIAL, indices=plan0.indices.astype(np.uint64),
+                                pipelines={"image": image_ops, "label": label_ops},
+                                drop_last=self.train, batches_ahead=batches_ahead, os_cache=True)
+        # Hand FFCV our epoch plan: its Random order (np.random per epoch, or DistributedSampler
+        # when a process group exists) would read other samples than the other kinds for the same
+        # (seed, epoch, rank) -- and needs torch.distributed even though rank/world_size are given.
+        self._ffcv.traversal_order = _PlanOrder(self)
+        self._ffcv.first_traversal_order = plan0.indices.astype(np.uint64)  # FFCV's len() reads it
+        self.work_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+
+    # -- device-side augmentation -------------------------------------------------------------
+    def _params(self, n: int, gen: torch.Generator) -> augment.AugParams:
+        """Rotation / vflip / jitter draws; the crop box is the whole S x S output (FFCV cropped) and
+        hflip is off (FFCV flipped)."""
+        s = self.size
+        p = augment.sample_params(gen, n, s, s, self.aug)
+        box = torch.tensor([0.0, 0.0, s, s], device=self.device).expand(n, 4)
+        return dataclasses.replace(p, box=box, hflip=torch.zeros_like(p.hflip))
+
+    def _train_batch(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """x uint8 [N, 3, S, S] (FFCV-cropped, h-flipped) -> normalized work_dtype [N, 3, S, S]."""
+        n = x.shape[0]
+        p = self._params(n, gen)
+        if not self.aug.rotation and not self.aug.has_jitter:  # crop-flip: stay in uint8 until the end
+            if self.aug.vflip:
+                x = torch.where(p.vflip.view(n, 1, 1, 1), x.flip(2), x)
+            return augment.normalize_u8(x, self.work_dtype)
+        xf = x.to(torch.float32 if self.device.type == "cpu" else self.work_dtype)
+        if self.aug.rotation:
+            xf = augment.warp_batch(xf, p, self.size, rotation=True)  # rotation + vflip, one grid_sample
+        elif self.aug.vflip:
+            xf = torch.where(p.vflip.view(n, 1, 1, 1), xf.flip(2), xf)
+        if self.aug.has_jitter:
+            m, t = augment.colour_affine(p, augment.mean_gray(xf), n, self.device)
+            return augment.apply_colour(xf, m, t, clamp=True)
+        m, t = augment.colour_affine(None, None, n, self.device)
+        return augment.apply_colour(xf, m, t, clamp=False)
+
+    # -- iteration ----------------------------------------------------------------------------
+    def _sizes(self) -> list[int]:
+        return self.plan().sizes
+
+    def __iter__(self) -> Iterator[Batch]:
+        sizes = self._sizes()
+        if sum(sizes) == 0:  # an eval share with no samples (more ranks than samples)
+            for _ in sizes:
+                yield self._empty()
+            return
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(mix_seed(self.cfg.seed, self.epoch, self.rank, 0xFFC7))
+        self._ffcv.next_epoch = self.epoch  # read by _PlanOrder through FFCV's __iter__
+        pending = list(sizes)
+        for images, labels in self._ffcv:
+            # images: uint8 [m, S, S, 3] in a buffer FFCV reuses batches_ahead batches later:
+            # everything below makes new tensors before the next batch is requested.
+            with torch.no_grad():
+                x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view
+                x = x.contiguous()  # uint8 NCHW: the float work below then runs on plain layout
+                out = self._train_batch(x, gen) if self.augment else augment.normalize_u8(x, self.work_dtype)
+                out = self.finish(out)
+                y = labels.to(self.device, non_blocking=True).view(-1).to(torch.int64, copy=True)
+            # Eval under DDP: a short rank splits its last batch in two (loaders/base.py) while
+            # FFCV yields whole batches; re-cut to the plan's sizes.
+            start = 0
+            while start < out.shape[0]:
+                k = pending.pop(0)
+                yield out[start:start + k], y[start:start + k]
+                start += k
+        for _ in pending:  # only zero-size tail batches can remain
+            yield self._empty()
+
+    def _empty(self) -> Batch:
+        s = self.size
+        return (torch.empty(0, 3, s, s, dtype=self.dtype, device=self.device),
+                torch.empty(0, dtype=torch.int64, device=self.device))
+
+    def close(self) -> None:
+        if self._ffcv is not None:
+            _COMPILED_PIPELINES.append((self._ffcv.code, self._ffcv.graph))
+        self._ffcv = None  # type: ignore[assignment]
+
+    def __del__(self) -> None:
+        ffcv_loader = getattr(self, "_ffcv", None)
+        if ffcv_loader is not None:
+            _COMPILED_PIPELINES.append((ffcv_loader.code, ffcv_loader.graph))
