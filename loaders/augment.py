@@ -9,7 +9,9 @@ Meaning (identical in every loader, see AugConfig):
   3. horizontal / vertical flips, each with probability 1/2;
   4. colour jitter in a fixed order brightness -> contrast -> saturation -> hue, each factor
      uniform in [1-x, 1+x] (hue: a rotation by h turns, h uniform in [-hue, hue], in YIQ space as
-     DALI's `fn.hsv` does), clamped to [0, 1] once at the end;
+     DALI's `fn.hsv` does), clamped to [0, 1] once at the end. Contrast pivots on mid-gray (DALI's
+     brightness_contrast) rather than on each image's mean (torchvision): the same in expectation,
+     one pass fewer, and computable on a GPU inside DALI;
   5. ImageNet normalization.
 Every step but the clamp is linear in the pixel values, so 4 + 5 collapse to y = M x + t with a
 3x3 M and offset t per sample: one batched op instead of four passes over the batch.

@@ -19,6 +19,7 @@ On a GPU the parameters are drawn by a CUDA generator: only the batch's indices 
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import tempfile
 from collections.abc import Iterator
@@ -27,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from hamengine.config import AugPreset, LoaderConfig
+from hamengine.config import AugConfig, AugPreset, LoaderConfig
 from hamengine.loaders import augment
 from hamengine.loaders.base import Batch, Loader, mix_seed, verify_shards
 from hamengine.loaders.records import Pack, PackError
@@ -152,7 +154,77 @@ def load_or_build_cache(pack: Pack, split: str, size: int, device: torch.device,
     return cache
 
 
+class BatchMaker:
+    """Builds batch k of an epoch from the cache: the same code in-process (GPU) and in the CPU
+    worker processes. Parameters come from a generator seeded by (seed, epoch, rank, k), so a batch
+    does not depend on which process made it."""
+
+    def __init__(self, cache: torch.Tensor, labels: torch.Tensor, size: int, aug: AugConfig, augment: bool,
+                 seed: int, rank: int, work_dtype: torch.dtype):
+        self.cache, self.labels, self.size, self.aug = cache, labels, size, aug
+        self.augment, self.seed, self.rank, self.work_dtype = augment, seed, rank, work_dtype
+        self.hw = tuple(cache.shape[2:])
+
+    def eval_batch(self, idx: torch.Tensor) -> torch.Tensor:
+        h, w = self.hw
+        top, left = (h - self.size) // 2, (w - self.size) // 2
+        src = self.cache.index_select(0, idx)[:, :, top:top + self.size, left:left + self.size]
+        return augment.normalize_u8(src, self.work_dtype)  # the exact eval view: a slice, no resampling
+
+    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n = idx.shape[0]
+        h, w = self.hw
+        p = augment.sample_params(gen, n, h, w, self.aug)
+        src = self.cache.index_select(0, idx).to(self.work_dtype)  # N,3,H,W (index_select: a plain memcpy)
+        x = augment.warp_batch(src, p, self.size, self.aug.rotation)  # N,3,S,S in [0, 255]
+        m, t = augment.colour_affine(p if self.aug.has_jitter else None, None, n, self.cache.device)
+        return augment.apply_colour(x, m, t, clamp=self.aug.has_jitter)
+
+    def __call__(self, epoch: int, k: int, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(indices).to(self.cache.device, non_blocking=True)
+        with torch.no_grad():
+            if self.augment:
+                gen = torch.Generator(device=self.cache.device)
+                gen.manual_seed(mix_seed(self.seed, epoch, self.rank, k, 0xA06))
+                images = self.train_batch(idx, gen)
+            else:
+                images = self.eval_batch(idx)
+        return images, self.labels.index_select(0, idx)
+
+
+class _BatchDataset(Dataset):
+    """Items are whole batches (epoch, k, indices): a worker builds a batch with batched ops."""
+
+    def __init__(self, maker: BatchMaker, out_dtype: torch.dtype):
+        self.maker, self.out_dtype = maker, out_dtype
+
+    def __len__(self) -> int:  # pragma: no cover - the sampler drives iteration
+        return 0
+
+    def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.maker(*item)
+        return images.to(self.out_dtype), labels  # cast in the worker: half the bytes to hand over
+
+
+class _BatchSampler:
+    def __init__(self, loader: Loader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        for k, b in enumerate(self.loader.plan().batches()):
+            yield self.loader.epoch, k, b
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
 class ResidentLoader(Loader):
+    """On a GPU batches are built in this process (kernels run asynchronously anyway). On CPU they
+    are built by `workers` forked processes, one whole batch each with one thread: the cache is
+    shared copy-on-write, and batch-level parallelism keeps both cores busy without the per-op
+    thread barriers of intra-op parallelism (which collapse when other processes load the cores),
+    while the consumer's step overlaps the next batches."""
+
     kind = "resident"
 
     def __init__(self, pack: Pack, split: str, cfg: LoaderConfig, device: torch.device,
@@ -162,44 +234,33 @@ class ResidentLoader(Loader):
             raise PackError(f"{pack.path}: the pack lists no classes")
         self.cache = load_or_build_cache(pack, split, self.size, self.device, cfg, workers, verify)
         self.cache_hw = tuple(self.cache.shape[2:])
-        self.labels_dev = torch.from_numpy(self.labels).to(self.device)
         self.augment = self.train and self.aug.preset != AugPreset.NONE
-        # Work in fp32 on CPU (grid_sample / matmul have no fast bf16 CPU path); in the output
-        # dtype on GPUs (halves the bytes moved).
-        self.work_dtype = torch.float32 if self.device.type == "cpu" else (
-            torch.float32 if self.dtype == torch.float32 else torch.float16 if self.dtype == torch.float16
-            else torch.bfloat16)
+        cpu = self.device.type == "cpu"
+        # fp32 on CPU (grid_sample / matmul have no fast bf16 CPU kernels); the output dtype on GPUs.
+        work = torch.float32 if cpu else self.dtype
+        self.maker = BatchMaker(self.cache, torch.from_numpy(self.labels).to(self.device), self.size, self.aug,
+                                self.augment, cfg.seed, rank, work)
+        self._dl: DataLoader | None = None
+        if cpu and workers > 1:
+            from hamengine.loaders.torch_loader import worker_context
 
-    def _eval_batch(self, idx: torch.Tensor) -> torch.Tensor:
-        h, w = self.cache_hw
-        top, left = (h - self.size) // 2, (w - self.size) // 2
-        src = self.cache.index_select(0, idx)[:, :, top:top + self.size, left:left + self.size]
-        return augment.normalize_u8(src, self.work_dtype)
-
-    def _train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        n = idx.shape[0]
-        h, w = self.cache_hw
-        p = augment.sample_params(gen, n, h, w, self.aug)
-        src = self.cache.index_select(0, idx).to(self.work_dtype)  # N,3,H,W
-        x = augment.warp_batch(src, p, self.size, self.aug.rotation)  # N,3,S,S in [0, 255]
-        if self.aug.has_jitter:
-            mg = augment.mean_gray(x)
-            m, t = augment.colour_affine(p, mg, n, self.device)
-            return augment.apply_colour(x, m, t, clamp=True)
-        m, t = augment.colour_affine(None, None, n, self.device)
-        return augment.apply_colour(x, m, t, clamp=False)
+            self._dl = DataLoader(_BatchDataset(self.maker, self.dtype), sampler=_BatchSampler(self),
+                                  batch_size=None, num_workers=workers, persistent_workers=True,
+                                  prefetch_factor=2, multiprocessing_context=mp.get_context(worker_context()))
 
     def __iter__(self) -> Iterator[Batch]:
-        plan = self.plan()
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(mix_seed(self.cfg.seed, self.epoch, self.rank, 0xA06))
-        for batch in plan.batches():
-            idx = torch.from_numpy(batch).to(self.device, non_blocking=True)
-            with torch.no_grad():
-                images = self._train_batch(idx, gen) if self.augment else self._eval_batch(idx)
-            labels = self.labels_dev.index_select(0, idx)
+        if self._dl is not None:
+            for images, labels in self._dl:
+                yield self.finish(images), labels
+            return
+        for k, b in enumerate(self.plan().batches()):
+            images, labels = self.maker(self.epoch, k, b)
             yield self.finish(images), labels
 
     def close(self) -> None:
+        if self._dl is not None:
+            it = getattr(self._dl, "_iterator", None)
+            if it is not None and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+            self._dl = None
         self.cache = torch.empty(0, dtype=torch.uint8)
-

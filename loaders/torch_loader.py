@@ -97,6 +97,35 @@ def worker_context() -> str:
     return "forkserver" if torch.cuda.is_initialized() or "nvidia.dali" in sys.modules else "fork"
 
 
+def colour_batch(imgs: torch.Tensor, colour: torch.Tensor, jitter: bool, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [N, 3, S, S] + colour factors [N, 4] -> jittered (when `jitter`), normalized `dtype`."""
+    if not jitter:
+        return augment.normalize_u8(imgs, dtype)
+    n = imgs.shape[0]
+    work = torch.float32 if imgs.device.type == "cpu" else dtype
+    p = augment.AugParams(box=torch.empty(0), angle=torch.empty(0), hflip=torch.empty(0),
+                          vflip=torch.empty(0), brightness=colour[:, 0], contrast=colour[:, 1],
+                          saturation=colour[:, 2], hue=colour[:, 3])
+    m, t = augment.colour_affine(p, None, n, imgs.device)
+    return augment.apply_colour(imgs.to(work), m, t, clamp=True).to(dtype)
+
+
+class CpuCollate:
+    """Collate in the worker for CPU training: stack, colour + normalize + cast there, so the main
+    process (the training step) gets finished batches. With CUDA the uint8 batch is sent instead
+    (half the bytes of bf16) and coloured on the GPU."""
+
+    def __init__(self, jitter: bool, dtype: torch.dtype):
+        self.jitter, self.dtype = jitter, dtype
+
+    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        imgs = torch.stack([it[0] for it in items])
+        labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+        colour = torch.stack([it[2] for it in items])
+        with torch.no_grad():
+            return colour_batch(imgs, colour, self.jitter, self.dtype), labels, colour
+
+
 class TorchLoader(Loader):
     kind = "torch"
 
@@ -104,33 +133,24 @@ class TorchLoader(Loader):
                  rank: int = 0, world_size: int = 1, workers: int = 2):
         super().__init__(pack, split, cfg, device, rank, world_size)
         self.augment = self.train and self.aug.preset != AugPreset.NONE
+        self.jitter = self.augment and self.aug.has_jitter
         self.dataset = PackDataset(pack, split, self.size, self.aug, self.augment)
         cuda = self.device.type == "cuda"
         kw: dict = {}
         if workers > 0:
             kw = dict(num_workers=workers, persistent_workers=True, prefetch_factor=4,
                       multiprocessing_context=multiprocessing.get_context(worker_context()))
+            if not cuda:
+                kw["collate_fn"] = CpuCollate(self.jitter, self.dtype)
         self._dl = DataLoader(self.dataset, batch_sampler=_PlanSampler(self), pin_memory=cuda, **kw)
-
-    def _finish_batch(self, imgs: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
-        n = imgs.shape[0]
-        x = imgs.to(self.device, non_blocking=True)
-        if not (self.augment and self.aug.has_jitter):
-            return augment.normalize_u8(x, self.dtype)
-        colour = colour.to(self.device, non_blocking=True)
-        work = torch.float32 if self.device.type == "cpu" else self.dtype
-        xf = x.to(work)
-        p = augment.AugParams(box=torch.empty(0), angle=torch.empty(0), hflip=torch.empty(0),
-                              vflip=torch.empty(0), brightness=colour[:, 0], contrast=colour[:, 1],
-                              saturation=colour[:, 2], hue=colour[:, 3])
-        m, t = augment.colour_affine(p, augment.mean_gray(xf), n, self.device)
-        return augment.apply_colour(xf, m, t, clamp=True)
 
     def __iter__(self) -> Iterator[Batch]:
         for imgs, labels, colour in self._dl:
-            with torch.no_grad():
-                images = self._finish_batch(imgs, colour)
-            yield self.finish(images), labels.to(self.device, non_blocking=True)
+            if imgs.dtype == torch.uint8:  # coloured here: on the GPU, or without workers
+                x = imgs.to(self.device, non_blocking=True)
+                with torch.no_grad():
+                    imgs = colour_batch(x, colour.to(self.device, non_blocking=True), self.jitter, self.dtype)
+            yield self.finish(imgs), labels.to(self.device, non_blocking=True)
 
     def close(self) -> None:
         it = getattr(self._dl, "_iterator", None)

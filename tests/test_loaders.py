@@ -121,7 +121,7 @@ def test_ddp_sharding(small_pack, world):
     n_train, n_val = pack.num_samples("train"), pack.num_samples("val")
     bs = 8
     # train: disjoint, equal batch counts, nearly complete (drop_last keeps < world*bs + world out)
-    trains = [build_loader(pack, "train", cfg_for("resident", batch_size=bs), "cpu", r, world)
+    trains = [build_loader(pack, "train", cfg_for("resident", batch_size=bs, workers=1), "cpu", r, world)
               for r in range(world)]
     idx = [t.plan(2).indices for t in trains]
     assert len({len(t) for t in trains}) == 1
@@ -131,14 +131,14 @@ def test_ddp_sharding(small_pack, world):
     assert [sum(1 for _ in t) for t in trains] == [len(trains[0])] * world
     # eval: every sample exactly once across ranks, same batch counts on every rank
     for kind in KINDS:
-        vals = [build_loader(pack, "val", cfg_for(kind, batch_size=bs, dtype="fp32"), "cpu", r, world)
-                for r in range(world)]
+        cfg = cfg_for(kind, batch_size=bs, dtype="fp32", workers=1)  # 1: few processes to start
+        vals = [build_loader(pack, "val", cfg, "cpu", r, world) for r in range(world)]
         outs = [epoch(v) for v in vals]
         assert len({len(v) for v in vals}) == 1
         assert [sum(1 for _ in v) for v in vals] == [len(vals[0])] * world
         labels = torch.cat([o[1] for o in outs]).numpy()
         assert np.array_equal(labels, pack.labels("val"))
-        single = epoch(build_loader(pack, "val", cfg_for(kind, batch_size=bs, dtype="fp32"), "cpu"))[0]
+        single = epoch(build_loader(pack, "val", cfg, "cpu"))[0]
         assert torch.equal(torch.cat([o[0] for o in outs]), single)
         assert sum(v.num_samples for v in vals) == n_val
         for v in vals:
