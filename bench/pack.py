@@ -1,8 +1,8 @@
 """`hamengine bench pack`: images/s and peak memory of `hamengine pack` per worker count.
 
 Each configuration runs in a fresh child process (so peak RSS is its own, not a previous run's):
-the child packs into a temporary folder and reports its time and `ru_maxrss` for itself and for its
-pool workers (RUSAGE_CHILDREN, reaped before it exits). The parent also samples the whole process
+the child packs into a temporary folder and reports its time, CPU seconds and `ru_maxrss` for itself
+and for its pool workers (RUSAGE_CHILDREN, reaped before it exits). The parent also samples the whole process
 tree's summed RSS every 50 ms: that is the number to hold against a memory budget.
 """
 from __future__ import annotations
@@ -36,9 +36,10 @@ def _child() -> None:
     manifest = pack_dataset(cfg, progress=False)
     seconds = time.perf_counter() - start
     images = sum(s["samples"] for s in manifest["shards"])
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     print(json.dumps({"seconds": seconds, "images": images, "bytes": manifest["stats"]["total_bytes"],
-                      "rss_self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      "rss_workers_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+                      "rss_self_kb": me.ru_maxrss, "rss_workers_kb": kids.ru_maxrss,
+                      "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime}))
 
 
 def _tree_rss_kb(pid: int) -> int:
@@ -83,7 +84,9 @@ def run_config(source: Path, out: Path, workers: int, size: int, quality: int) -
     return {"workers": workers, "images": r["images"], "seconds": round(r["seconds"], 2),
             "images_per_s": round(r["images"] / r["seconds"], 1), "wall_s": round(wall, 2),
             "peak_rss_mb": round(max(r["rss_self_kb"], r["rss_workers_kb"]) / 1024, 1),
-            "peak_tree_rss_mb": round(peak / 1024, 1), "pack_mb": round(r["bytes"] / 1e6, 1)}
+            "peak_tree_rss_mb": round(peak / 1024, 1), "pack_mb": round(r["bytes"] / 1e6, 1),
+            # CPU seconds of the pack and its workers (incl. imports): robust to other load on the host
+            "cpu_s": round(r["cpu_s"], 1)}
 
 
 @click.command()
