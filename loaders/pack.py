@@ -35,7 +35,7 @@ from hamengine.loaders.sources import ZIP_PREFIX, load_source, read_image_bytes
 from hamengine.loaders.tario import ShardWriter, archive_bytes, index_path_for, index_text, member_bytes
 
 CHUNK = 4  # images per pool task: small keeps the ordered stream smooth, >1 amortises IPC
-MAX_LISTED = 50
+META_COLUMNS = ["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization", "dataset"]
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,79 @@ def _progress(total: int, enabled: bool):
                     console=Console(stderr=True), disable=not enabled, transient=False)
 
 
+def _recipe(cfg: PackConfig, src: Any, method: str) -> dict[str, Any]:
+    """Everything the pack's bytes depend on (and nothing else: no paths, times or worker counts)."""
+    return {
+        "format": FORMAT, "version": VERSION, "classes": list(CLASSES),
+        "source": {"layout": str(src.layout), "metadata_files": [f.name for f in src.metadata_files],
+                   "metadata_sha256": src.metadata_sha256, "images": len(src.df), "missing": list(src.missing),
+                   "excluded": list(src.skipped)},
+        "split": {"method": method, "seed": cfg.seed, "val": cfg.val, "test": cfg.test,
+                  "split_file": Path(cfg.split_file).name if cfg.split_file else None,
+                  "split_file_sha256": _file_sha256(cfg.split_file)},
+        "image": {"size": cfg.size, "quality": cfg.quality, "keep_original": cfg.keep_original,
+                  "max_pixels": cfg.max_pixels, "format": "baseline-jpeg", "subsampling": "4:2:0",
+                  "resample": "lanczos"},
+        "shard_size": cfg.shard_size, "skip_bad": cfg.skip_bad,
+    }
+
+
+@dataclass
+class _Written:
+    """What the streaming pass produced, for the manifest."""
+
+    shards: list[dict[str, Any]]
+    written: np.ndarray  # bool[N] per source row
+    bad: list[tuple[int, str]]  # (row, reason), in row order
+    conversions: Counter
+    kept: int
+    widths: list[int]
+    heights: list[int]
+    sizes: list[int]
+
+
+def _write_samples(cfg: PackConfig, df: pd.DataFrame, splits: np.ndarray, out: Path,
+                   progress: bool) -> _Written:
+    """Process images in storage order and stream them into shards. With bad images and no
+    --skip-bad it keeps decoding (to list every bad file) but stops writing."""
+    order = _ordered(df, splits, cfg.seed)
+    refs = df["image"].to_numpy()
+    meta_rows = df[META_COLUMNS].to_dict("records")
+    policy = ImagePolicy(cfg.size, cfg.quality, cfg.keep_original, cfg.max_pixels)
+    shards = _Shards(out, cfg.shard_size)
+    w = _Written([], np.zeros(len(df), bool), [], Counter(), 0, [], [], [])
+    try:
+        for pos, res in zip(order, _results([refs[i] for i in order], policy, cfg.workers, progress),
+                            strict=True):
+            if res.error is not None:
+                w.bad.append((pos, res.error))
+                continue
+            if w.bad and not cfg.skip_bad:
+                continue
+            row = {k: _clean(v) for k, v in meta_rows[pos].items()}
+            row.update(split=str(splits[pos]), width=res.width, height=res.height, orig_width=res.orig_width,
+                       orig_height=res.orig_height, jpg_sha256=hashlib.sha256(res.jpeg).hexdigest())
+            shards.add(row["split"], row["image_id"], [
+                ("cls", str(CLASSES.index(row["dx"])).encode()), ("jpg", res.jpeg),
+                ("json", json.dumps(row, separators=(",", ":"), allow_nan=False).encode())])
+            w.written[pos] = True
+            w.conversions.update(res.conversions)
+            w.kept += res.kept_original
+            w.widths.append(res.width)
+            w.heights.append(res.height)
+            w.sizes.append(len(res.jpeg))
+    except BaseException:
+        shards.abort()  # Ctrl-C: the temp shard stays behind for the rerun to clear
+        raise
+    if w.bad and not cfg.skip_bad:
+        shards.abort()
+    else:
+        shards.close()
+    w.bad.sort()
+    w.shards = shards.done
+    return w
+
+
 def pack_dataset(cfg: PackConfig, progress: bool = True,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build the pack described by `cfg`; returns the manifest. Raises PackError / SourceError /
@@ -188,20 +261,7 @@ def pack_dataset(cfg: PackConfig, progress: bool = True,
     else:
         splits = split.assign_splits(df, cfg.val, cfg.test, cfg.seed)
         method = split.METHOD_GROUPED
-    policy = ImagePolicy(cfg.size, cfg.quality, cfg.keep_original, cfg.max_pixels)
-    recipe = {
-        "format": FORMAT, "version": VERSION, "classes": list(CLASSES),
-        "source": {"layout": str(src.layout), "metadata_files": [f.name for f in src.metadata_files],
-                   "metadata_sha256": src.metadata_sha256, "images": len(df), "missing": list(src.missing),
-                   "excluded": list(src.skipped)},
-        "split": {"method": method, "seed": cfg.seed, "val": cfg.val, "test": cfg.test,
-                  "split_file": Path(cfg.split_file).name if cfg.split_file else None,
-                  "split_file_sha256": _file_sha256(cfg.split_file)},
-        "image": {"size": cfg.size, "quality": cfg.quality, "keep_original": cfg.keep_original,
-                  "max_pixels": cfg.max_pixels, "format": "baseline-jpeg", "subsampling": "4:2:0",
-                  "resample": "lanczos"},
-        "shard_size": cfg.shard_size, "skip_bad": cfg.skip_bad,
-    }
+    recipe = _recipe(cfg, src, method)
     recipe_sha = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
     out = Path(cfg.out)
     state = packdir.prepare(out, recipe_sha, cfg.force)
@@ -220,60 +280,28 @@ def pack_dataset(cfg: PackConfig, progress: bool = True,
     packdir.clear(out)
     packdir.mark(out, recipe, recipe_sha)
 
-    order = _ordered(df, splits, cfg.seed)
+    w = _write_samples(cfg, df, splits, out, progress)
     refs = df["image"].to_numpy()
-    meta_cols = ["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization", "dataset"]
-    meta_rows = df[meta_cols].to_dict("records")
-    shards = _Shards(out, cfg.shard_size)
-    bad: list[tuple[int, str]] = []
-    written = np.zeros(len(df), bool)
-    conversions: Counter[str] = Counter()
-    kept = 0
-    widths, heights, sizes = [], [], []
-    for pos, res in zip(order, _results([refs[i] for i in order], policy, cfg.workers, progress), strict=True):
-        if res.error is not None:
-            bad.append((pos, res.error))
-            continue
-        if bad and not cfg.skip_bad:
-            continue  # keep going only to list every bad file; nothing more gets written
-        conversions.update(res.conversions)
-        kept += res.kept_original
-        row = {k: _clean(v) for k, v in meta_rows[pos].items()}
-        row.update(split=str(splits[pos]), width=res.width, height=res.height, orig_width=res.orig_width,
-                   orig_height=res.orig_height, jpg_sha256=hashlib.sha256(res.jpeg).hexdigest())
-        label = CLASSES.index(row["dx"])
-        shards.add(str(splits[pos]), row["image_id"], [
-            ("cls", str(label).encode()), ("jpg", res.jpeg),
-            ("json", json.dumps(row, separators=(",", ":"), allow_nan=False).encode())])
-        written[pos] = True
-        widths.append(res.width)
-        heights.append(res.height)
-        sizes.append(len(res.jpeg))
-    if bad and not cfg.skip_bad:
-        shards.abort()
+    if w.bad and not cfg.skip_bad:
         packdir.clear(out)
         (out / packdir.MARKER).unlink(missing_ok=True)
-        lines = [f"{_display_ref(src.root, refs[p])}: {why}" for p, why in sorted(bad)]
-        more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
-        raise PackError(f"{len(bad)} image(s) in {src.root} cannot be packed:\n  "
-                        + "\n  ".join(lines[:MAX_LISTED]) + more +
+        lines = [f"{_display_ref(src.root, refs[p])}: {why}" for p, why in w.bad]
+        raise PackError(f"{len(w.bad)} image(s) in {src.root} cannot be packed:\n  " + "\n  ".join(lines) +
                         "\nReplace or remove them, or pass --skip-bad to leave them out (they are then "
                         "listed in the manifest). Nothing was packed.")
-    shards.close()
-    if not written.any():
+    if not w.written.any():
         raise PackError(f"{src.root}: every image was skipped as unreadable; nothing to pack")
-    keep = written
     manifest = dict(recipe)
     manifest.update({
         "recipe_sha256": recipe_sha,
-        "shards": shards.done,
-        "splits": split.summarize(df[keep].reset_index(drop=True), splits[keep]),
+        "shards": w.shards,
+        "splits": split.summarize(df[w.written].reset_index(drop=True), splits[w.written]),
         "skipped": [{"image_id": str(df["image_id"].iat[p]), "file": _display_ref(src.root, refs[p]),
-                     "reason": why} for p, why in sorted(bad)],
-        "converted": dict(sorted(conversions.items())),
-        "kept_original": kept,
-        "stats": {"width": _stats(widths), "height": _stats(heights), "jpeg_bytes": _stats(sizes),
-                  "total_bytes": int(sum(s["bytes"] for s in shards.done))},
+                     "reason": why} for p, why in w.bad],
+        "converted": dict(sorted(w.conversions.items())),
+        "kept_original": w.kept,
+        "stats": {"width": _stats(w.widths), "height": _stats(w.heights), "jpeg_bytes": _stats(w.sizes),
+                  "total_bytes": int(sum(s["bytes"] for s in w.shards))},
     })
     packdir.finish(out, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
