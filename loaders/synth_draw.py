@@ -61,8 +61,8 @@ PARTNERS: dict[str, tuple[str, ...]] = {
     "nv": ("mel", "bkl", "df"), "mel": ("nv", "bkl"), "bkl": ("mel", "nv", "akiec"),
     "bcc": ("akiec", "nv", "bkl"), "akiec": ("bcc", "bkl"), "df": ("nv", "bkl"), "vasc": ("bcc", "mel"),
 }
-BLEND_PROB = 0.35
-BLEND_WEIGHT = (0.2, 0.6)
+BLEND_PROB = 0.45
+BLEND_WEIGHT = (0.2, 0.7)
 
 
 def work_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -158,8 +158,8 @@ def _tex_mel(f: Frame, rng: np.random.Generator) -> np.ndarray:
     black = _sigmoid((f.noise(2.5) + asym - rng.uniform(0.0, 0.8)) * 4) * inside
     blue = _sigmoid((f.noise(2.5) - rng.uniform(0.3, 1.0)) * 4) * inside
     light = _sigmoid((f.noise(3.0) - rng.uniform(0.5, 1.2)) * 4)
-    rgb = _mix(rgb, (0.12, 0.08, 0.08), black * rng.uniform(0.5, 0.95))
-    rgb = _mix(rgb, (0.38, 0.42, 0.55), blue * rng.uniform(0.4, 0.8))  # blue-white veil
+    rgb = _mix(rgb, (0.12, 0.08, 0.08), black * rng.uniform(0.2, 0.95))
+    rgb = _mix(rgb, (0.38, 0.42, 0.55), blue * rng.uniform(0.1, 0.8))  # blue-white veil
     rgb = _mix(rgb, _lerp((0.72, 0.45, 0.38), (0.85, 0.75, 0.72), rng.uniform(0, 1)), light * 0.6)
     net = f.noise(7.0)
     rgb = rgb * (1.0 + rng.uniform(0.05, 0.15) * net)[..., None]  # atypical, uneven network
@@ -173,10 +173,10 @@ def _tex_bkl(f: Frame, rng: np.random.Generator) -> np.ndarray:
     rgb = f.fill(base)
     n = f.noise(rng.uniform(6, 12))
     fissure = np.exp(-(n / 0.18) ** 2)  # narrow dark ridges: the cerebriform "stuck-on" surface
-    rgb = rgb * (1.0 - rng.uniform(0.15, 0.35) * fissure)[..., None]
+    rgb = rgb * (1.0 - rng.uniform(0.05, 0.35) * fissure)[..., None]
     rgb = rgb * (1.0 + 0.06 * f.noise(3.0))[..., None] + 0.04  # waxy sheen
     milia = _sigmoid((f.noise(14.0) - rng.uniform(1.4, 2.0)) * 8)  # bright milia-like cysts
-    return _mix(rgb, (0.92, 0.88, 0.78), milia * 0.8)
+    return _mix(rgb, (0.92, 0.88, 0.78), milia * rng.uniform(0.2, 0.8))
 
 
 def _tex_bcc(f: Frame, rng: np.random.Generator) -> np.ndarray:
@@ -187,8 +187,10 @@ def _tex_bcc(f: Frame, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:  # blue-grey ovoid nests
         nests = _sigmoid((f.noise(4.0) - rng.uniform(1.0, 1.5)) * 6) * (f.s < 0.9)
         rgb = _mix(rgb, (0.32, 0.33, 0.45), nests * 0.8)
-    return _lines(f, rgb, (0.68, 0.10, 0.16), int(rng.integers(3, 9)), rng.uniform(1.0, 2.2),
-                  rng.uniform(0.4, 0.8), rng.uniform(0.6, 0.95), True)  # arborizing vessels
+    if rng.random() < 0.25:
+        return rgb  # no visible vessels
+    return _lines(f, rgb, (0.68, 0.10, 0.16), int(rng.integers(1, 9)), rng.uniform(1.0, 2.2),
+                  rng.uniform(0.4, 0.8), rng.uniform(0.4, 0.95), True)  # arborizing vessels
 
 
 def _tex_akiec(f: Frame, rng: np.random.Generator) -> np.ndarray:
@@ -197,7 +199,7 @@ def _tex_akiec(f: Frame, rng: np.random.Generator) -> np.ndarray:
     rough = f.noise(rng.uniform(18, 30))
     rgb = rgb * (1.0 + rng.uniform(0.06, 0.12) * rough)[..., None]
     scale = _sigmoid((f.noise(20.0) - rng.uniform(0.6, 1.2)) * 5)  # white-yellow scale
-    rgb = _mix(rgb, (0.94, 0.90, 0.80), scale * rng.uniform(0.5, 0.9))
+    rgb = _mix(rgb, (0.94, 0.90, 0.80), scale * rng.uniform(0.15, 0.9))
     if rng.random() < 0.3:  # some are pigmented
         pig = _sigmoid((f.noise(3.0) - 0.5) * 4)
         rgb = _mix(rgb, (0.50, 0.33, 0.26), pig * 0.5)
@@ -210,7 +212,7 @@ def _tex_df(f: Frame, rng: np.random.Generator) -> np.ndarray:
     centre = rng.uniform(0.3, 0.6)
     s_noisy = f.s + 0.08 * f.noise(3.0)
     white = _sigmoid((centre - s_noisy) / 0.06)  # the pale central scar-like patch
-    rgb = _mix(rgb, (0.90, 0.84, 0.80), white * rng.uniform(0.6, 0.95))
+    rgb = _mix(rgb, (0.90, 0.84, 0.80), white * rng.uniform(0.3, 0.95))
     ring = np.exp(-((f.s - rng.uniform(0.65, 0.85)) / 0.12) ** 2)  # delicate peripheral ring
     return rgb * (1.0 - 0.18 * ring)[..., None]
 
@@ -220,7 +222,7 @@ def _tex_vasc(f: Frame, rng: np.random.Generator) -> np.ndarray:
     rgb = f.fill(base)
     blobs = f.noise(rng.uniform(4, 8))
     lacunae = _sigmoid((blobs - 0.1) * 6)  # round dark-red/purple lagoons
-    rgb = rgb * (1.0 - 0.35 * lacunae)[..., None]
+    rgb = rgb * (1.0 - rng.uniform(0.15, 0.4) * lacunae)[..., None]
     septa = _sigmoid((-0.5 - blobs) * 6)  # paler septa between them
     return _mix(rgb, (0.86, 0.62, 0.66), septa * 0.4)
 
@@ -353,7 +355,7 @@ def draw_image(dx: str, seed: int, lesion_number: int, image_number: int, size: 
     if vrng.random() < 0.5:
         d = np.sqrt(xn * xn + yn * yn)
         light = light * (1.0 - 0.92 * np.clip((d - vrng.uniform(1.0, 1.35)) / 0.12, 0, 1))
-    cast = vrng.uniform(0.93, 1.07, 3).astype(np.float32) * vrng.uniform(0.85, 1.1)
+    cast = vrng.uniform(0.9, 1.1, 3).astype(np.float32) * vrng.uniform(0.85, 1.1)
     canvas = canvas * light[..., None] * cast
     canvas += vrng.standard_normal(canvas.shape, dtype=np.float32) * vrng.uniform(0.004, 0.025)
 
