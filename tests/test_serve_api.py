@@ -224,6 +224,7 @@ def test_loopback_detection():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
 
 
+@pytest.mark.slow
 def test_bench_serve_json(serve_run):
     out = subprocess.run([sys.executable, "-m", "hamengine", "bench", "serve", str(serve_run), "--requests",
                           "12", "--concurrency", "1,4", "--warmup", "2", "--device", "cpu", "--json"],

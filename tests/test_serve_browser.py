@@ -48,6 +48,7 @@ def image_file(request, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_upload_in_headless_chromium(tmp_path_factory, tmp_path, image_file):
     import httpx
 
