@@ -294,3 +294,26 @@ def test_bench_pack_reports_each_worker_count(tmp_path):
         assert r["peak_tree_rss_mb"] > 0  # sampled from /proc while it ran
     assert report["results"][0]["speedup"] == 1.0 and report["hardware"]["cpus"] >= 1
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("hamengine-bench")] == []  # cleaned up
+
+
+def test_zipped_dataverse_and_isic_layouts_pack_the_same_images(source, packed, tmp_path):
+    from test_sources import to_dataverse, to_isic
+
+    from hamengine.loaders.sources import load_source
+
+    df = load_source(source).df
+    kaggle = Pack(packed)
+    jpgs = {k: kaggle.jpeg(s, i) for s in kaggle.splits for i, k in enumerate(kaggle.keys(s))}
+    dv = to_dataverse(df, tmp_path / "dv", zipped=True)  # images read from inside the zips by the workers
+    pack_dataset(PackConfig(source=str(dv), out=str(tmp_path / "pdv"), size=48, workers=2), progress=False)
+    p = Pack(tmp_path / "pdv")
+    assert p.manifest["source"]["layout"] == "dataverse"
+    for s in p.splits:
+        assert sorted(p.keys(s)) == sorted(kaggle.keys(s))  # same metadata -> same split
+        for i, k in enumerate(p.keys(s)):
+            assert p.jpeg(s, i) == jpgs[k]
+    val, test = df.iloc[:6], df.iloc[6:10]
+    isic = to_isic(df.iloc[10:], tmp_path / "isic", val=val, test=test)
+    pack_dataset(PackConfig(source=str(isic), out=str(tmp_path / "pisic"), size=48), progress=False)
+    p = Pack(tmp_path / "pisic")
+    assert set(val.image_id) <= set(p.keys("val")) and set(test.image_id) <= set(p.keys("test"))
