@@ -149,6 +149,12 @@ class _Shards:
             self.writer.abort()
 
 
+def _encoder() -> dict[str, str | None]:
+    from PIL import __version__ as pillow
+    from PIL import features
+    return {"pillow": pillow, "libjpeg_turbo": features.version("libjpeg_turbo")}
+
+
 def _stats(values: list[int]) -> dict[str, float]:
     if not values:
         return {"min": 0, "max": 0, "mean": 0.0}
@@ -300,6 +306,8 @@ def pack_dataset(cfg: PackConfig, progress: bool = True,
                      "reason": why} for p, why in w.bad],
         "converted": dict(sorted(w.conversions.items())),
         "kept_original": w.kept,
+        # Re-encoded bytes are reproducible with the same encoder; another version may differ.
+        "encoder": _encoder(),
         "stats": {"width": _stats(w.widths), "height": _stats(w.heights), "jpeg_bytes": _stats(w.sizes),
                   "total_bytes": int(sum(s["bytes"] for s in w.shards))},
     })
