@@ -4,8 +4,9 @@ jitter + normalization as one per-sample affine colour map.
 Meaning (identical in every loader, see AugConfig):
   1. random resized crop (torchvision's RandomResizedCrop: area fraction `scale`, aspect `ratio`,
      10 tries then a center crop), resized to S x S;
-  2. rotation by an angle uniform in [0, 360) about the center, keeping the size; corners that
-     come from outside the crop are black (fill 0), as torchvision and DALI fill them;
+  2. rotation by a whole-degree angle uniform in {0, 1, ..., 359} about the center, keeping the
+     size; corners that come from outside the crop are black (fill 0), as torchvision and DALI
+     fill them (whole degrees: the black-corner masks then come from a 360-entry table);
   3. horizontal / vertical flips, each with probability 1/2;
   4. colour jitter in a fixed order brightness -> contrast -> saturation -> hue, each factor
      uniform in [1-x, 1+x] (hue: a rotation by h turns, h uniform in [-hue, hue], in YIQ space as
@@ -18,6 +19,7 @@ Every step but the clamp is linear in the pixel values, so 4 + 5 collapse to y =
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,7 +37,7 @@ class AugParams:
     """Per-sample augmentation parameters; every field has N rows, on the sampling device."""
 
     box: torch.Tensor  # float[N, 4]: x0, y0, w, h of the crop in source pixels (integers)
-    angle: torch.Tensor  # float[N]: radians (0 without rotation)
+    angle: torch.Tensor  # float[N]: radians, whole degrees (0 without rotation)
     hflip: torch.Tensor  # bool[N]
     vflip: torch.Tensor  # bool[N]
     brightness: torch.Tensor  # float[N] factors (1 = unchanged)
@@ -90,7 +92,9 @@ def sample_params(gen: torch.Generator, n: int, height: int, width: int, aug: Au
     """Draw n samples' parameters for images of height x width (aug must be `.effective()`)."""
     dev = gen.device
     box = sample_crop_boxes(gen, n, height, width, aug.scale, aug.ratio)
-    angle = (_uniform(gen, (n,), 0.0, 2 * math.pi) if aug.rotation else torch.zeros(n, device=dev))
+    degrees = (torch.randint(0, 360, (n,), generator=gen, device=dev) if aug.rotation
+               else torch.zeros(n, dtype=torch.int64, device=dev))
+    angle = degrees.to(torch.float32) * (math.pi / 180)
     coins = torch.rand((n, 2), generator=gen, device=dev) < 0.5
     hflip = coins[:, 0] & aug.hflip
     vflip = coins[:, 1] & aug.vflip
@@ -124,25 +128,47 @@ def _axis(size: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
 
 
-def warp_grid(theta: torch.Tensor, angle: torch.Tensor | None, size: int,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """float[N, S, S, 2] sampling grid for theta; with `angle`, points whose rotated position falls
-    outside the crop are pushed out of the image so grid_sample fills them with 0 (black corners).
+@functools.lru_cache(maxsize=4)
+def rotation_masks(size: int, device: torch.device) -> torch.Tensor:
+    """bool[360, S, S]: for each whole-degree angle, the output pixels whose rotated position falls
+    outside the crop (they are black). 18 MB at S=224; memoized per (size, device)."""
+    ax = _axis(size, device)
+    rad = torch.arange(360, device=device, dtype=torch.float32) * (math.pi / 180)
+    c, s = torch.cos(rad)[:, None, None], torch.sin(rad)[:, None, None]
+    x, y = ax[None, None, :], ax[None, :, None]
+    out = torch.empty(360, size, size, dtype=torch.bool, device=device)
+    for k in range(0, 360, 30):  # chunks: a few MB of floats at a time
+        sl = slice(k, k + 30)
+        qx = (c[sl] * x + s[sl] * y).abs_()
+        qy = (c[sl] * y - s[sl] * x).abs_()
+        out[sl] = torch.maximum(qx, qy) > 1
+    return out
 
-    Built as (N,1,S,2) + (N,S,1,2): one pass over the grid instead of affine_grid's bmm with K=3."""
+
+def warp_grid(theta: torch.Tensor, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """float[N, S, S, 2] grid_sample grid for theta [N, 2, 3] (one affine map per sample).
+
+    Written as gx = (N,1,S) + (N,S,1) straight into the x / y planes of `out` (reused between
+    batches): one pass, no temporaries -- F.affine_grid's bmm with K=3 costs ~20x more on CPU."""
+    n = theta.shape[0]
     ax = _axis(size, theta.device)
-    col = (theta[:, :, 0][:, None, None, :] * ax[None, None, :, None])  # N,1,S,2: x term
-    row = (theta[:, :, 1][:, None, None, :] * ax[None, :, None, None]
-           + theta[:, :, 2][:, None, None, :])  # N,S,1,2: y term + offset
-    grid = torch.add(col, row, out=out) if out is not None else col + row
-    if angle is not None:
-        c, s = torch.cos(angle), torch.sin(angle)
-        rot = torch.stack((torch.stack((c, -s), 1), torch.stack((s, c), 1)), 1)  # N,2(x,y),2(q)
-        qcol = rot[:, 0][:, None, None, :] * ax[None, None, :, None]
-        qrow = rot[:, 1][:, None, None, :] * ax[None, :, None, None]
-        outside = (qcol + qrow).abs_().amax(-1) > 1  # N,S,S
-        grid.masked_fill_(outside.unsqueeze(-1), -4.0)
+    grid = out if out is not None else torch.empty(n, size, size, 2, device=theta.device, dtype=theta.dtype)
+    for k in range(2):
+        col = theta[:, k, 0, None, None] * ax[None, None, :]  # N,1,S
+        row = theta[:, k, 1, None, None] * ax[None, :, None] + theta[:, k, 2, None, None]  # N,S,1
+        torch.add(col, row, out=grid[..., k])
     return grid
+
+
+def mask_rotated(grid: torch.Tensor, degrees: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Push grid points of rotated-away pixels out of the image: grid_sample (zeros) makes them black."""
+    outside = masks.index_select(0, degrees)  # N,S,S
+    return grid.masked_fill_(outside.unsqueeze(-1), -4.0)
+
+
+def angle_degrees(p: AugParams) -> torch.Tensor:
+    """int64[N] whole degrees of p.angle, for the mask table."""
+    return torch.round(p.angle * (180 / math.pi)).to(torch.int64).remainder_(360)
 
 
 # -- colour ---------------------------------------------------------------------------------------
@@ -207,6 +233,13 @@ def apply_colour(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, clamp: bool)
     return y
 
 
+def normalize_coefficients(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) shaped [1, 3, 1, 1]: x * a + b normalizes pixel values x in [0, 255]."""
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    return (1 / (255 * std)).to(dtype), (-mean / std).to(dtype)
+
+
 def normalize_u8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [N, 3, H, W] -> normalized `dtype`: ((x / 255) - mean) / std as one multiply-add."""
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
@@ -216,9 +249,16 @@ def normalize_u8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.addcmul(b.to(work), x.to(work), a.to(work)).to(dtype)
 
 
-def warp_batch(src: torch.Tensor, p: AugParams, size: int, rotation: bool) -> torch.Tensor:
+def warp_batch(src: torch.Tensor, p: AugParams, size: int, rotation: bool,
+               grid_out: torch.Tensor | None = None) -> torch.Tensor:
     """src float[N, 3, H, W] -> float[N, 3, S, S]: crop + resize + rotate + flip as one grid_sample.
-    `rotation`: the config's flag (not read from p.angle: that would sync a GPU)."""
-    theta = warp_theta(p, src.shape[2], src.shape[3])
-    grid = warp_grid(theta.to(src.dtype), p.angle if rotation else None, size)
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    `rotation`: the config's flag (not read from p.angle: that would sync a GPU). Without rotation
+    the padding is `border` (a crop never leaves the image; border keeps the half-pixel edge of an
+    upscaled crop from blending with black). grid_out: a reusable [N, S, S, 2] buffer."""
+    theta = warp_theta(p, src.shape[2], src.shape[3]).to(src.dtype)
+    grid = warp_grid(theta, size, grid_out)
+    if rotation:
+        mask_rotated(grid, angle_degrees(p), rotation_masks(size, src.device))
+    pad = "zeros" if rotation else "border"
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode=pad, align_corners=False)

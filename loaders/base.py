@@ -70,6 +70,21 @@ def train_order(labels: np.ndarray, *, seed: int, epoch: int, rank: int, world_s
     return share[: (per_rank // batch_size) * batch_size].astype(np.int64)
 
 
+def tune_worker_malloc(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: keep freed memory in the worker's heap (glibc) instead of giving
+    every 50-100 MB batch tensor back to the kernel and faulting it in again next batch -- measured
+    2-4x faster casts / grid_sample in this VM. Workers only: the training process is not touched."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
 def resolve_memory_format(fmt: MemoryFormat, device: torch.device) -> torch.memory_format:
     if fmt == MemoryFormat.AUTO:  # channels_last on CUDA; NCHW + bf16 measured faster on CPU
         return torch.channels_last if device.type == "cuda" else torch.contiguous_format

@@ -33,8 +33,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from hamengine.config import AugConfig, AugPreset, LoaderConfig
-from hamengine.loaders import augment
-from hamengine.loaders.base import Batch, Loader, mix_seed, verify_shards
+from hamengine.loaders import augment as augment_mod
+from hamengine.loaders.base import Batch, Loader, mix_seed, tune_worker_malloc, verify_shards
 from hamengine.loaders.records import Pack, PackError
 
 CACHE_VERSION = 1
@@ -157,28 +157,48 @@ def load_or_build_cache(pack: Pack, split: str, size: int, device: torch.device,
 class BatchMaker:
     """Builds batch k of an epoch from the cache: the same code in-process (GPU) and in the CPU
     worker processes. Parameters come from a generator seeded by (seed, epoch, rank, k), so a batch
-    does not depend on which process made it."""
+    does not depend on which process made it. Intermediates live in buffers reused batch to batch
+    (fresh 100 MB tensors cost more in page faults than the arithmetic on them)."""
 
     def __init__(self, cache: torch.Tensor, labels: torch.Tensor, size: int, aug: AugConfig, augment: bool,
-                 seed: int, rank: int, work_dtype: torch.dtype):
+                 seed: int, rank: int, work_dtype: torch.dtype, out_dtype: torch.dtype,
+                 share_output: bool = False):
         self.cache, self.labels, self.size, self.aug = cache, labels, size, aug
         self.augment, self.seed, self.rank, self.work_dtype = augment, seed, rank, work_dtype
+        self.out_dtype, self.share_output = out_dtype, share_output
         self.hw = tuple(cache.shape[2:])
+        self._bufs: dict[str, torch.Tensor] = {}
+        if augment and aug.rotation:
+            augment_mod.rotation_masks(size, cache.device)  # build before workers fork: shared pages
+
+    def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        b = self._bufs.get(name)
+        if b is None or tuple(b.shape) != shape:
+            b = self._bufs[name] = torch.empty(shape, dtype=dtype, device=self.cache.device)
+        return b
 
     def eval_batch(self, idx: torch.Tensor) -> torch.Tensor:
         h, w = self.hw
         top, left = (h - self.size) // 2, (w - self.size) // 2
         src = self.cache.index_select(0, idx)[:, :, top:top + self.size, left:left + self.size]
-        return augment.normalize_u8(src, self.work_dtype)  # the exact eval view: a slice, no resampling
+        return augment_mod.normalize_u8(src, self.work_dtype)  # the exact eval view: a slice, no resampling
 
     def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n = idx.shape[0]
         h, w = self.hw
-        p = augment.sample_params(gen, n, h, w, self.aug)
-        src = self.cache.index_select(0, idx).to(self.work_dtype)  # N,3,H,W (index_select: a plain memcpy)
-        x = augment.warp_batch(src, p, self.size, self.aug.rotation)  # N,3,S,S in [0, 255]
-        m, t = augment.colour_affine(p if self.aug.has_jitter else None, None, n, self.cache.device)
-        return augment.apply_colour(x, m, t, clamp=self.aug.has_jitter)
+        aug, s = self.aug, self.size
+        p = augment_mod.sample_params(gen, n, h, w, aug)
+        src_u8 = torch.index_select(self.cache, 0, idx, out=self._buf("u8", (n, 3, h, w), torch.uint8))
+        src = self._buf("src", (n, 3, h, w), self.work_dtype).copy_(src_u8)  # N,3,H,W
+        grid = self._buf("grid", (n, s, s, 2), self.work_dtype)
+        if not aug.rotation and not aug.has_jitter:
+            # crop-flip: normalize the source in place; the (border-padded) warp output is final
+            a, b = augment_mod.normalize_coefficients(src.device, src.dtype)
+            src.mul_(a).add_(b)
+            return augment_mod.warp_batch(src, p, s, rotation=False, grid_out=grid)
+        x = augment_mod.warp_batch(src, p, s, aug.rotation, grid_out=grid)  # N,3,S,S in [0, 255]
+        m, t = augment_mod.colour_affine(p if aug.has_jitter else None, None, n, src.device)
+        return augment_mod.apply_colour(x, m, t, clamp=aug.has_jitter)
 
     def __call__(self, epoch: int, k: int, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(indices).to(self.cache.device, non_blocking=True)
@@ -189,21 +209,25 @@ class BatchMaker:
                 images = self.train_batch(idx, gen)
             else:
                 images = self.eval_batch(idx)
+            if self.share_output:  # write the result straight into shared memory: no copy at hand-off
+                out = torch.empty(images.shape, dtype=self.out_dtype).share_memory_()
+                images = out.copy_(images)
+            else:
+                images = images.to(self.out_dtype)
         return images, self.labels.index_select(0, idx)
 
 
 class _BatchDataset(Dataset):
     """Items are whole batches (epoch, k, indices): a worker builds a batch with batched ops."""
 
-    def __init__(self, maker: BatchMaker, out_dtype: torch.dtype):
-        self.maker, self.out_dtype = maker, out_dtype
+    def __init__(self, maker: BatchMaker):
+        self.maker = maker
 
     def __len__(self) -> int:  # pragma: no cover - the sampler drives iteration
         return 0
 
     def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self.maker(*item)
-        return images.to(self.out_dtype), labels  # cast in the worker: half the bytes to hand over
+        return self.maker(*item)
 
 
 class _BatchSampler:
@@ -236,17 +260,19 @@ class ResidentLoader(Loader):
         self.cache_hw = tuple(self.cache.shape[2:])
         self.augment = self.train and self.aug.preset != AugPreset.NONE
         cpu = self.device.type == "cpu"
+        pooled = cpu and workers > 1
         # fp32 on CPU (grid_sample / matmul have no fast bf16 CPU kernels); the output dtype on GPUs.
         work = torch.float32 if cpu else self.dtype
         self.maker = BatchMaker(self.cache, torch.from_numpy(self.labels).to(self.device), self.size, self.aug,
-                                self.augment, cfg.seed, rank, work)
+                                self.augment, cfg.seed, rank, work, self.dtype, share_output=pooled)
         self._dl: DataLoader | None = None
-        if cpu and workers > 1:
+        if pooled:
             from hamengine.loaders.torch_loader import worker_context
 
-            self._dl = DataLoader(_BatchDataset(self.maker, self.dtype), sampler=_BatchSampler(self),
-                                  batch_size=None, num_workers=workers, persistent_workers=True,
-                                  prefetch_factor=2, multiprocessing_context=mp.get_context(worker_context()))
+            self._dl = DataLoader(_BatchDataset(self.maker), sampler=_BatchSampler(self), batch_size=None,
+                                  num_workers=workers, persistent_workers=True, prefetch_factor=2,
+                                  worker_init_fn=tune_worker_malloc,
+                                  multiprocessing_context=mp.get_context(worker_context()))
 
     def __iter__(self) -> Iterator[Batch]:
         if self._dl is not None:

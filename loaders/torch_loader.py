@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from hamengine.config import AugConfig, AugPreset, LoaderConfig
 from hamengine.loaders import augment
-from hamengine.loaders.base import Batch, Loader, mix_seed
+from hamengine.loaders.base import Batch, Loader, mix_seed, tune_worker_malloc
 from hamengine.loaders.records import Pack
 
 Item = tuple[int, int]  # (split index, per-sample seed)
@@ -139,6 +139,7 @@ class TorchLoader(Loader):
         kw: dict = {}
         if workers > 0:
             kw = dict(num_workers=workers, persistent_workers=True, prefetch_factor=4,
+                      worker_init_fn=tune_worker_malloc,
                       multiprocessing_context=multiprocessing.get_context(worker_context()))
             if not cuda:
                 kw["collate_fn"] = CpuCollate(self.jitter, self.dtype)
