@@ -61,13 +61,16 @@ class GradCAM:
         return (cam / peak).clamp_(0, 1), cls, torch.softmax(logits.detach(), dim=1)
 
 
-def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """Heatmap (turbo colormap) blended over an RGB image of the cam's size."""
+def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.6) -> Image.Image:
+    """Heatmap (turbo colormap) blended over an RGB image of the cam's size. The blend weight grows
+    with the heat (alpha/4 at 0, alpha at 1), so cold regions keep showing the lesion itself."""
     from matplotlib import colormaps
 
-    heat = (colormaps["turbo"](np.clip(cam, 0, 1))[..., :3] * 255).astype(np.float32)  # H x W x 3
+    c = np.clip(cam, 0, 1)
+    heat = (colormaps["turbo"](c)[..., :3] * 255).astype(np.float32)  # H x W x 3
+    w = (alpha * (0.25 + 0.75 * c))[..., None]  # H x W x 1
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return Image.fromarray(np.clip((1 - alpha) * base + alpha * heat, 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip((1 - w) * base + w * heat, 0, 255).astype(np.uint8))
 
 
 @dataclass
