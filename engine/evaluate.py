@@ -72,15 +72,14 @@ def resolve_pack(run: LoadedRun, override: str | None):
                    f"pass --pack PACK")
 
 
-def eval_batches(pack, split: str, size: int, opts: EvalOptions, device: torch.device):
-    """(iterator of (images [B, 3, S, S], labels [B]) in storage order, number of batches)."""
+def eval_loader(pack, split: str, size: int, opts: EvalOptions, device: torch.device):
+    """The split's eval loader: (images [B, 3, S, S], labels [B]) in storage order, unaugmented."""
     from hamengine.loaders import build_loader
 
     # fp32 batches: evaluation precision matters more than its speed (see predict_batch).
     cfg = LoaderConfig(kind=opts.loader, size=size, batch_size=opts.batch_size, dtype=Precision.FP32,
                        workers=opts.workers, seed=opts.seed)
-    loader = build_loader(pack, split, cfg, device)
-    return iter(loader), len(loader)
+    return build_loader(pack, split, cfg, device)
 
 
 def collect(run: LoadedRun, pack, split: str, opts: EvalOptions, progress: bool = True) -> SplitPredictions:
@@ -91,15 +90,18 @@ def collect(run: LoadedRun, pack, split: str, opts: EvalOptions, progress: bool 
         raise RunError(f"{pack.path}: split {split!r} has no samples")
     if tuple(pack.classes) != tuple(run.classes):
         raise RunError(f"{pack.path}: pack classes {pack.classes} differ from the run's {run.classes}")
-    batches, total = eval_batches(pack, split, run.size, opts, run.device)
+    loader = eval_loader(pack, split, run.size, opts, run.device)
     probs, labels = [], []
-    with Progress(TextColumn(f"eval {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not progress, transient=True) as bar:
-        task = bar.add_task("eval", total=total)
-        for x, y in batches:
-            probs.append(predict_batch(run.model, x.to(run.device), opts.tta).double().cpu())
-            labels.append(y.cpu())
-            bar.advance(task)
+    try:
+        with Progress(TextColumn(f"eval {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      disable=not progress, transient=True) as bar:
+            task = bar.add_task("eval", total=len(loader))
+            for x, y in loader:
+                probs.append(predict_batch(run.model, x.to(run.device), opts.tta).double().cpu())
+                labels.append(y.cpu())
+                bar.advance(task)
+    finally:
+        loader.close()  # worker processes / DALI pipelines end here, not at interpreter exit
     p = torch.cat(probs).numpy()
     y = torch.cat(labels).numpy().astype(np.int64)
     expected = pack.labels(split)
