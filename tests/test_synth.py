@@ -123,6 +123,17 @@ def test_layout_and_images(small: Path):
         assert np.median(dist[inside]) > np.median(dist[skin]) + 20, image_id
 
 
+def test_ingests_as_kaggle_layout(small: Path):
+    """The real consumer: source ingest reads the output as a HAM10000 Kaggle download."""
+    from hamengine.loaders.sources import Layout, load_source
+
+    table = load_source(small)
+    assert table.layout == Layout.KAGGLE and len(table.df) == 30 and not table.missing
+    meta = pd.read_csv(small / METADATA_NAME).sort_values("image_id").reset_index(drop=True)
+    assert list(table.df["image_id"]) == list(meta["image_id"])
+    assert list(table.df["dx"]) == list(meta["dx"]) and list(table.df["lesion_id"]) == list(meta["lesion_id"])
+
+
 def test_same_seed_same_bytes_any_workers(small: Path, tmp_path: Path):
     two = synthesize(tmp_path / "w2", n=30, seed=3, size=SMALL, workers=2, progress=False, masks=True)
     assert _files(two) == _files(small)

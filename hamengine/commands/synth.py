@@ -50,6 +50,9 @@ def synth(out: str, n: int, seed: int, size: str, workers: int, masks: bool, for
                           force=force)
     except SynthError as e:
         fail(str(e))
+    except OSError as e:  # disk full, permissions: nothing is marked complete, rerun resumes
+        fail(f"cannot write the synthetic dataset to {out}: {e.strerror or e} ({e.filename or out}); "
+             f"fix that and rerun the same command to resume")
     seconds = time.perf_counter() - start
     summary = synth_summary(path)
     summary.update(workers=nworkers, seconds=round(seconds, 2),
