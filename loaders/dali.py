@@ -5,9 +5,11 @@ preallocated for the pack's image size) and every augmentation runs on the GPU; 
 viewed as NCHW is a channels_last tensor without a copy. Without CUDA the same graph runs on CPU
 threads (`device_id=None`).
 
-Graph (train): read -> decode a random-resized-crop window (fused) -> resize S x S -> rotate (keep
-size, black fill) -> flip by two random coins -> brightness/contrast (pivot at mid-gray, as the
-other loaders, see augment.py) -> hue/saturation (fn.hsv, YIQ) -> normalize to HWC float.
+Graph (train): read -> decode a random-resized-crop window (fused) -> resize S x S -> rotate by a
+whole-degree angle (keep size, black fill) -> flips by random coins -> fn.color_twist (brightness,
+contrast pivoting at mid-gray as in the other loaders, hue in YIQ, saturation) -> normalize to
+HWC float. On CPU with rotation, resize + rotate + flips run as one fn.warp_affine (one resampling
+instead of two); on GPUs the separate operators are cheap and stay.
 Graph (eval): read -> decode -> resize shorter side to S -> center crop + normalize.
 
 Differences from the other kinds, by design of DALI's reader:
@@ -55,24 +57,30 @@ def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bo
         images = fn.decoders.image_random_crop(jpg, random_area=list(aug.scale),
                                                random_aspect_ratio=list(aug.ratio), num_attempts=10,
                                                **decode_kw)
-        images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
-        if aug.rotation:
-            angle = fn.random.uniform(range=[0.0, 360.0])
-            images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0,
-                               interp_type=types.INTERP_LINEAR)
-        h = fn.random.coin_flip(probability=0.5) if aug.hflip else 0
-        v = fn.random.coin_flip(probability=0.5) if aug.vflip else 0
-        if aug.hflip or aug.vflip:  # fn.flip's default flips always: pass the coins explicitly
-            images = fn.flip(images, horizontal=h, vertical=v)
-        if aug.brightness > 0 or aug.contrast > 0:
-            b = fn.random.uniform(range=[max(0.0, 1 - aug.brightness), 1 + aug.brightness])
-            c = fn.random.uniform(range=[max(0.0, 1 - aug.contrast), 1 + aug.contrast])
-            images = fn.brightness_contrast(images, brightness=b, contrast=c, contrast_center=127.5)
-        if aug.saturation > 0 or aug.hue > 0:
-            s = fn.random.uniform(range=[max(0.0, 1 - aug.saturation), 1 + aug.saturation])
-            hue = fn.random.uniform(range=[-360.0 * aug.hue, 360.0 * aug.hue])
-            images = fn.hsv(images, hue=hue, saturation=s, value=1.0)
-        images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="HWC", mean=mean, std=std)
+        hcoin = fn.random.coin_flip(probability=0.5) if aug.hflip else None
+        vcoin = fn.random.coin_flip(probability=0.5) if aug.vflip else None
+        mirror = None
+        if aug.rotation and not cuda:
+            # CPU: resize + rotation + flips as ONE warp_affine (measured 4.1 vs 5.2 ms/img for
+            # resize, rotate, flip, brightness_contrast, hsv as separate CPU operators)
+            images = fn.warp_affine(images, matrix=_crop_rotate_flip_matrix(images, size, hcoin, vcoin),
+                                    size=[size, size], fill_value=0, interp_type=types.INTERP_LINEAR)
+        else:
+            images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
+            if aug.rotation:
+                images = fn.rotate(images, angle=_whole_degrees(), keep_size=True, fill_value=0,
+                                   interp_type=types.INTERP_LINEAR)
+            if vcoin is not None:  # fn.flip's default flips always: pass the coin explicitly
+                images = fn.flip(images, horizontal=0, vertical=vcoin)
+            mirror = hcoin  # horizontal flip for free inside crop_mirror_normalize
+        if aug.has_jitter:  # brightness, contrast (pivot 127.5), hue (YIQ), saturation: one operator
+            images = fn.color_twist(
+                images, brightness=_factor(aug.brightness), contrast=_factor(aug.contrast),
+                saturation=_factor(aug.saturation),
+                hue=fn.random.uniform(range=[-360.0 * aug.hue, 360.0 * aug.hue]) if aug.hue > 0 else 0.0)
+        cmn_kw = {"mirror": mirror} if mirror is not None else {}
+        images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="HWC", mean=mean, std=std,
+                                          **cmn_kw)
     else:
         images = fn.decoders.image(jpg, **decode_kw)
         # torchvision's exact eval geometry (what the torch and resident loaders do): longer side
@@ -87,6 +95,41 @@ def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bo
     if cuda:
         label = label.gpu()
     return images, label
+
+
+def _whole_degrees():
+    """Rotation angle in whole degrees, uniform over 0..359 (as augment.sample_params draws it)."""
+    from nvidia.dali import fn
+
+    return fn.random.uniform(values=[float(d) for d in range(360)])
+
+
+def _factor(x: float):
+    from nvidia.dali import fn
+
+    return fn.random.uniform(range=[max(0.0, 1 - x), 1 + x]) if x > 0 else 1.0
+
+
+def _crop_rotate_flip_matrix(images, size: int, hcoin, vcoin):
+    """Per-sample 2x3 dst->src matrix: output S x S, rotated about its center by a whole-degree
+    angle and flipped, mapped onto the decoded crop (h x w). Corners from outside the crop: black."""
+    import math
+
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    shape = fn.cast(images.shape(), dtype=types.FLOAT)  # H, W, C of each decoded crop
+    h, w = shape[0], shape[1]
+    rad = _whole_degrees() * (math.pi / 180)
+    c, s = dmath.cos(rad), dmath.sin(rad)
+    fx = 1.0 - 2.0 * fn.cast(hcoin, dtype=types.FLOAT) if hcoin is not None else 1.0
+    fy = 1.0 - 2.0 * fn.cast(vcoin, dtype=types.FLOAT) if vcoin is not None else 1.0
+    sx, sy = w / size, h / size
+    a00, a01 = sx * c * fx, -sx * s * fy  # diag(w/S, h/S) . R . diag(fx, fy)
+    a10, a11 = sy * s * fx, sy * c * fy
+    tx = w * 0.5 - (a00 + a01) * (size * 0.5)  # output center -> crop center
+    ty = h * 0.5 - (a10 + a11) * (size * 0.5)
+    return fn.reshape(fn.stack(a00, a01, tx, a10, a11, ty), shape=[2, 3])
 
 
 def _eval_geometry(jpg, size: int):
