@@ -22,6 +22,28 @@ from hamengine.commands.common import console, emit_json, fail
 KINDS = ("folder", "torch", "dali", "resident", "ffcv")
 
 
+def tree_cpu_seconds(pid: int | None = None) -> float:
+    """user+system CPU seconds of this process and its live descendants (Linux /proc; 0 elsewhere).
+    Loader workers are persistent, so their CPU time over the timed window is counted. CPU time per
+    image is the figure that survives a busy machine; images/s is the one to quote on an idle one."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total, stack = 0.0, [pid or os.getpid()]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device: str, batches: int,
                 warmup: int) -> dict[str, Any]:
     """Build one loader, skip `warmup` batches, time the next `batches` (epochs wrap as needed)."""
@@ -35,9 +57,11 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
     loader = build_loader(pack, split, cfg, device)
     setup_s = time.perf_counter() - t0
     cuda = loader.device.type == "cuda"
+    cpu_s = 0.0
     lat: list[float] = []
     images = 0
     epoch = 0
+    cpu0 = tree_cpu_seconds() if warmup == 0 else None
     try:
         while len(lat) < batches:
             loader.set_epoch(epoch)
@@ -50,10 +74,13 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
                 seen += 1
                 if warmup > 0:
                     warmup -= 1
+                    if warmup == 0:
+                        cpu0 = tree_cpu_seconds()
                 else:
                     lat.append(now - last)
                     images += int(x.shape[0])
                     if len(lat) >= batches:
+                        cpu_s = tree_cpu_seconds() - (cpu0 or 0.0)
                         break
                 last = time.perf_counter()
             if seen == 0:
@@ -67,7 +94,7 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
     ms = np.asarray(lat) * 1000
     return {"loader": kind, "img_per_s": images / total if total else 0.0, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "batches": len(lat), "images": images,
-            "setup_s": setup_s}
+            "setup_s": setup_s, "cpu_ms_per_img": 1000 * cpu_s / images if images else 0.0}
 
 
 def plot_results(results: list[dict[str, Any]], aug: str, path: str, title_extra: str) -> None:
@@ -141,9 +168,11 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
             results.append(time_loader(kind, pack, split, cfg_kw, device, batches, warmup))
         except (PackError, ConfigError, ValueError) as e:
             fail(f"loader {kind}: {e}")
-    ref = next((r["img_per_s"] for r in results if r["loader"] == "folder"), None)
+    ref = next((r for r in results if r["loader"] == "folder"), None)
     for r in results:
-        r["ratio_to_folder"] = (r["img_per_s"] / ref) if ref else None
+        r["ratio_to_folder"] = (r["img_per_s"] / ref["img_per_s"]) if ref and ref["img_per_s"] else None
+        r["cpu_ratio_to_folder"] = (ref["cpu_ms_per_img"] / r["cpu_ms_per_img"]
+                                    if ref and r["cpu_ms_per_img"] else None)
     hw = hardware()
     out = {"results": results, "aug": aug, "split": split, "batch_size": batch_size, "size": size,
            "batches": batches, "warmup": warmup, "hardware": hw,
@@ -156,12 +185,13 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
     from rich.table import Table
 
     t = Table(title=f"bench loader: --aug {aug}, batch {batch_size}, {size}px, {batches} batches")
-    for col in ("loader", "img/s", "x folder", "p50 ms", "p99 ms", "setup s"):
+    for col in ("loader", "img/s", "x folder", "p50 ms", "p99 ms", "CPU ms/img", "x folder (CPU)", "setup s"):
         t.add_column(col, justify="right" if col != "loader" else "left")
     for r in results:
         ratio = f"{r['ratio_to_folder']:.2f}" if r["ratio_to_folder"] is not None else "-"
+        cratio = f"{r['cpu_ratio_to_folder']:.2f}" if r["cpu_ratio_to_folder"] is not None else "-"
         t.add_row(r["loader"], f"{r['img_per_s']:.0f}", ratio, f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
-                  f"{r['setup_s']:.1f}")
+                  f"{r['cpu_ms_per_img']:.2f}", cratio, f"{r['setup_s']:.1f}")
     console.print(t)
     console.print(f"[dim]{hw.get('cpus')} CPUs, gpu: {hw.get('gpu')}, torch {hw.get('torch')}, "
                   f"dali {hw.get('dali')}, commit {hw.get('commit')}[/]")
