@@ -4,20 +4,27 @@ FFCV does what it is built for -- JPEG decode fused with the random resized crop
 (`RandomResizedCropRGBImageDecoder`, torchvision's crop sampling) and `RandomHorizontalFlip`,
 compiled by numba into one multi-threaded pass; eval uses `CenterCropRGBImageDecoder` with ratio
 1 (the square of the shorter side, resized to S == resize shorter side to S + center crop S).
-What FFCV lacks runs on the device on the whole batch, with the maths of loaders/augment.py so
-the augmentation config means the same as in every loader:
-  - vertical flip (a flag per sample; a cheap uint8 flip when there is no rotation),
-  - rotation (one grid_sample over the S x S crop; flips and rotation commute in distribution
-    because the angle is uniform over the whole circle),
-  - colour jitter + ImageNet normalization as one per-sample 3x3 colour map.
+
+On a CPU the rest of the batch is built inside FFCV's compiled pipeline too, by two numba ops
+FFCV lacks (loaders/ffcv_ops.py): a vertical flip, and NHWC uint8 -> NCHW normalized output dtype
+through a lookup table (FFCV's NormalizeImage, writing NCHW). The timed FFCV is then FFCV at its
+best, not FFCV plus torch glue. On CUDA, uint8 crosses to the GPU (FFCV's ToDevice, on its own
+streams) and the vertical flip and normalization run there as batched tensor ops.
+
+Rotation and colour jitter (not in FFCV) always run on the device on the whole batch, with the
+maths of loaders/augment.py so the augmentation config means the same as in every loader:
+rotation as one grid_sample over the S x S crop (flips and rotation commute in distribution: the
+angle is uniform over the whole circle), jitter + normalization as one per-sample 3x3 colour map.
 
 Order: the epoch plan of loaders/base.py (seeded permutation, DDP strided shares; eval storage
 order in contiguous shares) is handed to FFCV as its traversal order, so FFCV reads exactly the
-samples and order the other kinds read. FFCV's own crop/flip draws come from numba's unseeded
+samples and order the other kinds read. FFCV's crop/flip draws come from numba's unseeded
 per-thread generators: the order and the device-side draws are deterministic per (seed, epoch),
-FFCV's crop boxes are not.
+FFCV's crop boxes and flips are not.
 
 numba compiles the pipeline on the first iteration (10-30 s on 2 cores); later epochs reuse it.
+FFCV sets torch's thread count to `workers` (Compiler.set_num_threads) when a loader is built
+and each time an epoch starts.
 """
 from __future__ import annotations
 
@@ -66,6 +73,10 @@ class FFCVLoader(Loader):
 
         self.beton = beton_for(pack, split, verify=verify)
         self.augment = self.train and self.aug.preset != AugPreset.NONE
+        # CPU: build the whole batch in FFCV's numba pipeline (see module doc); CUDA: uint8 to the GPU.
+        self.fused = self.device.type == "cpu"
+        # Rotation / jitter need float pixels on the device; otherwise the pipeline normalizes.
+        self.device_aug = self.augment and (self.aug.rotation or self.aug.has_jitter)
         s = self.size
         if self.augment:
             image_ops = [RandomResizedCropRGBImageDecoder((s, s), scale=tuple(self.aug.scale),
@@ -73,11 +84,24 @@ class FFCVLoader(Loader):
             if self.aug.hflip:
                 image_ops.append(RandomHorizontalFlip(0.5))
         else:
+            # Center square of the shorter side, resized to S (OpenCV INTER_AREA). Against
+            # torchvision's resize-then-crop the crop lands up to ~1 px apart (integer offsets
+            # before vs after scaling): 256 -> 224 agrees within 0.025 (normalized units) with
+            # the other kinds; some small odd scales (72 -> 64) differ by ~0.04.
             image_ops = [CenterCropRGBImageDecoder((s, s), ratio=1.0)]
-        image_ops.append(ToTensor())  # uint8 [N, S, S, 3] (a view of FFCV's reused batch buffer)
         label_ops = [IntDecoder(), ToTensor()]  # int64 [N, 1]
-        if self.device.type == "cuda":  # FFCV copies on its own streams, overlapping the next decode
-            image_ops.append(ToDevice(self.device, non_blocking=True))
+        if self.fused:
+            from hamengine.loaders.ffcv_ops import RandomVerticalFlip, ToNCHW, lookup_table
+
+            if self.augment and self.aug.vflip:
+                image_ops.append(RandomVerticalFlip())
+            # float32 pixel values for the device-side warp / colour map, else the final values
+            self.pipe_dtype = torch.float32 if self.device_aug else self.dtype
+            image_ops += [ToNCHW(lookup_table(self.pipe_dtype, normalize=not self.device_aug)), ToTensor()]
+        else:
+            self.pipe_dtype = torch.uint8
+            # uint8 [N, S, S, 3]; FFCV copies it to the GPU on its own streams, overlapping decode
+            image_ops += [ToTensor(), ToDevice(self.device, non_blocking=True)]
             label_ops.append(ToDevice(self.device, non_blocking=True))
         plan0 = self.plan(0)
         self._ffcv = FfcvLoader(str(self.beton), batch_size=self.batch_size, num_workers=max(1, workers),
@@ -89,35 +113,51 @@ class FFCVLoader(Loader):
         # (seed, epoch, rank) -- and needs torch.distributed even though rank/world_size are given.
         self._ffcv.traversal_order = _PlanOrder(self)
         self._ffcv.first_traversal_order = plan0.indices.astype(np.uint64)  # FFCV's len() reads it
-        self.work_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
 
-    # -- device-side augmentation -------------------------------------------------------------
+    # -- after FFCV ---------------------------------------------------------------------------
     def _params(self, n: int, gen: torch.Generator) -> augment.AugParams:
-        """Rotation / vflip / jitter draws; the crop box is the whole S x S output (FFCV cropped) and
-        hflip is off (FFCV flipped)."""
+        """Rotation / vflip / jitter draws; the crop box is the whole S x S output (FFCV cropped),
+        hflip is off (FFCV flipped), and so is vflip when the pipeline flipped."""
         s = self.size
         p = augment.sample_params(gen, n, s, s, self.aug)
         box = torch.tensor([0.0, 0.0, s, s], device=self.device).expand(n, 4)
-        return dataclasses.replace(p, box=box, hflip=torch.zeros_like(p.hflip))
+        vflip = torch.zeros_like(p.vflip) if self.fused else p.vflip
+        return dataclasses.replace(p, box=box, hflip=torch.zeros_like(p.hflip), vflip=vflip)
 
-    def _train_batch(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """x uint8 [N, 3, S, S] (FFCV-cropped, h-flipped) -> normalized work_dtype [N, 3, S, S]."""
+    def _device_aug(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """x pixel values [N, 3, S, S] (float32 on CPU; uint8 on CUDA) -> rotated / flipped /
+        jittered, normalized float [N, 3, S, S]."""
         n = x.shape[0]
         p = self._params(n, gen)
-        if not self.aug.rotation and not self.aug.has_jitter:  # crop-flip: stay in uint8 until the end
-            if self.aug.vflip:
-                x = torch.where(p.vflip.view(n, 1, 1, 1), x.flip(2), x)
-            return augment.normalize_u8(x, self.work_dtype)
-        xf = x.to(torch.float32 if self.device.type == "cpu" else self.work_dtype)
+        xf = x if x.is_floating_point() else x.to(self.dtype)
         if self.aug.rotation:
-            xf = augment.warp_batch(xf, p, self.size, rotation=True)  # rotation + vflip, one grid_sample
-        elif self.aug.vflip:
+            xf = augment.warp_batch(xf, p, self.size, rotation=True)  # rotation (+ vflip): one grid_sample
+        elif self.aug.vflip and not self.fused:
             xf = torch.where(p.vflip.view(n, 1, 1, 1), xf.flip(2), xf)
         if self.aug.has_jitter:
             m, t = augment.colour_affine(p, augment.mean_gray(xf), n, self.device)
             return augment.apply_colour(xf, m, t, clamp=True)
         m, t = augment.colour_affine(None, None, n, self.device)
         return augment.apply_colour(xf, m, t, clamp=False)
+
+    def _cuda_batch(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """x uint8 [N, 3, S, S] on the GPU -> normalized cfg dtype."""
+        if self.device_aug:
+            return self._device_aug(x, gen)
+        if self.augment and self.aug.vflip:
+            flip = self._params(x.shape[0], gen).vflip.view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(2), x)
+        return augment.normalize_u8(x, self.dtype)
+
+    def _batch(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """FFCV's image output -> the contract's images. FFCV reuses its output buffers a few
+        batches later: every path returns a new tensor."""
+        if self.fused:
+            x = images.view(self.pipe_dtype)  # [N, 3, S, S]; bf16 / fp16 come as their int16 bits
+            if self.device_aug:
+                return self._device_aug(x, gen)
+            return x.clone(memory_format=self.memory_format)
+        return self._cuda_batch(images.permute(0, 3, 1, 2), gen)  # NHWC uint8 viewed as NCHW
 
     # -- iteration ----------------------------------------------------------------------------
     def _sizes(self) -> list[int]:
@@ -133,15 +173,20 @@ class FFCVLoader(Loader):
         gen.manual_seed(mix_seed(self.cfg.seed, self.epoch, self.rank, 0xFFC7))
         self._ffcv.next_epoch = self.epoch  # read by _PlanOrder through FFCV's __iter__
         pending = list(sizes)
-        for images, labels in self._ffcv:
-            # images: uint8 [m, S, S, 3] in a buffer FFCV reuses batches_ahead batches later:
-            # everything below makes new tensors before the next batch is requested.
+        epoch_iter = iter(self._ffcv)  # starts FFCV's producer thread
+        try:
+            yield from self._batches(epoch_iter, pending, gen)
+        finally:
+            # A consumer that stops early (break, exception) closes this generator: stop FFCV's
+            # thread too, or it stays blocked on its full queue holding the batch buffers.
+            epoch_iter.close()
+            epoch_iter.join(timeout=1.0)  # it notices within 0.5 s; bounded in case it cannot
+
+    def _batches(self, epoch_iter, pending: list[int], gen: torch.Generator) -> Iterator[Batch]:
+        for images, labels in epoch_iter:
             with torch.no_grad():
-                x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view
-                x = x.contiguous()  # uint8 NCHW: the float work below then runs on plain layout
-                out = self._train_batch(x, gen) if self.augment else augment.normalize_u8(x, self.work_dtype)
-                out = self.finish(out)
-                y = labels.to(self.device, non_blocking=True).view(-1).to(torch.int64, copy=True)
+                out = self.finish(self._batch(images, gen))
+                y = labels.view(-1).to(torch.int64, copy=True)
             # Eval under DDP: a short rank splits its last batch in two (loaders/base.py) while
             # FFCV yields whole batches; re-cut to the plan's sizes.
             start = 0
