@@ -161,9 +161,19 @@ def warp_grid(theta: torch.Tensor, size: int, out: torch.Tensor | None = None) -
 
 
 def mask_rotated(grid: torch.Tensor, degrees: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Push grid points of rotated-away pixels out of the image: grid_sample (zeros) makes them black."""
+    """Push grid points of rotated-away pixels out of the image (x = -4 is enough): grid_sample with
+    zeros padding makes them black."""
     outside = masks.index_select(0, degrees)  # N,S,S
-    return grid.masked_fill_(outside.unsqueeze(-1), -4.0)
+    grid[..., 0].masked_fill_(outside, -4.0)
+    return grid
+
+
+def clamp_to_pixels(grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Keep sample points within the outer pixel centers, so zeros padding never blends black into
+    the edge of an upscaled crop touching the image border (cheaper than padding_mode="border")."""
+    grid[..., 0].clamp_(-1 + 1 / width, 1 - 1 / width)
+    grid[..., 1].clamp_(-1 + 1 / height, 1 - 1 / height)
+    return grid
 
 
 def angle_degrees(p: AugParams) -> torch.Tensor:
@@ -253,12 +263,12 @@ def warp_batch(src: torch.Tensor, p: AugParams, size: int, rotation: bool,
                grid_out: torch.Tensor | None = None) -> torch.Tensor:
     """src float[N, 3, H, W] -> float[N, 3, S, S]: crop + resize + rotate + flip as one grid_sample.
 
-    `rotation`: the config's flag (not read from p.angle: that would sync a GPU). Without rotation
-    the padding is `border` (a crop never leaves the image; border keeps the half-pixel edge of an
-    upscaled crop from blending with black). grid_out: a reusable [N, S, S, 2] buffer."""
-    theta = warp_theta(p, src.shape[2], src.shape[3]).to(src.dtype)
-    grid = warp_grid(theta, size, grid_out)
+    `rotation`: the config's flag (not read from p.angle: that would sync a GPU). Grid points are
+    clamped to the outer pixel centers (a crop never leaves the image), then rotated-away points are
+    pushed outside: black. grid_out: a reusable [N, S, S, 2] buffer."""
+    h, w = src.shape[2], src.shape[3]
+    theta = warp_theta(p, h, w).to(src.dtype)
+    grid = clamp_to_pixels(warp_grid(theta, size, grid_out), h, w)
     if rotation:
         mask_rotated(grid, angle_degrees(p), rotation_masks(size, src.device))
-    pad = "zeros" if rotation else "border"
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode=pad, align_corners=False)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -2,7 +2,8 @@
 
 With CUDA, JPEGs are decoded on `mixed` (nvJPEG, hardware decoder share `hw_decoder_load`, buffers
 preallocated for the pack's image size) and every augmentation runs on the GPU; the HWC output
-viewed as NCHW is a channels_last tensor without a copy. Without CUDA the same graph runs on CPU
+viewed as NCHW is a channels_last tensor without a copy (when the contiguous NCHW format is asked,
+as on CPU, crop_mirror_normalize writes CHW instead). Without CUDA the same graph runs on CPU
 threads (`device_id=None`).
 
 Graph (train): read -> decode a random-resized-crop window (fused) -> resize S x S -> rotate by a
@@ -39,7 +40,7 @@ HW_DECODER_LOAD = 0.75  # share of JPEGs sent to the hardware decoder (A100/H100
 
 def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bool, size: int,
            aug: AugConfig, cuda: bool, shard_id: int, num_shards: int, initial_fill: int,
-           fp16: bool, hint_hw: tuple[int, int]):
+           fp16: bool, hint_hw: tuple[int, int], layout: str = "HWC"):
     from nvidia.dali import fn, types
 
     jpg, cls = fn.readers.webdataset(
@@ -79,7 +80,7 @@ def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bo
                 saturation=_factor(aug.saturation),
                 hue=fn.random.uniform(range=[-360.0 * aug.hue, 360.0 * aug.hue]) if aug.hue > 0 else 0.0)
         cmn_kw = {"mirror": mirror} if mirror is not None else {}
-        images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="HWC", mean=mean, std=std,
+        images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout=layout, mean=mean, std=std,
                                           **cmn_kw)
     else:
         images = fn.decoders.image(jpg, **decode_kw)
@@ -89,7 +90,7 @@ def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bo
         (ry, rx), (ay, ax) = _eval_geometry(jpg, size)
         images = fn.resize(images, resize_x=rx, resize_y=ry, antialias=True)
         images = fn.slice(images, fn.stack(ay, ax), (size, size), axes=[0, 1])
-        images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="HWC", mean=mean, std=std)
+        images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout=layout, mean=mean, std=std)
     # `.cls` holds the class index as ASCII digits (one digit: <= 10 classes, checked at build)
     label = fn.cast(cls[0], dtype=types.INT64) - 48
     if cuda:
@@ -170,13 +171,16 @@ class DaliLoader(Loader):
         cuda = self.device.type == "cuda"
         self.augment = self.train and self.aug.preset != AugPreset.NONE
         hint = _image_hw(pack, split)
+        # HWC viewed as NCHW is channels_last for free; for a contiguous NCHW output let
+        # crop_mirror_normalize write CHW in the pass it makes anyway (no transposing copy in torch).
+        self.layout = "CHW" if self.memory_format == torch.contiguous_format else "HWC"
         graph = pipeline_def(_graph, enable_conditionals=False)
         seed = mix_seed(cfg.seed, rank, 0xDA1) % (2**31 - 1)
         self.pipe = graph(
             [str(s.path) for s in shards], [str(s.idx_path) for s in shards], train=self.train,
             augment=self.augment, size=self.size, aug=self.aug, cuda=cuda, shard_id=rank,
             num_shards=world_size, initial_fill=max(self.batch_size, min(1024, self.total_samples)),
-            fp16=self.dtype == torch.float16, hint_hw=hint,
+            fp16=self.dtype == torch.float16, hint_hw=hint, layout=self.layout,
             batch_size=self.batch_size, num_threads=max(1, workers),
             device_id=(self.device.index or 0) if cuda else None, seed=seed, prefetch_queue_depth=2)
         try:
@@ -203,10 +207,10 @@ class DaliLoader(Loader):
         sizes = [self.batch_size] * want if self.train else eval_batch_sizes(
             self.total_samples, self.rank, self.world_size, self.batch_size)
         k = 0
-        for images, labels in self._batches():  # images: N,S,S,3 (HWC)
+        for images, labels in self._batches():  # images: N,S,S,3 (HWC) or N,3,S,S (CHW)
             if k >= want:
                 continue  # drain: DALI resets only at its epoch's end
-            nchw = images.permute(0, 3, 1, 2)  # channels_last view, no copy
+            nchw = images.permute(0, 3, 1, 2) if self.layout == "HWC" else images  # HWC: channels_last view
             # split DALI's batch where the plan wants smaller ones (a short eval rank's last batch)
             pos = 0
             while pos < nchw.shape[0] and k < want:

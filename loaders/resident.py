@@ -177,13 +177,15 @@ class BatchMaker:
             b = self._bufs[name] = torch.empty(shape, dtype=dtype, device=self.cache.device)
         return b
 
-    def eval_batch(self, idx: torch.Tensor) -> torch.Tensor:
+    def eval_batch(self, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         h, w = self.hw
         top, left = (h - self.size) // 2, (w - self.size) // 2
         src = self.cache.index_select(0, idx)[:, :, top:top + self.size, left:left + self.size]
-        return augment_mod.normalize_u8(src, self.work_dtype)  # the exact eval view: a slice, no resampling
+        a, b = augment_mod.normalize_coefficients(src.device, self.work_dtype)
+        return torch.addcmul(b, src, a, out=out)  # the exact eval view: a slice, no resampling
 
-    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def train_batch(self, idx: torch.Tensor, gen: torch.Generator, out: torch.Tensor) -> torch.Tensor:
+        """Writes batch idx into `out` (the output dtype): the last op casts as it writes."""
         n = idx.shape[0]
         h, w = self.hw
         aug, s = self.aug, self.size
@@ -191,29 +193,27 @@ class BatchMaker:
         src_u8 = torch.index_select(self.cache, 0, idx, out=self._buf("u8", (n, 3, h, w), torch.uint8))
         src = self._buf("src", (n, 3, h, w), self.work_dtype).copy_(src_u8)  # N,3,H,W
         grid = self._buf("grid", (n, s, s, 2), self.work_dtype)
-        if not aug.rotation and not aug.has_jitter:
-            # crop-flip: normalize the source in place; the (border-padded) warp output is final
-            a, b = augment_mod.normalize_coefficients(src.device, src.dtype)
-            src.mul_(a).add_(b)
-            return augment_mod.warp_batch(src, p, s, rotation=False, grid_out=grid)
         x = augment_mod.warp_batch(src, p, s, aug.rotation, grid_out=grid)  # N,3,S,S in [0, 255]
-        m, t = augment_mod.colour_affine(p if aug.has_jitter else None, None, n, src.device)
-        return augment_mod.apply_colour(x, m, t, clamp=aug.has_jitter)
+        if not aug.has_jitter:  # normalize + cast in one pass
+            a, b = augment_mod.normalize_coefficients(x.device, x.dtype)
+            return torch.addcmul(b, x, a, out=out)
+        m, t = augment_mod.colour_affine(p, None, n, x.device)
+        y = augment_mod.apply_colour(x, m, t, clamp=False)
+        lo, hi = augment_mod.normalized_bounds(x.device)
+        return torch.clamp(y, lo.to(y.dtype), hi.to(y.dtype), out=out)  # clamp + cast in one pass
 
     def __call__(self, epoch: int, k: int, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(indices).to(self.cache.device, non_blocking=True)
+        out = torch.empty((len(indices), 3, self.size, self.size), dtype=self.out_dtype, device=self.cache.device)
+        if self.share_output:  # written straight into shared memory: no copy when handed to the trainer
+            out.share_memory_()
         with torch.no_grad():
             if self.augment:
                 gen = torch.Generator(device=self.cache.device)
                 gen.manual_seed(mix_seed(self.seed, epoch, self.rank, k, 0xA06))
-                images = self.train_batch(idx, gen)
+                images = self.train_batch(idx, gen, out)
             else:
-                images = self.eval_batch(idx)
-            if self.share_output:  # write the result straight into shared memory: no copy at hand-off
-                out = torch.empty(images.shape, dtype=self.out_dtype).share_memory_()
-                images = out.copy_(images)
-            else:
-                images = images.to(self.out_dtype)
+                images = self.eval_batch(idx, out)
         return images, self.labels.index_select(0, idx)
 
 
