@@ -181,11 +181,12 @@ class BatchMaker:
         h, w = self.hw
         top, left = (h - self.size) // 2, (w - self.size) // 2
         src = self.cache.index_select(0, idx)[:, :, top:top + self.size, left:left + self.size]
-        a, b = augment_mod.normalize_coefficients(src.device, self.work_dtype)
-        return torch.addcmul(b, src, a, out=out)  # the exact eval view: a slice, no resampling
+        x = self._buf("eval", tuple(src.shape), self.work_dtype).copy_(src)  # the exact eval view: a slice
+        a, b = augment_mod.normalize_coefficients(x.device, x.dtype)
+        return out.copy_(x.mul_(a).add_(b))
 
     def train_batch(self, idx: torch.Tensor, gen: torch.Generator, out: torch.Tensor) -> torch.Tensor:
-        """Writes batch idx into `out` (the output dtype): the last op casts as it writes."""
+        """Writes batch idx into `out` (the output dtype)."""
         n = idx.shape[0]
         h, w = self.hw
         aug, s = self.aug, self.size
@@ -194,13 +195,13 @@ class BatchMaker:
         src = self._buf("src", (n, 3, h, w), self.work_dtype).copy_(src_u8)  # N,3,H,W
         grid = self._buf("grid", (n, s, s, 2), self.work_dtype)
         x = augment_mod.warp_batch(src, p, s, aug.rotation, grid_out=grid)  # N,3,S,S in [0, 255]
-        if not aug.has_jitter:  # normalize + cast in one pass
+        # In-place same-dtype ops, then one cast into `out`: several times faster on CPU than one
+        # mixed-dtype op writing bf16 (measured).
+        if not aug.has_jitter:
             a, b = augment_mod.normalize_coefficients(x.device, x.dtype)
-            return torch.addcmul(b, x, a, out=out)
+            return out.copy_(x.mul_(a).add_(b))
         m, t = augment_mod.colour_affine(p, None, n, x.device)
-        y = augment_mod.apply_colour(x, m, t, clamp=False)
-        lo, hi = augment_mod.normalized_bounds(x.device)
-        return torch.clamp(y, lo.to(y.dtype), hi.to(y.dtype), out=out)  # clamp + cast in one pass
+        return out.copy_(augment_mod.apply_colour(x, m, t, clamp=True))
 
     def __call__(self, epoch: int, k: int, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(indices).to(self.cache.device, non_blocking=True)
