@@ -113,6 +113,7 @@ class FFCVLoader(Loader):
         # (seed, epoch, rank) -- and needs torch.distributed even though rank/world_size are given.
         self._ffcv.traversal_order = _PlanOrder(self)
         self._ffcv.first_traversal_order = plan0.indices.astype(np.uint64)  # FFCV's len() reads it
+        self._bufs: dict[str, torch.Tensor] = {}
 
     # -- after FFCV ---------------------------------------------------------------------------
     def _params(self, n: int, gen: torch.Generator) -> augment.AugParams:
@@ -124,21 +125,31 @@ class FFCVLoader(Loader):
         vflip = torch.zeros_like(p.vflip) if self.fused else p.vflip
         return dataclasses.replace(p, box=box, hflip=torch.zeros_like(p.hflip), vflip=vflip)
 
+    def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A work buffer reused batch to batch: fresh ~100 MB tensors cost more in page faults than
+        the arithmetic on them on a CPU (the resident loader measured the same)."""
+        b = self._bufs.get(name)
+        if b is None or tuple(b.shape) != shape or b.dtype != dtype:
+            b = self._bufs[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        return b
+
     def _device_aug(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """x pixel values [N, 3, S, S] (float32 on CPU; uint8 on CUDA) -> rotated / flipped /
-        jittered, normalized float [N, 3, S, S]."""
-        n = x.shape[0]
+        jittered, normalized float [N, 3, S, S] in a new tensor of the output dtype."""
+        n, s = x.shape[0], self.size
         p = self._params(n, gen)
         xf = x if x.is_floating_point() else x.to(self.dtype)
-        if self.aug.rotation:
-            xf = augment.warp_batch(xf, p, self.size, rotation=True)  # rotation (+ vflip): one grid_sample
+        if self.aug.rotation:  # rotation (+ vflip on CUDA) as one grid_sample
+            xf = augment.warp_batch(xf, p, s, rotation=True, grid_out=self._buf("grid", (n, s, s, 2), xf.dtype))
         elif self.aug.vflip and not self.fused:
             xf = torch.where(p.vflip.view(n, 1, 1, 1), xf.flip(2), xf)
-        if self.aug.has_jitter:
-            m, t = augment.colour_affine(p, augment.mean_gray(xf), n, self.device)
-            return augment.apply_colour(xf, m, t, clamp=True)
-        m, t = augment.colour_affine(None, None, n, self.device)
-        return augment.apply_colour(xf, m, t, clamp=False)
+        out = torch.empty((n, 3, s, s), dtype=self.dtype, device=self.device, memory_format=self.memory_format)
+        if self.aug.has_jitter:  # contrast pivots on mid-gray, as in every kind (mean_gray None)
+            m, t = augment.colour_affine(p, None, n, self.device)
+            return out.copy_(augment.apply_colour(xf, m, t, clamp=True))
+        a, b = augment.normalize_coefficients(xf.device, xf.dtype)
+        y = xf.mul_(a) if xf is not x else torch.mul(xf, a)  # never write into FFCV's buffer
+        return out.copy_(y.add_(b))
 
     def _cuda_batch(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """x uint8 [N, 3, S, S] on the GPU -> normalized cfg dtype."""
