@@ -231,11 +231,13 @@ def mean_gray(x: torch.Tensor, scale: float = 1 / 255) -> torch.Tensor:
     return (x.float().mean(dim=(2, 3)) @ w) * scale
 
 
-def apply_colour(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, clamp: bool) -> torch.Tensor:
+def apply_colour(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, clamp: bool,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """x float[N, 3, H, W] -> M x + t per sample (one batched matmul), clamped to the normalized
-    image of [0, 1] when jitter could push values out of it."""
+    image of [0, 1] when jitter could push values out of it. out: optional reusable result buffer."""
     n, ch, h, w = x.shape
-    y = torch.baddbmm(t.unsqueeze(-1).to(x.dtype), m.to(x.dtype), x.reshape(n, ch, h * w)).view(n, ch, h, w)
+    y = torch.baddbmm(t.unsqueeze(-1).to(x.dtype), m.to(x.dtype), x.reshape(n, ch, h * w),
+                      out=None if out is None else out.view(n, ch, h * w)).view(n, ch, h, w)
     if clamp:
         lo, hi = normalized_bounds(x.device)
         y = torch.maximum(y, lo.to(y.dtype), out=y)

@@ -1,0 +1,77 @@
+"""GPU paths of the loaders (run on a GPU host: pytest -m gpu). Same small pack as test_loaders."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hamengine.config import AugConfig, LoaderConfig
+from hamengine.loaders import build_loader
+from hamengine.loaders.records import Pack
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")]
+
+S, BS = 64, 16
+
+
+@pytest.fixture(scope="module")
+def pack_path(tmp_path_factory):
+    from hamengine.config import PackConfig
+    from hamengine.loaders.pack import pack_dataset
+    from hamengine.loaders.synth import synthesize
+
+    root = tmp_path_factory.mktemp("gpu")
+    src = synthesize(root / "src", n=150, seed=3, size=(200, 150), progress=False)
+    pack_dataset(PackConfig(source=str(src), out=str(root / "pack"), size=80, workers=2), progress=False)
+    return root / "pack"
+
+
+def cfg(kind: str, **kw) -> LoaderConfig:
+    base = dict(kind=kind, size=S, batch_size=BS, workers=2, dtype="bf16")
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def cpu_eval(pack: Pack) -> torch.Tensor:
+    return torch.cat([x.float() for x, _ in build_loader(pack, "val", cfg("resident", dtype="fp32"), "cpu")])
+
+
+@pytest.mark.parametrize("kind", ["resident", "dali", "torch"])
+def test_gpu_contract_and_eval_agreement(pack_path, kind):
+    pack = Pack(pack_path)
+    tr = build_loader(pack, "train", cfg(kind), "cuda")
+    x, y = next(iter(tr))
+    assert x.device.type == "cuda" and y.device.type == "cuda"
+    assert x.dtype == torch.bfloat16 and x.shape == (BS, 3, S, S) and y.dtype == torch.int64
+    assert x.is_contiguous(memory_format=torch.channels_last)  # AUTO on CUDA
+    assert -2.2 < float(x.float().min()) < -0.5 and 0.5 < float(x.float().max()) < 2.7
+    ev = build_loader(pack, "val", cfg(kind, dtype="fp32"), "cuda")
+    xs, ys = zip(*[(a.float().cpu(), b.cpu()) for a, b in ev], strict=True)
+    assert np.array_equal(torch.cat(ys).numpy(), pack.labels("val"))
+    # mixed (nvJPEG) decode vs libjpeg-turbo on CPU: within decoder tolerance
+    assert (torch.cat(xs) - cpu_eval(pack)).abs().mean() < 0.03
+    tr.close()
+    ev.close()
+
+
+def test_dali_gpu_output_is_channels_last_view(pack_path):
+    """crop_mirror_normalize writes HWC; the NCHW view must be channels_last without a copy."""
+    pack = Pack(pack_path)
+    ld = build_loader(pack, "train", cfg("dali", dtype="fp16", aug=AugConfig(preset="crop-flip")), "cuda")
+    x, _ = next(iter(ld))
+    assert x.dtype == torch.float16 and x.is_contiguous(memory_format=torch.channels_last)
+    assert x.stride()[1] == 1  # channels innermost
+
+
+def test_resident_gpu_cache_and_determinism(pack_path, tmp_path):
+    pack = Pack(pack_path)
+    c = cfg("resident", cache_dir=str(tmp_path), seed=4)
+    a = build_loader(pack, "train", c, "cuda")
+    assert a.cache.device.type == "cuda"
+    xa = torch.cat([x.float() for x, _ in a])
+    b = build_loader(pack, "train", c, "cuda")  # from the disk cache written by `a`
+    xb = torch.cat([x.float() for x, _ in b])
+    assert torch.equal(xa, xb)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
