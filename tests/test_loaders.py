@@ -242,3 +242,20 @@ def test_folder_baseline(small_pack):
     ev.close()
     with pytest.raises(ConfigError, match="source"):
         build_loader(pack, "val", cfg_for("folder"), "cpu")
+
+
+def test_auto_choice(small_pack):
+    from hamengine.loaders.build import choose_kind
+
+    pack = Pack(small_pack[0])
+    assert choose_kind(pack, "train", cfg_for("auto"), torch.device("cpu")).value == "resident"
+    tiny = 1e-9  # GB: nothing fits
+    assert choose_kind(pack, "train", cfg_for("auto", memory_budget_gb=tiny), torch.device("cpu")).value == "dali"
+    assert choose_kind(pack, "train", cfg_for("auto", memory_budget_gb=tiny, balance_sampler=True),
+                       torch.device("cpu")).value == "torch"
+    with pytest.raises(ConfigError, match="memory_budget_gb"):
+        build_loader(small_pack[0], "val", cfg_for("resident", memory_budget_gb=tiny), "cpu")
+    with pytest.raises(ConfigError, match="balance"):
+        build_loader(small_pack[0], "train", cfg_for("dali", balance_sampler=True), "cpu")
+    ld = build_loader(str(small_pack[0]), "val", cfg_for("auto"), "cpu")  # a path works too
+    assert ld.kind == "resident"
