@@ -88,6 +88,10 @@ def build_loader(pack: Pack | str | Path, split: str, cfg: LoaderConfig, device:
         from hamengine.loaders.folder import FolderLoader
 
         return FolderLoader(pack, split, cfg, dev, rank, world_size, workers=workers)
+    if kind == LoaderKind.FFCV:  # optional extra; checks its .beton against the pack itself
+        from hamengine.loaders.ffcv_loader import FFCVLoader
+
+        return FFCVLoader(pack, split, cfg, dev, rank, world_size, workers=workers, verify=verify)
     if verify:
         verify_shards(pack, split)
     if kind == LoaderKind.TORCH:
@@ -101,5 +105,4 @@ def build_loader(pack: Pack | str | Path, split: str, cfg: LoaderConfig, device:
         from hamengine.loaders.dali import DaliLoader
 
         return DaliLoader(pack, split, cfg, dev, rank, world_size, workers=workers)
-    raise ConfigError(f"loader {kind.value!r} is not provided by hamengine.loaders.build_loader "
-                      f"(kinds: auto, dali, resident, torch, folder)")
+    raise ConfigError(f"unknown loader {kind.value!r} (kinds: auto, dali, resident, torch, folder, ffcv)")
