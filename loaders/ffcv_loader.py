@@ -158,7 +158,7 @@ class FFCVLoader(Loader):
         if self.augment and self.aug.vflip:
             flip = self._params(x.shape[0], gen).vflip.view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(2), x)
-        return augment.normalize_u8(x, self.dtype)
+        return augment.normalize_u8(x, self.dtype, memory_format=self.memory_format)
 
     def _batch(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """FFCV's image output -> the contract's images. FFCV reuses its output buffers a few

@@ -254,3 +254,29 @@ def test_training_with_ffcv_learns(pack_path: Path, val_loader) -> None:
     bacc = balanced_accuracy_score(pack.labels("val"), pred)
     assert bacc > 0.3, bacc  # chance: 1/7; measured 0.44-0.53 after 1-4 epochs
     train.close()
+
+
+@needs_ffcv
+@pytest.mark.gpu
+def test_cuda_path_contract_and_agreement(pack_path: Path, exported: dict) -> None:
+    """On CUDA uint8 crosses to the GPU (FFCV's ToDevice) and flips / normalization run there."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from hamengine.loaders import build_loader
+    from hamengine.loaders.ffcv_loader import FFCVLoader
+
+    pack = Pack(pack_path)
+    dev = torch.device("cuda")
+    ev = FFCVLoader(pack, "val", cfg_for(dtype="bf16"), dev, workers=2)
+    x, y = epoch(ev)
+    first = next(iter(ev))[0]
+    assert first.device.type == "cuda" and first.dtype == torch.bfloat16
+    assert first.is_contiguous(memory_format=torch.channels_last)  # AUTO on CUDA
+    assert np.array_equal(y.cpu().numpy(), pack.labels("val"))
+    ref, _ = epoch(build_loader(pack, "val", LoaderConfig(kind="resident", size=S, batch_size=BS,
+                                                          dtype="bf16"), dev))
+    assert (x - ref).abs().mean() < 0.03
+    tr = FFCVLoader(pack, "train", cfg_for(dtype="bf16", aug=AugConfig(preset=AugPreset.FULL)), dev, workers=2)
+    xt, yt = next(iter(tr))
+    assert xt.shape == (BS, 3, S, S) and xt.device.type == "cuda" and yt.device.type == "cuda"
+    assert -2.2 < float(xt.float().min()) and float(xt.float().max()) < 2.7
