@@ -343,3 +343,23 @@ def beton_for(pack: Pack, split: str, auto_export: bool = True, verify: bool = T
         raise FFCVExportError(f"{path}: sha256 differs from {export_dir(pack) / MANIFEST} (damaged or "
                               f"replaced); run `hamengine export-ffcv {pack.path} --force` to rebuild it")
     return path
+
+
+def check_export(pack: Pack) -> list[str]:
+    """Problems with PACK/ffcv (for `hamengine verify` / `inspect`): [] when absent or sound.
+    Hashes every .beton against the sidecar."""
+    path = export_dir(pack) / MANIFEST
+    if not path.is_file():
+        return []
+    manifest = read_export(pack, check_files=False)
+    if manifest is None:
+        return [f"{path}: not an export of this pack (stale or damaged); run `hamengine export-ffcv "
+                f"{pack.path} --force`"]
+    problems = []
+    for info in manifest["splits"].values():
+        f = export_dir(pack) / info["file"]
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+            problems.append(f"{f}: differs from {path} (damaged or replaced)")
+    return problems

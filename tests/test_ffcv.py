@@ -146,17 +146,19 @@ def test_export_is_deterministic_and_kept_when_current(pack_path: Path, exported
 
 @needs_ffcv
 def test_damaged_or_missing_export_fails_early(pack_path: Path, exported: dict, tmp_path: Path) -> None:
-    from hamengine.loaders.ffcv_export import FFCVExportError, beton_for
+    from hamengine.loaders.ffcv_export import FFCVExportError, beton_for, check_export
 
     copy = tmp_path / "pack"
     shutil.copytree(pack_path, copy, ignore=shutil.ignore_patterns("cache"))
     pack = Pack(copy)
     beton = copy / "ffcv" / "val.beton"
+    assert check_export(pack) == []
     data = bytearray(beton.read_bytes())
     data[len(data) // 2] ^= 0xFF
     beton.write_bytes(bytes(data))
     with pytest.raises(FFCVExportError, match="export-ffcv .* --force"):
         beton_for(pack, "val")
+    assert len(check_export(pack)) == 1 and "val.beton" in check_export(pack)[0]
     (copy / "ffcv" / "manifest.json").unlink()
     with pytest.raises(FFCVExportError, match="hamengine export-ffcv"):
         beton_for(pack, "val", auto_export=False)
