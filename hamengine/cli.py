@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "pack": "hamengine.commands.pack:pack",
     "verify": "hamengine.commands.pack:verify",
     "inspect": "hamengine.commands.pack:inspect_pack",
+    "export-ffcv": "hamengine.commands.ffcv:export_ffcv",
     "models": "hamengine.commands.train:models",
     "train": "hamengine.commands.train:train",
     "demo": "hamengine.commands.train:demo",

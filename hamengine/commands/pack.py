@@ -64,10 +64,14 @@ def _mb(n: int) -> str:
               help="Replace an existing pack, or write into a non-empty folder (only pack files are removed).")
 @click.option("--max-pixels", default=64_000_000, show_default=True, type=int,
               help="Reject images with more pixels than this (decompression-bomb guard).")
+@click.option("--format", "formats", type=click.Choice(["webdataset", "ffcv"]), multiple=True,
+              default=("webdataset",), show_default=True,
+              help="Record formats to write. The webdataset shards are always written; `ffcv` also exports "
+                   "PACK/ffcv/<split>.beton from them (same samples, labels and JPEG bytes; needs the ffcv extra).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def pack(source: Path, out: Path, size: int, quality: int, keep_original: bool, val: float, test: float,
          split_file: Path | None, seed: int, shard_size: str, workers: int, skip_bad: bool,
-         allow_missing: bool, force: bool, max_pixels: int, as_json: bool) -> None:
+         allow_missing: bool, force: bool, max_pixels: int, formats: tuple[str, ...], as_json: bool) -> None:
     """Pack a HAM10000 folder into tar shards + DALI indexes + manifest (lesion-grouped, stratified split)."""
     from hamengine.loaders.pack import pack_dataset
     from hamengine.loaders.records import PackError
@@ -83,6 +87,12 @@ def pack(source: Path, out: Path, size: int, quality: int, keep_original: bool, 
         start = time.perf_counter()
         manifest = pack_dataset(cfg, progress=not as_json,
                                 log=lambda m: err_console.print(m, highlight=False))
+        ffcv_export = None
+        if "ffcv" in formats:
+            from hamengine.loaders.ffcv_export import export_ffcv
+
+            ffcv_export = export_ffcv(out, force=force, progress=not as_json,
+                                      log=lambda m: err_console.print(m, highlight=False))
         seconds = time.perf_counter() - start
     except (PackError, SourceError, SplitError, ConfigError) as e:
         fail(str(e))
@@ -92,7 +102,8 @@ def pack(source: Path, out: Path, size: int, quality: int, keep_original: bool, 
     summary = {"out": str(out), "seconds": round(seconds, 2), "recipe_sha256": manifest["recipe_sha256"],
                "shards": len(manifest["shards"]), "bytes": total, "splits": manifest["splits"],
                "converted": manifest["converted"], "kept_original": manifest["kept_original"],
-               "skipped": manifest["skipped"], "missing": manifest["source"]["missing"]}
+               "skipped": manifest["skipped"], "missing": manifest["source"]["missing"],
+               "ffcv": ffcv_export}
     if as_json:
         emit_json(summary)
         return
