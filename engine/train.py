@@ -120,10 +120,11 @@ class EpochResult:
 
 def train_one_epoch(step: TrainStep, batches: Iterable, total_steps: int, display: LiveDisplay,
                     info: DistInfo, device: torch.device, should_stop: Callable[[], bool],
-                    description: str = "train", warmup_steps: int = 0, sync_every: int = 20
-                    ) -> EpochResult:
+                    description: str = "train", warmup_steps: int = 0, sync_every: int = 20,
+                    on_first_batch: Callable[[], None] | None = None) -> EpochResult:
     """Run at most `total_steps` steps over `batches`. Stops early (interrupted=True) at a step
-    boundary when `should_stop()` turns true on any rank."""
+    boundary when `should_stop()` turns true on any rank. `on_first_batch` runs once the first
+    batch is in hand, before the first step (the trainer re-seeds the global RNGs there)."""
     step.model.train()
     meter = EpochMeter(warmup_steps=warmup_steps)
     display.start_epoch(description, total_steps)
@@ -135,6 +136,8 @@ def train_one_epoch(step: TrainStep, batches: Iterable, total_steps: int, displa
     t0 = time.perf_counter()
     for images, labels in batches:
         t1 = time.perf_counter()
+        if n == 0 and on_first_batch is not None:
+            on_first_batch()
         loss = step(images, labels)
         loss_sum += loss
         n += 1
@@ -241,7 +244,10 @@ def evaluate_checkpoint(run_dir: str | Path, split: str = "test", checkpoint: st
     model.to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     source = PackSource(cfg.pack)
     batches = source.loader(split, loader_config(cfg, dev, channels_last), dev, 0, 1)
-    y, p, loss_sum = predict(model, batches, dev, amp_dtype_for(cfg, dev))
+    try:
+        y, p, loss_sum = predict(model, batches, dev, amp_dtype_for(cfg, dev))
+    finally:
+        getattr(batches, "close", lambda: None)()
     m = classification_metrics(y, p, classes)
     m.update({"loss": loss_sum / max(1, len(y)), "split": split, "checkpoint": str(ckpt_path),
               "epoch": state.get("epoch"), "model": cfg.model, "run": str(run.path)})

@@ -2,12 +2,14 @@
 
 Resume is exact at epoch boundaries: last.pt is written after every completed epoch (after its
 validation) with model, optimizer, scheduler, scaler, EMA, every rank's RNG states and the epoch;
-loaders are re-seeded by set_epoch(epoch). SIGINT/SIGTERM stop at the next step boundary and exit
+loaders are re-seeded by set_epoch(epoch), and the global RNGs restart from (seed, epoch, rank) at
+each epoch's first batch (see the comment in the epoch loop). SIGINT/SIGTERM stop at the next step boundary and exit
 cleanly WITHOUT saving the partial epoch: last.pt stays the last completed epoch, which `--resume`
 continues bit-for-bit (deterministic settings) — at most one epoch of work is redone.
 """
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import threading
@@ -82,10 +84,14 @@ def loader_config(cfg: TrainConfig, device: torch.device, channels_last: bool) -
 
 
 def default_lr(cfg: TrainConfig) -> float:
-    """Linear scaling with batch size; fine-tuning pretrained weights uses a quarter."""
+    """SGD: linear scaling with batch size; AdamW: square-root scaling (Adam's normalized steps
+    need less change with batch size). Fine-tuning pretrained weights uses a quarter."""
     if cfg.lr is not None:
         return cfg.lr
-    base = 0.1 * cfg.batch_size / 256 if cfg.optimizer == Optimizer.SGD else 2e-3 * cfg.batch_size / 128
+    if cfg.optimizer == Optimizer.SGD:
+        base = 0.1 * cfg.batch_size / 256
+    else:
+        base = 2e-3 * math.sqrt(cfg.batch_size / 128)
     return base * (0.25 if (cfg.pretrained or cfg.pretrained_path) else 1.0)
 
 
@@ -153,7 +159,7 @@ class FitOptions:
     """Run-time choices that are not part of the saved config."""
 
     deterministic: bool = False  # bit-exact CPU reruns/resumes (torch.use_deterministic_algorithms)
-    prefetch: bool | None = None  # background-thread prefetch; None: on for CPU training
+    prefetch: bool | None = None  # background-thread prefetch; None: off (loaders run ahead already)
     console: Console = field(default_factory=Console)
     source: Any = None  # a PackSource-like object; None: PackSource(cfg.pack)
     test_eval: bool = True
@@ -161,6 +167,7 @@ class FitOptions:
 
 def _seed_all(seed: int) -> None:
     import random
+    seed %= 2**63
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -170,13 +177,17 @@ def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
     """Train `cfg` into RunDir(cfg.out); returns a summary dict (run, epochs, best, test metrics)."""
     opts = opts or FitOptions()
     info, device = D.init_distributed(cfg.device)
+    loaders: list[Any] = []
     try:
-        return _fit(cfg, opts, info, device)
+        return _fit(cfg, opts, info, device, loaders)
     finally:
+        for loader in loaders:  # worker processes / pipelines
+            getattr(loader, "close", lambda: None)()
         D.shutdown()
 
 
-def _fit(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.device) -> dict[str, Any]:
+def _fit(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.device,
+         loaders: list[Any]) -> dict[str, Any]:
     from hamengine.engine.environment import hardware
     from hamengine.engine.plots_train import plot_curves
     from hamengine.models import create_model
@@ -202,6 +213,7 @@ def _fit(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.dev
     lcfg = loader_config(cfg, device, channels_last)
     train_loader = source.loader("train", lcfg, device, info.rank, info.world_size)
     val_loader = source.loader("val", lcfg, device, info.rank, info.world_size)
+    loaders += [train_loader, val_loader]
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -253,10 +265,12 @@ def _fit(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.dev
     compiled = torch.compile(train_model) if use_compile else train_model
     step = TrainStep(compiled, train_model, optimizer, criterion, device, amp_dtype, scheduler, scaler,
                      cfg.grad_clip, ema)
-    # A background thread overlaps batch assembly with compute where the loader does not already
-    # run ahead of the step (resident on CPU). Off in deterministic mode: the thread would draw from
-    # the global RNG concurrently with the step (dropout), making the order of draws racy.
-    prefetch = opts.prefetch if opts.prefetch is not None else (device.type == "cpu" and not opts.deterministic)
+    # A background thread can overlap batch assembly with compute for a loader that builds batches
+    # in the calling thread. The shipped loaders already run ahead (resident and torch: worker
+    # processes on CPU, async kernels on GPU; DALI: its pipeline queue), and on 2 cores the extra
+    # thread only competed with the step (bench train), so it is opt-in. Never in deterministic
+    # mode: a thread drawing from the global RNG concurrently with dropout makes the order racy.
+    prefetch = bool(opts.prefetch) and not opts.deterministic
 
     say(f"[bold]train[/] {cfg.model} on {device} ({info.world_size} process(es)), "
         f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size}, "
@@ -271,9 +285,15 @@ def _fit(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.dev
             train_loader.set_epoch(epoch)
             batches = ThreadPrefetcher(train_loader) if prefetch else train_loader
             first = epoch == start_epoch
+            # The global RNGs (dropout, ...) restart from (seed, epoch, rank) once the epoch's first
+            # batch is in hand: a loader may draw from them when its iterator starts (DataLoader's
+            # base seed, once per process with persistent workers), which a resumed process does at a
+            # different epoch than an uninterrupted one. Seeding after that draw makes resume exact.
+            reseed = functools.partial(_seed_all, (cfg.seed + 1) * 1_000_003 + epoch * 1009 + info.rank)
             res = train_one_epoch(step, batches, steps_per_epoch, display, info, device, stop,
                                   description=f"epoch {epoch + 1}/{cfg.epochs}",
-                                  warmup_steps=min(3, steps_per_epoch - 1) if first else 0)
+                                  warmup_steps=min(3, steps_per_epoch - 1) if first else 0,
+                                  on_first_batch=reseed)
             if res.interrupted:
                 interrupted = True
                 break

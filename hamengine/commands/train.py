@@ -92,7 +92,7 @@ def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
 @click.option("--epochs", type=int, default=_D.epochs, help="Number of epochs.")
 @click.option("--batch-size", type=int, default=_D.batch_size, help="Batch size per process.")
 @click.option("--size", type=int, default=_D.size, help="Input side S in pixels (S x S crops).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 2e-3 x batch/128 "
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 2e-3 x sqrt(batch/128) "
               "for AdamW, 0.1 x batch/256 for SGD; a quarter of that with pretrained weights].")
 @click.option("--weight-decay", type=float, default=_D.weight_decay, help="Weight decay (not on norms/biases).")
 @click.option("--optimizer", type=_choice(Optimizer), default=_D.optimizer.value, help="Optimizer.")
@@ -132,7 +132,7 @@ def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
 @click.option("--deterministic", is_flag=True,
               help="Deterministic algorithms, no prefetch thread: bit-exact reruns and resumes on CPU (slower).")
 @click.option("--prefetch/--no-prefetch", default=None,
-              help="Background-thread batch prefetch [default: on for CPU training].")
+              help="Background-thread batch prefetch [default: off; the loaders already run ahead].")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.pass_context
 def train(ctx: click.Context, **params: Any) -> None:
