@@ -311,6 +311,7 @@ def _fit(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.dev
             row = {"epoch": epochs_done, "lr": optimizer.param_groups[0]["lr"], "train_loss": res.loss,
                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                    "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_auc": val["macro_auc"],
+                   "val_n": val["n"],
                    "img_per_s": res.timing["img_per_s"], "data_ms": res.timing["data_ms"],
                    "step_ms": res.timing["step_ms"], "data_fraction": res.timing["data_fraction"],
                    "epoch_s": res.timing["wall_s"], "warmup_s": res.timing["warmup_s"] if first else 0.0,

@@ -7,7 +7,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from hamengine.commands.common import console, emit_json, fail
+from hamengine.commands.common import console, emit_json, err_console, fail
 from hamengine.config import (
     AugPreset,
     Balance,
@@ -144,13 +144,16 @@ def train(ctx: click.Context, **params: Any) -> None:
         cfg = resolve_config(ctx, params)
     except ConfigError as e:
         fail(str(e))
-    summary = run_training(cfg, deterministic=params["deterministic"], prefetch=params["prefetch"])
+    # With --json, stdout carries only the JSON: progress and epoch lines go to stderr.
+    summary = run_training(cfg, deterministic=params["deterministic"], prefetch=params["prefetch"],
+                           out=err_console if params["as_json"] else console)
     report(summary, params["as_json"])
     if summary.get("interrupted"):
         ctx.exit(130)
 
 
-def run_training(cfg: TrainConfig, deterministic: bool = False, prefetch: bool | None = None) -> dict:
+def run_training(cfg: TrainConfig, deterministic: bool = False, prefetch: bool | None = None,
+                 out=console) -> dict:
     """fit() with every user-caused error turned into one clear message."""
     from hamengine.engine.checkpoint import CheckpointError
     from hamengine.engine.run import RunError
@@ -159,7 +162,7 @@ def run_training(cfg: TrainConfig, deterministic: bool = False, prefetch: bool |
     from hamengine.models import PretrainedError
 
     try:
-        return fit(cfg, FitOptions(deterministic=deterministic, prefetch=prefetch, console=console))
+        return fit(cfg, FitOptions(deterministic=deterministic, prefetch=prefetch, console=out))
     except (PackError, RunError, CheckpointError, PretrainedError) as e:
         fail(str(e))
     except ValueError as e:  # unknown model, bad device, batch larger than the split
@@ -205,7 +208,7 @@ def demo(workdir: str, n: int, epochs: int | None, seed: int, as_json: bool) -> 
     cfg = DemoConfig(workdir=workdir, n=n, seed=seed)
     if epochs is not None:
         cfg.epochs = epochs
-    summary = run_demo(cfg, console=console)
+    summary = run_demo(cfg, console=err_console if as_json else console)
     report(summary["train"], as_json=False) if not as_json else emit_json(summary)
     if not as_json:
         console.print(f"demo done in {summary['seconds']['total']:.0f} s "

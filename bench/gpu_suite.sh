@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# hamengine GPU suite: one script for a CUDA host (x86-64, PyTorch already installed, no package index).
+#
+#   bash bench/gpu_suite.sh [OUT]          # results in OUT (default ./gpu-results)
+#
+# Steps (each one timed and bounded; a failing step is recorded in OUT/status.tsv and the rest goes on):
+#   1. environment record (nvidia-smi, torch, CUDA)           -> OUT/env.txt
+#   2. DALI from offline wheel parts when DALI_WHEEL is given (a wheel, or a glob of split parts
+#      `*.whl.part-*` concatenated in name order) and DALI is not importable
+#   3. the project: pip install --no-deps --no-build-isolation -e . ; fallback: a symlink shim on PYTHONPATH
+#   4. pytest -m gpu                                           -> OUT/pytest-gpu.xml
+#   5. synth N_IMAGES (default 3000) 600x450 images, pack at 256 px
+#   6. bench loader: dali,resident,torch,folder at 224        -> OUT/bench_loader.json
+#   7. bench train: resnet50 and resnet18 at 224, bf16, channels_last, compiled; loaders dali and
+#      resident                                               -> OUT/bench_train_<model>_<loader>.json
+#   8. a short end-to-end `hamengine train` smoke run         -> OUT/train_smoke.json
+#   9. summary table                                          -> OUT/summary.md, OUT/summary.json
+# Environment: PY (python, default python3), DALI_WHEEL, N_IMAGES, BATCH (bench train batch, default
+# 256), SUITE_BUDGET (seconds for the whole suite, default 470: under 8 minutes on one H100).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HERE")
+OUT=${1:-${OUT:-./gpu-results}}
+mkdir -p "$OUT/logs"
+OUT=$(cd "$OUT" && pwd)
+WORK=${WORK:-$OUT/work}
+mkdir -p "$WORK"
+PY=${PY:-python3}
+N_IMAGES=${N_IMAGES:-3000}
+BATCH=${BATCH:-256}
+SUITE_BUDGET=${SUITE_BUDGET:-470}
+STATUS=$OUT/status.tsv
+START=$(date +%s)
+printf 'step\texit\tseconds\n' > "$STATUS"
+
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/suite.log"; }
+
+# step NAME TIMEOUT CMD...: run with a timeout bounded by the suite budget; never aborts the suite.
+step() {
+    local name=$1 limit=$2 rc=0 t0 left
+    shift 2
+    left=$(( SUITE_BUDGET - ($(date +%s) - START) ))
+    if (( left < 10 )); then
+        log "skip $name: suite budget spent"
+        printf '%s\tskipped\t0\n' "$name" >> "$STATUS"
+        return 0
+    fi
+    (( limit > left )) && limit=$left
+    log "run  $name (limit ${limit}s)"
+    t0=$(date +%s)
+    timeout --kill-after=15 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1 || rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$STATUS"
+    if (( rc != 0 )); then
+        log "FAIL $name (exit $rc; 124 = timeout), see logs/$name.log"
+        tail -5 "$OUT/logs/$name.log" | sed 's/^/      /' | tee -a "$OUT/suite.log" || true
+    fi
+    return 0
+}
+
+# 1. environment
+{
+    uname -a
+    nvidia-smi || true
+    "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu",
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)' || true
+} > "$OUT/env.txt" 2>&1
+
+# 2. DALI from offline wheel parts
+install_dali() {
+    local parts wheel
+    # shellcheck disable=SC2206
+    parts=( $DALI_WHEEL )
+    if (( ${#parts[@]} == 1 )) && [[ ${parts[0]} == *.whl ]]; then
+        wheel=${parts[0]}
+    else
+        wheel="$WORK/$(basename "${parts[0]%%.part*}")"
+        [[ $wheel == *.whl ]] || wheel="$wheel.whl"
+        cat $(printf '%s\n' "${parts[@]}" | sort) > "$wheel"
+    fi
+    "$PY" -m pip install --no-index --no-deps "$wheel"
+}
+if ! "$PY" -c 'import nvidia.dali' >/dev/null 2>&1; then
+    if [[ -n ${DALI_WHEEL:-} ]]; then
+        step dali_install 120 install_dali
+    else
+        log "DALI not importable and DALI_WHEEL not given: dali steps will fail and be recorded"
+    fi
+fi
+
+# 3. the project
+install_shim() {  # hamengine.<part> from the repo folders without installing (package_dir by symlinks)
+    local shim="$WORK/shim/hamengine" f
+    rm -rf "$WORK/shim" && mkdir -p "$shim"
+    for f in "$REPO"/hamengine/*; do ln -s "$f" "$shim/$(basename "$f")"; done
+    for f in engine loaders models bench; do ln -s "$REPO/$f" "$shim/$f"; done
+    echo "$WORK/shim"
+}
+if ! (cd "$REPO" && "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT/logs/install.log" 2>&1); then
+    log "pip install -e failed (logs/install.log): using a PYTHONPATH shim"
+    export PYTHONPATH="$(install_shim)${PYTHONPATH:+:$PYTHONPATH}"
+    printf 'install\tshim\t0\n' >> "$STATUS"
+else
+    printf 'install\t0\t0\n' >> "$STATUS"
+fi
+HAM=("$PY" -m hamengine)
+
+# 4. GPU tests
+step pytest_gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest-gpu.xml" "$REPO/tests"
+
+# 5. data
+step synth 120 "${HAM[@]}" synth --out "$WORK/synth" --n "$N_IMAGES" --size 600x450 --json
+step pack 90 "${HAM[@]}" pack --source "$WORK/synth" --out "$WORK/pack" --size 256 --json
+PACK="$WORK/pack"
+
+# 6. loaders
+step bench_loader 150 bash -c "$(printf '%q ' "${HAM[@]}") bench loader --pack $(printf '%q' "$PACK") \
+    --source $(printf '%q' "$WORK/synth") --loaders dali,resident,torch,folder --size 224 --batch-size 128 \
+    --device cuda --json > $(printf '%q' "$OUT/bench_loader.json")"
+
+# 7. training step throughput (resnet50 first: the inductor cache then serves the second loader)
+for model in resnet50 resnet18; do
+    for loader in dali resident; do
+        step "bench_train_${model}_${loader}" 150 "${HAM[@]}" bench train --pack "$PACK" --model "$model" \
+            --loader "$loader" --size 224 --batch-size "$BATCH" --amp-dtype bf16 --channels-last --compile on \
+            --device cuda --steps 60 --warmup 15 --out "$OUT/bench_train_${model}_${loader}.json"
+    done
+done
+
+# 8. end to end: train (compiled, bf16, channels_last by default on CUDA) + test evaluation
+step train_smoke 120 bash -c "$(printf '%q ' "${HAM[@]}") train --pack $(printf '%q' "$PACK") --model resnet18 \
+    --epochs 2 --batch-size 128 --size 224 --out $(printf '%q' "$WORK/run-smoke") --json \
+    > $(printf '%q' "$OUT/train_smoke.json")"
+
+# 9. summary
+"$PY" - "$OUT" <<'PYEOF' || log "summary failed"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(p):
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+rows = [line.split("\t") for line in (out / "status.tsv").read_text().splitlines()[1:]]
+summary = {"status": {r[0]: {"exit": r[1], "seconds": r[2]} for r in rows}, "bench_train": [], "bench_loader": None}
+lines = ["# hamengine GPU suite", "", "| step | exit | seconds |", "|---|---|---|"]
+lines += [f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]
+lines += ["", "## bench train (224 px, bf16, channels_last, compiled)", "",
+          "| model | loader | img/s | synthetic img/s | stall_ratio | warm-up s |", "|---|---|---|---|---|---|"]
+for p in sorted(out.glob("bench_train_*.json")):
+    r = load(p)
+    if r:
+        summary["bench_train"].append(r)
+        lines.append(f"| {r['model']} | {r['loader']} | {r['img_per_s']:.0f} | {r['synthetic_img_per_s']:.0f} | "
+                     f"{r['stall_ratio']:.3f} | {r['warmup_s']:.1f} |")
+bl = load(out / "bench_loader.json")
+if bl:
+    summary["bench_loader"] = bl
+    lines += ["", "## bench loader (224 px)", "", "| loader | img/s | x folder |", "|---|---|---|"]
+    for r in bl.get("results", []):
+        ratio = r.get("ratio_to_folder")
+        lines.append(f"| {r.get('loader')} | {r.get('img_per_s', 0):.0f} | {'' if ratio is None else f'{ratio:.1f}'} |")
+smoke = load(out / "train_smoke.json")
+if smoke:
+    summary["train_smoke"] = smoke
+    lines += ["", f"train smoke: best val balanced accuracy {smoke.get('best_val_balanced_accuracy')}, "
+              f"warm-up {smoke.get('warmup_s')} s, compile_failed {smoke.get('compile_failed')}"]
+(out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+(out / "summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PYEOF
+log "done in $(( $(date +%s) - START )) s; results in $OUT"
