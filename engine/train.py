@@ -134,7 +134,19 @@ def train_one_epoch(step: TrainStep, batches: Iterable, total_steps: int, displa
     last_loss: float | None = None
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
-    for images, labels in batches:
+    it = iter(batches)
+    while True:
+        try:
+            images, labels = next(it)
+        except StopIteration:
+            break
+        except Exception:
+            # Ctrl-C reaches the whole process group: loader workers may die before this process
+            # reaches its step boundary. With a stop requested that is the interruption, not an error.
+            if should_stop():
+                interrupted = True
+                break
+            raise
         t1 = time.perf_counter()
         if n == 0 and on_first_batch is not None:
             on_first_batch()

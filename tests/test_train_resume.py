@@ -68,3 +68,28 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(pack, tmp_path):
     rows_b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows_b] == [1, 2, 3]
     assert [r["val_loss"] for r in rows_a] == [r["val_loss"] for r in rows_b]
+
+
+def test_ctrl_c_stops_cleanly_at_a_step_boundary(pack, tmp_path):
+    """SIGINT to the whole process group (what Ctrl-C does; loader workers get it too): exit 130,
+    last.pt intact at the last completed epoch, and --resume finishes the run."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hamengine", "train", "--pack", str(pack), "--model", "hamnet", "--epochs", "4",
+           "--batch-size", "16", "--size", "32", "--device", "cpu", "--loader", "resident", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    last = out / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-2000:]
+    assert "interrupted" in output and "--resume" in output
+    epoch = torch.load(last, weights_only=True)["epoch"]
+    assert epoch in (1, 2, 3)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == epoch
+    done = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.load(last, weights_only=True)["epoch"] == 4
