@@ -208,7 +208,13 @@ def demo(workdir: str, n: int, epochs: int | None, seed: int, as_json: bool) -> 
     cfg = DemoConfig(workdir=workdir, n=n, seed=seed)
     if epochs is not None:
         cfg.epochs = epochs
-    summary = run_demo(cfg, console=err_console if as_json else console)
+    from hamengine.loaders.records import PackError
+    from hamengine.loaders.synth import SynthError
+
+    try:
+        summary = run_demo(cfg, console=err_console if as_json else console)
+    except (SynthError, PackError, OSError, ValueError) as e:  # e.g. a --workdir holding other files
+        fail(f"demo: {e}")
     report(summary["train"], as_json=False) if not as_json else emit_json(summary)
     if not as_json:
         console.print(f"demo done in {summary['seconds']['total']:.0f} s "
