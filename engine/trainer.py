@@ -99,7 +99,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     # No weight decay on norms and biases (1-d tensors): decaying them only hurts.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    wd = cfg.weight_decay
+    if wd is None:  # AdamW's decoupled decay wants ~0.05; SGD's L2-style decay ~1e-4
+        wd = 0.05 if cfg.optimizer == Optimizer.ADAMW else 1e-4
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
     lr = default_lr(cfg)
     if cfg.optimizer == Optimizer.SGD:
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)

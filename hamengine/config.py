@@ -161,7 +161,7 @@ class TrainConfig:
     batch_size: int = 128
     size: int = 224
     lr: float | None = None  # None: per optimizer default scaled by batch size
-    weight_decay: float = 0.05
+    weight_decay: float | None = None  # None: 0.05 for AdamW, 1e-4 for SGD
     optimizer: Optimizer = Optimizer.ADAMW
     schedule: Schedule = Schedule.COSINE
     warmup_epochs: float = 1.0
@@ -212,7 +212,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
@@ -281,12 +281,8 @@ def parse_size(text: str) -> int:
     """'64MB' / '512KB' / '1GB' / '1000' -> bytes."""
     t = text.strip().upper().replace(" ", "")
     units = {"GB": 1 << 30, "MB": 1 << 20, "KB": 1 << 10, "B": 1}
-    for u, mult in units.items():
-        if t.endswith(u):
-            num = t[: -len(u)]
-            break
-    else:
-        num, mult = t, 1
+    unit = next((u for u in units if t.endswith(u)), None)
+    num, mult = (t[: -len(unit)], units[unit]) if unit else (t, 1)
     try:
         val = float(num)
     except ValueError:

@@ -94,7 +94,8 @@ def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
 @click.option("--size", type=int, default=_D.size, help="Input side S in pixels (S x S crops).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: 2e-3 x sqrt(batch/128) "
               "for AdamW, 0.1 x batch/256 for SGD; a quarter of that with pretrained weights].")
-@click.option("--weight-decay", type=float, default=_D.weight_decay, help="Weight decay (not on norms/biases).")
+@click.option("--weight-decay", type=float, default=_D.weight_decay,
+              help="Weight decay (not on norms/biases) [default: 0.05 with adamw, 1e-4 with sgd].")
 @click.option("--optimizer", type=_choice(Optimizer), default=_D.optimizer.value, help="Optimizer.")
 @click.option("--schedule", type=_choice(Schedule), default=_D.schedule.value,
               help="LR schedule after the linear warm-up.")
