@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from hamengine.loaders.layouts import COLUMNS, HINT, Problems, ham_frame, isic_frame, read_table
 
 from hamengine.config import CLASSES, StrEnum
+from hamengine.loaders.layouts import COLUMNS, HINT, Problems, ham_frame, isic_frame, read_table
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 ZIP_PREFIX = "zip://"
