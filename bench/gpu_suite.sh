@@ -24,7 +24,8 @@ REPO=$(dirname "$HERE")
 OUT=${1:-${OUT:-./gpu-results}}
 mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
-WORK=${WORK:-$OUT/work}
+# Data and scratch live outside OUT: only a few small result files should travel back from OUT.
+WORK=${WORK:-$(mktemp -d -t hamengine-gpu.XXXXXX)}
 mkdir -p "$WORK"
 PY=${PY:-python3}
 N_IMAGES=${N_IMAGES:-3000}
