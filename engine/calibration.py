@@ -7,12 +7,13 @@ RUN/calibration.json; predict and serve apply it when present.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+
+from hamengine.fileio import atomic_write_text
 
 CALIBRATION_FILE = "calibration.json"
 _EPS = 1e-12
@@ -50,14 +51,8 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray, bounds: tuple[float,
 
 def save_calibration(run: str | Path, temperature: float, info: dict[str, Any] | None = None) -> Path:
     """Write RUN/calibration.json atomically (temp file + fsync + replace)."""
-    path = Path(run) / CALIBRATION_FILE
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"temperature": float(temperature), **(info or {})}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(run) / CALIBRATION_FILE,
+                             json.dumps({"temperature": float(temperature), **(info or {})}, indent=2))
 
 
 def load_temperature(run: str | Path) -> float:

@@ -11,13 +11,14 @@ Format (`format` = "hamengine-checkpoint", `version` = 1):
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from hamengine.fileio import atomic_output, fsync_dir
 
 FORMAT = "hamengine-checkpoint"
 VERSION = 1
@@ -27,30 +28,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or not ours; the message names the file and what to do."""
 
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write `state` to `path` so that a reader sees the old file or the whole new one, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as f:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
     fsync_dir(path.parent)  # the rename itself reaches the disk
     return path
 

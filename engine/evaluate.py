@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from hamengine.config import ISIC_COLUMNS, LoaderConfig, LoaderKind, Precision
 from hamengine.engine import calibration, metrics
 from hamengine.engine.predict import TTA, CheckpointName, LoadedRun, RunError, load_run, predict_batch
+from hamengine.fileio import atomic_write_bytes
 
 SUBMISSION = "isic2018_submission.csv"
 GROUND_TRUTH = "isic2018_ground_truth.csv"
@@ -116,17 +116,6 @@ def collect(run: LoadedRun, pack, split: str, opts: EvalOptions, progress: bool 
 
 # ---------------------------------------------------------------- files
 
-def _atomic_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 def _csv_bytes(header: list[str], rows: list[list[Any]]) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -152,7 +141,7 @@ def write_predictions(out: Path, sp: SplitPredictions, probs: np.ndarray) -> dic
     c = sp.classes
     rows = [[iid, lid, c[t], c[q], *map(_p, pr)] for iid, lid, t, q, pr in
             zip(sp.image_ids, sp.lesion_ids, sp.y, pred, probs, strict=True)]
-    paths = {"predictions": _atomic_bytes(out / "predictions.csv", _csv_bytes(
+    paths = {"predictions": atomic_write_bytes(out / "predictions.csv", _csv_bytes(
         ["image_id", "lesion_id", "true", "pred", *c], rows))}
     try:
         cols = isic_columns(c)
@@ -161,13 +150,13 @@ def write_predictions(out: Path, sp: SplitPredictions, probs: np.ndarray) -> dic
     header = ["image", *ISIC_COLUMNS]
     sub = [[iid, *(_p(pr[j]) for j in cols)] for iid, pr in zip(sp.image_ids, probs, strict=True)]
     gt = [[iid, *("1.0" if t == j else "0.0" for j in cols)] for iid, t in zip(sp.image_ids, sp.y, strict=True)]
-    paths["submission"] = _atomic_bytes(out / SUBMISSION, _csv_bytes(header, sub))
-    paths["ground_truth"] = _atomic_bytes(out / GROUND_TRUTH, _csv_bytes(header, gt))
+    paths["submission"] = atomic_write_bytes(out / SUBMISSION, _csv_bytes(header, sub))
+    paths["ground_truth"] = atomic_write_bytes(out / GROUND_TRUTH, _csv_bytes(header, gt))
     return paths
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    return _atomic_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
 # ---------------------------------------------------------------- plots

@@ -5,7 +5,6 @@ metrics.json), writes one PNG atomically and returns what it drew, so tests can 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from hamengine.config import CLASS_NAMES  # noqa: E402
+from hamengine.fileio import atomic_write_bytes
 
 DPI = 110
 
@@ -30,13 +30,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path,

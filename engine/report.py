@@ -270,13 +270,13 @@ def model_card(run: Path, cfg: dict[str, Any], m: dict[str, Any] | None, manifes
 
 def write_report(run: str | Path, split: str = "test") -> dict[str, Any]:
     """RUN/report.md (figures linked) and RUN/report.html (figures embedded)."""
-    from hamengine.engine.evaluate import _atomic_bytes
     from hamengine.engine.predict import RunError
+    from hamengine.fileio import atomic_write_bytes
 
     run = Path(run)
     if not (run / "config.json").is_file():
         raise RunError(f"{run}: not a run directory (no config.json)")
     blocks, warnings = build_blocks(run, split)
-    md = _atomic_bytes(run / "report.md", _md(blocks, run).encode())
-    page = _atomic_bytes(run / "report.html", _html(blocks, f"hamengine report {run.name}").encode())
+    md = atomic_write_bytes(run / "report.md", _md(blocks, run).encode())
+    page = atomic_write_bytes(run / "report.html", _html(blocks, f"hamengine report {run.name}").encode())
     return {"markdown": str(md), "html": str(page), "warnings": warnings}

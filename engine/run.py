@@ -11,20 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from hamengine.config import TrainConfig, to_dict
+from hamengine.fileio import atomic_write_text
 
 
 class RunError(RuntimeError):
     """The run directory cannot be used as asked; the message says what to do."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunDir:

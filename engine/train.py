@@ -219,7 +219,7 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp_dtyp
 def write_eval(out_dir: Path, metrics: dict[str, Any], classes: tuple[str, ...], title: str) -> Path:
     """eval-<split>/metrics.json (+ confusion_matrix.png), both written atomically."""
     from hamengine.engine.plots_eval import plot_confusion
-    from hamengine.engine.run import atomic_write_text
+    from hamengine.fileio import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_confusion(metrics["confusion_matrix"], classes, out_dir / "confusion_matrix.png", title=title)

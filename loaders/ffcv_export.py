@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from hamengine.config import ConfigError
+from hamengine.fileio import atomic_write_bytes
 from hamengine.loaders.records import Pack, PackError
 
 FORMAT = "hamengine-ffcv"
@@ -77,20 +78,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        _chmod_default(tmp)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _chmod_default(path: str) -> None:
@@ -319,7 +306,7 @@ def export_ffcv(pack: Pack | str | Path, force: bool = False, progress: bool = T
                "fields": {"image": "RGBImageField, jpg mode: the pack's JPEG bytes as stored",
                           "label": "IntField: class index into the pack's classes"},
                "classes": list(pack.classes), "image_size": pack.image_size, "splits": entries}
-    _write_atomic(out_dir / MANIFEST, (json.dumps(sidecar, indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / MANIFEST, (json.dumps(sidecar, indent=2) + "\n").encode())
     if log:
         log(f"wrote {', '.join(e['file'] for e in entries.values())} to {out_dir}")
     return sidecar

@@ -28,6 +28,7 @@ import pandas as pd
 
 from hamengine.config import CLASSES, SPLITS, PackConfig
 from hamengine.engine.environment import cpu_count
+from hamengine.fileio import atomic_write_bytes
 from hamengine.loaders import packdir, split
 from hamengine.loaders.imaging import BadImage, ImagePolicy, process
 from hamengine.loaders.records import FORMAT, VERSION, Pack, PackError
@@ -138,7 +139,7 @@ class _Shards:
         nbytes, sha = w.close()
         idx = index_text(w.samples).encode()
         final = self.out / name
-        packdir.atomic_write(index_path_for(final), idx)
+        atomic_write_bytes(index_path_for(final), idx)
         os.replace(w.path, final)
         self.done.append({"name": name, "split": self.split, "samples": len(w.samples), "bytes": nbytes,
                           "sha256": sha, "index": index_path_for(final).name,

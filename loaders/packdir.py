@@ -20,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from hamengine.fileio import atomic_write_bytes, fsync_dir
 from hamengine.loaders.records import MANIFEST, PackError
 
 MARKER = ".pack-in-progress"
@@ -36,24 +37,6 @@ class OutState(Enum):
 
 def is_ours(name: str) -> bool:
     return bool(_OURS.match(name))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename: `path` either holds the old bytes or all the new ones."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -108,7 +91,7 @@ def clear(out: Path) -> None:
 
 
 def mark(out: Path, recipe: dict[str, Any], recipe_sha: str) -> None:
-    atomic_write(out / MARKER, json.dumps({"recipe_sha256": recipe_sha, "recipe": recipe}, indent=2,
+    atomic_write_bytes(out / MARKER, json.dumps({"recipe_sha256": recipe_sha, "recipe": recipe}, indent=2,
                                           sort_keys=True).encode())
     fsync_dir(out)
 
@@ -116,7 +99,7 @@ def mark(out: Path, recipe: dict[str, Any], recipe_sha: str) -> None:
 def finish(out: Path, manifest_bytes: bytes) -> None:
     """Manifest last and atomically, then the marker goes: from here on it is a complete pack."""
     fsync_dir(out)  # the shard renames are durable before the manifest that lists them
-    atomic_write(out / MANIFEST, manifest_bytes)
+    atomic_write_bytes(out / MANIFEST, manifest_bytes)
     fsync_dir(out)
     (out / MARKER).unlink(missing_ok=True)
     fsync_dir(out)

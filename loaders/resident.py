@@ -20,8 +20,6 @@ On a GPU the parameters are drawn by a CUDA generator: only the batch's indices 
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +31,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from hamengine.config import AugConfig, AugPreset, LoaderConfig
+from hamengine.fileio import atomic_output
 from hamengine.loaders import augment as augment_mod
 from hamengine.loaders.base import Batch, Loader, mix_seed, tune_worker_malloc, verify_shards
 from hamengine.loaders.records import Pack, PackError
@@ -115,17 +114,8 @@ def decode_split(pack: Pack, split: str, h: int, w: int, device: torch.device, w
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def load_or_build_cache(pack: Pack, split: str, size: int, device: torch.device, cfg: LoaderConfig,

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from hamengine.config import CLASSES
+from hamengine.fileio import atomic_write_bytes
 from hamengine.loaders.synth_draw import draw_image
 
 SYNTH_VERSION = 1  # bump whenever the drawing or the metadata changes: old outputs then differ
@@ -169,20 +170,13 @@ class _Task:
     mask_file: str | None
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _draw_chunk(seed: int, size: tuple[int, int], tasks: list[_Task]) -> int:
     """Worker: draw and write a chunk of images; returns how many were written."""
     for t in tasks:
         jpeg, mask = draw_image(t.dx, seed, t.lesion_number, t.image_number, size, t.mask_file is not None)
-        _write_atomic(t.path, jpeg)
+        atomic_write_bytes(t.path, jpeg, fsync=False)
         if t.mask_file is not None and mask is not None:
-            _write_atomic(t.mask_file, mask)
+            atomic_write_bytes(t.mask_file, mask, fsync=False)
     return len(tasks)
 
 
@@ -279,7 +273,7 @@ def synthesize(out: str | Path, n: int = REAL_IMAGES, seed: int = 0, size: tuple
     _prepare_out(out, params, force)
     out.mkdir(parents=True, exist_ok=True)
     (out / METADATA_NAME).unlink(missing_ok=True)  # from here on the folder is incomplete
-    _write_atomic(str(out / MARKER_NAME), (json.dumps(params.to_json(), indent=2) + "\n").encode())
+    atomic_write_bytes(str(out / MARKER_NAME), (json.dumps(params.to_json(), indent=2) + "\n").encode(), fsync=False)
     dirs = [out / d for d in PART_DIRS] + ([out / MASK_DIR] if masks else [])
     for d in dirs:
         d.mkdir(exist_ok=True)
@@ -301,13 +295,7 @@ def synthesize(out: str | Path, n: int = REAL_IMAGES, seed: int = 0, size: tuple
     # Images reach the disk before the CSV that declares the dataset complete. One sync of
     # everything costs far less than an fsync per image (10,015 journal commits).
     os.sync()
-    csv = meta.to_csv(index=False, lineterminator="\n").encode("utf-8")
-    tmp = out / f"{METADATA_NAME}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(csv)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / METADATA_NAME)
+    atomic_write_bytes(out / METADATA_NAME, meta.to_csv(index=False, lineterminator="\n").encode("utf-8"))
     return out
 
 
