@@ -6,14 +6,13 @@ import io
 import os
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from hamengine.bench.serve import free_port
+from hamengine.bench.serve import free_port, running_server
 
 RUN_SIZE = 64  # model input side for the test run: small enough for CPU, big enough for Grad-CAM
 
@@ -69,29 +68,5 @@ def decoded(jpeg: bytes) -> np.ndarray:
 @contextmanager
 def serve_subprocess(run: Path, *extra: str, timeout: float = 120):
     """`hamengine serve RUN` on 127.0.0.1:<free port>; yields the base URL once /api/health answers."""
-    import httpx
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hamengine", "serve", str(run), "--port", str(port),
-                             "--device", "cpu", "--log-level", "warning", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, f"server exited {proc.returncode}: {proc.stdout.read()[-3000:]}"
-            try:
-                if httpx.get(url + "/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.2)
+    with running_server(run, free_port(), "cpu", list(extra), timeout=timeout) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
