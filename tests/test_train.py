@@ -26,8 +26,12 @@ def test_hamnet_learns_well_above_chance(pack, tmp_path):
     cfg.aug.preset = AugPreset.CROP_FLIP
     summary = fit(cfg, FitOptions(console=Console(file=io.StringIO())))
 
-    # Chance over 7 classes is 1/7 = 0.14 balanced accuracy.
-    assert summary["test"]["balanced_accuracy"] >= 0.6, summary
+    # Chance: 1/7 = 0.14 balanced accuracy, 0.5 macro AUC. The test split is small (147 images, 1 df
+    # and 2 vasc), so one image moves balanced accuracy by up to 0.14: over 9 seeds and both CPU
+    # crop-flip paths it ranged 0.52-0.82 (macro AUC 0.87-0.96). The bounds leave that spread room
+    # while a model that learned nothing (0.14 / 0.5) or only the majority class fails both.
+    assert summary["test"]["balanced_accuracy"] >= 0.4, summary
+    assert summary["test"]["macro_auc"] >= 0.8, summary
     assert summary["epochs"] == 12 and not summary["interrupted"]
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
