@@ -1,22 +1,23 @@
-"""Export a pack to FFCV: one `.beton` per split, recorded in the sidecar `PACK/ffcv/manifest.json`.
+"""Export a pack to FFCV: one `.beton` per split in PACK/ffcv/, recorded in the pack's manifest.json
+under `exports.ffcv` with each file's sha256.
 
 Same split, same samples in the same (storage) order, same labels, and the same stored JPEG bytes:
 each image goes into FFCV's `RGBImageField` in JPEG mode *as the pack stores it* -- FFCV's own
 writer would decode and re-encode (a second lossy pass, and not bit-stable across OpenCV builds).
 Only a JPEG that libjpeg-turbo cannot decode to RGB (CMYK, not in packs hamengine writes) is
-decoded and re-encoded at the pack's quality and size; the manifest counts them (`reencoded`).
+decoded and re-encoded at the pack's quality and size; the record counts them (`reencoded`).
 Sample i of `<split>.beton` is sample i of the pack's split, so the loaders' epoch plans (indices
 into the split) index the .beton directly.
 
-Why a sidecar and not the pack's manifest.json: the pack's fingerprint is the sha256 of its
-manifest bytes (cache keys, run records); exporting must not change it. The sidecar records that
-fingerprint, so an export of an older pack is recognised as stale and rebuilt.
+The pack's fingerprint (resident cache keys, run records) leaves the `exports` key out, so recording
+an export does not change it. Repacking writes a manifest without the record: the next use
+exports again (the files are deterministic, so the result is the same bytes).
 
 Deterministic: FFCV's writer runs with ONE worker process (with more, workers race for pages and
 the page order -- hence the bytes -- change from run to run); every page is zero-filled first, so
 the same pack gives byte-identical .beton files. Each file is written to a temp name, fsynced and
-renamed; the sidecar is written last the same way, so an interrupted export is never taken for a
-complete one.
+renamed; the manifest record is written last (the manifest replaced atomically), so an interrupted
+export is never taken for a complete one.
 """
 from __future__ import annotations
 
@@ -34,12 +35,11 @@ import numpy as np
 
 from hamengine.config import ConfigError
 from hamengine.fileio import atomic_write_bytes
-from hamengine.loaders.records import Pack, PackError
+from hamengine.loaders.records import EXPORTS, MANIFEST, Pack, PackError, fingerprint, manifest_bytes
 
 FORMAT = "hamengine-ffcv"
 VERSION = 1
-DIR_NAME = "ffcv"
-MANIFEST = "manifest.json"
+DIR_NAME = "ffcv"  # PACK/ffcv/<split>.beton; also the key under the manifest's `exports`
 MIN_PAGE = 1 << 21  # FFCV's smallest page (2 MiB); a page must hold the largest sample
 INSTALL_HINT = (
     "FFCV is not installed (it is an optional extra). Install its system libraries, then the extra: "
@@ -240,32 +240,51 @@ def _write_split(pack: Pack, split: str, out: Path) -> dict[str, Any]:
             "labels_sha256": hashlib.sha256(pack.labels(split).astype("<i8").tobytes()).hexdigest()}
 
 
-# -- the sidecar ------------------------------------------------------------------------------
-def read_export(pack: Pack, check_files: bool = True) -> dict[str, Any] | None:
-    """The sidecar manifest if it describes an export of *this* pack whose files are all present
-    with their recorded sizes; None when there is no usable export (missing, stale or partial)."""
-    path = export_dir(pack) / MANIFEST
+# -- the record in the pack's manifest -----------------------------------------------------------
+def _manifest_on_disk(pack: Pack) -> dict[str, Any]:
+    """PACK/manifest.json as it is now (another process may have recorded an export since `pack`
+    was opened); refuses a manifest that no longer describes the same pack."""
+    path = pack.path / MANIFEST
     try:
-        manifest = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return None  # a damaged sidecar is rebuilt like a missing one
-    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION
-            or manifest.get("pack_fingerprint") != pack.fingerprint):
+        raw = path.read_bytes()
+        manifest = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise PackError(f"{path}: cannot be read ({e}); re-run `hamengine pack` (same command)") from None
+    if not isinstance(manifest, dict) or fingerprint(manifest, raw) != pack.fingerprint:
+        raise PackError(f"{path}: the pack was rebuilt while in use; open it again (re-run the command)")
+    return manifest
+
+
+def read_export(pack: Pack, check_files: bool = True) -> dict[str, Any] | None:
+    """The manifest's record of the FFCV export if every file it lists is present with its recorded
+    size; None when there is no usable export (never made, made by another version, or partial)."""
+    record = (_manifest_on_disk(pack).get(EXPORTS) or {}).get(DIR_NAME)
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
         return None
     if check_files:
-        for info in manifest["splits"].values():
+        for info in record["splits"].values():
             f = export_dir(pack) / info["file"]
             if not f.is_file() or f.stat().st_size != info["bytes"]:
                 return None
-    return manifest
+    return record
+
+
+def _record_export(pack: Pack, record: dict[str, Any]) -> None:
+    """Add (or replace) exports.ffcv in PACK/manifest.json: one atomic replace; the fingerprint stays."""
+    manifest = _manifest_on_disk(pack)
+    manifest.setdefault(EXPORTS, {})[DIR_NAME] = record
+    try:
+        atomic_write_bytes(pack.path / MANIFEST, manifest_bytes(manifest))
+    except OSError as e:
+        raise FFCVExportError(f"{pack.path / MANIFEST}: cannot record the FFCV export ({e.strerror}); the "
+                              f"pack folder must be writable") from None
+    pack.manifest = manifest
 
 
 def export_ffcv(pack: Pack | str | Path, force: bool = False, progress: bool = True,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Write PACK/ffcv/<split>.beton for every non-empty split and the sidecar manifest; returns
-    the sidecar. An up-to-date export is kept (nothing written) unless `force`."""
+    """Write PACK/ffcv/<split>.beton for every non-empty split, then record them in the pack's
+    manifest (exports.ffcv); returns the record. An up-to-date export is kept unless `force`."""
     require_ffcv()
     from importlib.metadata import version
 
@@ -273,7 +292,7 @@ def export_ffcv(pack: Pack | str | Path, force: bool = False, progress: bool = T
     existing = None if force else read_export(pack)
     if existing is not None:
         if log:
-            log(f"{export_dir(pack)} is up to date with the pack (fingerprint {pack.fingerprint[:12]})")
+            log(f"{export_dir(pack)} is up to date with the pack (recorded in {pack.path / MANIFEST})")
         return existing
     from hamengine.loaders.base import verify_shards
 
@@ -301,52 +320,55 @@ def export_ffcv(pack: Pack | str | Path, force: bool = False, progress: bool = T
             except OSError as e:
                 raise FFCVExportError(f"{out_dir / (split + '.beton')}: cannot write ({e.strerror})") from None
             bar.advance(task, pack.num_samples(split))
-    sidecar = {"format": FORMAT, "version": VERSION, "pack_fingerprint": pack.fingerprint,
-               "ffcv_version": version("ffcv"),
+    record = {"format": FORMAT, "version": VERSION, "dir": DIR_NAME, "ffcv_version": version("ffcv"),
                "fields": {"image": "RGBImageField, jpg mode: the pack's JPEG bytes as stored",
                           "label": "IntField: class index into the pack's classes"},
-               "classes": list(pack.classes), "image_size": pack.image_size, "splits": entries}
-    atomic_write_bytes(out_dir / MANIFEST, (json.dumps(sidecar, indent=2) + "\n").encode())
+              "classes": list(pack.classes), "image_size": pack.image_size, "splits": entries}
+    _record_export(pack, record)
     if log:
-        log(f"wrote {', '.join(e['file'] for e in entries.values())} to {out_dir}")
-    return sidecar
+        log(f"wrote {', '.join(e['file'] for e in entries.values())} to {out_dir} (recorded in "
+            f"{pack.path / MANIFEST} under {EXPORTS}.{DIR_NAME})")
+    return record
 
 
 def beton_for(pack: Pack, split: str, auto_export: bool = True, verify: bool = True,
               log: Callable[[str], None] | None = None) -> Path:
-    """Path of split's .beton, exporting first when the export is missing or stale; with `verify`
-    its sha256 is checked against the sidecar (damage fails here, before the first batch)."""
+    """Path of split's .beton, exporting first when the export is missing or incomplete; with
+    `verify` its sha256 is checked against the manifest's record (damage fails here, before the
+    first batch)."""
     if pack.num_samples(split) == 0:
         raise FFCVExportError(f"{pack.path}: split {split!r} is empty; nothing to load")
     manifest = read_export(pack)
     if manifest is None:
         if not auto_export:
-            raise FFCVExportError(f"{export_dir(pack)}: no FFCV export of this pack (or a stale one); "
+            raise FFCVExportError(f"{pack.path / MANIFEST} records no complete FFCV export of this pack; "
                                   f"run `hamengine export-ffcv {pack.path}`")
         manifest = export_ffcv(pack, progress=True, log=log)
     info = manifest["splits"][split]
     path = export_dir(pack) / info["file"]
     if verify and _sha256(path) != info["sha256"]:
-        raise FFCVExportError(f"{path}: sha256 differs from {export_dir(pack) / MANIFEST} (damaged or "
-                              f"replaced); run `hamengine export-ffcv {pack.path} --force` to rebuild it")
+        raise FFCVExportError(f"{path}: sha256 differs from the one recorded in {pack.path / MANIFEST} "
+                              f"(damaged or replaced); run `hamengine export-ffcv {pack.path} --force` to rebuild it")
     return path
 
 
 def check_export(pack: Pack) -> list[str]:
-    """Problems with PACK/ffcv (for `hamengine verify` / `inspect`): [] when absent or sound.
-    Hashes every .beton against the sidecar."""
-    path = export_dir(pack) / MANIFEST
-    if not path.is_file():
+    """Problems with the FFCV export (for `hamengine verify` / `inspect`): [] when the manifest
+    records none or every recorded .beton hashes to its recorded sha256."""
+    where = f"{pack.path / MANIFEST} ({EXPORTS}.{DIR_NAME})"
+    recorded = (_manifest_on_disk(pack).get(EXPORTS) or {}).get(DIR_NAME)
+    if recorded is None:
         return []
-    manifest = read_export(pack, check_files=False)
-    if manifest is None:
-        return [f"{path}: not an export of this pack (stale or damaged); run `hamengine export-ffcv "
+    record = read_export(pack, check_files=False)
+    if record is None:
+        return [f"{where}: an export record this version cannot read; run `hamengine export-ffcv "
                 f"{pack.path} --force`"]
     problems = []
-    for info in manifest["splits"].values():
+    for info in record["splits"].values():
         f = export_dir(pack) / info["file"]
         if not f.is_file():
-            problems.append(f"{f}: missing")
+            problems.append(f"{f}: missing (listed in {where}); run `hamengine export-ffcv {pack.path}`")
         elif f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
-            problems.append(f"{f}: differs from {path} (damaged or replaced)")
+            problems.append(f"{f}: differs from {where} (damaged or replaced); run `hamengine export-ffcv "
+                            f"{pack.path} --force`")
     return problems

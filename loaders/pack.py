@@ -31,7 +31,7 @@ from hamengine.engine.environment import cpu_count
 from hamengine.fileio import atomic_write_bytes
 from hamengine.loaders import packdir, split
 from hamengine.loaders.imaging import BadImage, ImagePolicy, process
-from hamengine.loaders.records import FORMAT, VERSION, Pack, PackError
+from hamengine.loaders.records import FORMAT, VERSION, Pack, PackError, manifest_bytes
 from hamengine.loaders.sources import ZIP_PREFIX, load_source, read_image_bytes
 from hamengine.loaders.tario import ShardWriter, archive_bytes, index_path_for, index_text, member_bytes
 
@@ -312,7 +312,7 @@ def pack_dataset(cfg: PackConfig, progress: bool = True,
         "stats": {"width": _stats(w.widths), "height": _stats(w.heights), "jpeg_bytes": _stats(w.sizes),
                   "total_bytes": int(sum(s["bytes"] for s in w.shards))},
     })
-    packdir.finish(out, (json.dumps(manifest, indent=2) + "\n").encode())
+    packdir.finish(out, manifest_bytes(manifest))
     return manifest
 
 

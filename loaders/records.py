@@ -2,7 +2,9 @@
 
 A pack is a folder: `manifest.json` (written last: its presence marks a complete pack), tar shards
 `<split>-NNNNNN.tar` holding samples `<image_id>.cls/.jpg/.json`, and DALI's `<shard>.idx` beside
-each shard. Random access reads the index once per split and slices an mmap of the shard: no tar
+each shard. Exports made later from the pack (FFCV's `.beton` files) are recorded under the
+manifest's `exports` key; the pack's fingerprint covers everything else, so adding an export does
+not change it. Random access reads the index once per split and slices an mmap of the shard: no tar
 scan, no copy until `bytes(...)`.
 """
 from __future__ import annotations
@@ -23,6 +25,20 @@ FORMAT = "hamengine-pack"
 VERSION = 1
 MANIFEST = "manifest.json"
 COMPONENTS = ("cls", "jpg", "json")  # written in this order per sample
+EXPORTS = "exports"  # manifest key for derived formats; outside the fingerprint
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest as `hamengine pack` writes it (the fingerprint is defined over these bytes)."""
+    return (json.dumps(manifest, indent=2) + "\n").encode()
+
+
+def fingerprint(manifest: dict[str, Any], raw: bytes | None = None) -> str:
+    """sha256 of the manifest as the pack wrote it, i.e. without `exports` (`raw`: the file's bytes,
+    used as they are when there is no export to leave out)."""
+    if raw is not None and EXPORTS not in manifest:
+        return hashlib.sha256(raw).hexdigest()
+    return hashlib.sha256(manifest_bytes({k: v for k, v in manifest.items() if k != EXPORTS})).hexdigest()
 
 
 class PackError(Exception):
@@ -87,7 +103,7 @@ class Pack:
             raise PackError(f"{mpath}: pack format version {manifest.get('version')!r}; this hamengine "
                             f"reads version {VERSION}: repack with this version")
         self.manifest: dict[str, Any] = manifest
-        self.fingerprint = hashlib.sha256(raw).hexdigest()
+        self.fingerprint = fingerprint(manifest, raw)
         self.classes: tuple[str, ...] = tuple(manifest["classes"])
         self.image_size: int = int(manifest["image"]["size"])
         self._shards: dict[str, list[Shard]] = {}

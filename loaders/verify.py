@@ -5,6 +5,7 @@ the manifest's sample count. Full mode also walks every tar header (checksums, n
 equal the index), and checks every sample: label in range and equal to its metadata's dx, key equal
 to image_id, JPEG bytes equal to the sha256 recorded in its metadata, JPEG decodes to the recorded
 size. A shard whose hash differs is searched sample by sample so the report names the sample.
+Both modes then hash every export the manifest records (FFCV's .beton files) against its sha256.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from typing import Any
 
 from PIL import Image
 
-from hamengine.loaders.records import COMPONENTS, Pack, PackError, Shard
+from hamengine.loaders import ffcv_export
+from hamengine.loaders.records import COMPONENTS, EXPORTS, Pack, PackError, Shard
 from hamengine.loaders.tario import BLOCK, Component, TarIndexError, read_index
 
 
@@ -39,6 +41,7 @@ class VerifyReport:
     quick: bool
     shards: int = 0
     samples: int = 0
+    exports: list[str] = field(default_factory=list)  # exports checked (e.g. "ffcv")
     fault: Fault | None = None
     counts: dict[str, Counter] = field(default_factory=dict)
 
@@ -48,7 +51,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"pack": self.pack, "ok": self.ok, "quick": self.quick, "shards_checked": self.shards,
-                "samples_checked": self.samples, "fault": None if self.fault is None else vars(self.fault)}
+                "samples_checked": self.samples, "exports_checked": self.exports, "fault": None if self.fault is None else vars(self.fault)}
 
 
 def _sha256(path: Path) -> str:
@@ -196,6 +199,12 @@ def verify_pack(path: str | Path, quick: bool = False,
                 report.fault = Fault(f"{split_name} split", f"shards hold {n} samples, the manifest says "
                                      f"{info['samples']}")
                 return report
+    if pack.manifest.get(EXPORTS, {}).get(ffcv_export.DIR_NAME) is not None:
+        problems = ffcv_export.check_export(pack)
+        if problems:
+            report.fault = Fault("ffcv export", problems[0])
+            return report
+        report.exports.append(ffcv_export.DIR_NAME)
     return report
 
 

@@ -45,7 +45,13 @@ def pack_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(pack_path: Path) -> dict:
+def before_export(pack_path: Path) -> tuple[str, bytes]:
+    """The pack's fingerprint and manifest bytes as `hamengine pack` left them."""
+    return Pack(pack_path).fingerprint, (pack_path / "manifest.json").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def exported(pack_path: Path, before_export: tuple[str, bytes]) -> dict:
     from hamengine.loaders.ffcv_export import export_ffcv
 
     return export_ffcv(pack_path, progress=False)
@@ -100,13 +106,20 @@ def test_missing_ffcv_says_how_to_install(pack_path: Path, monkeypatch: pytest.M
 
 # -- export -----------------------------------------------------------------------------------------
 @needs_ffcv
-def test_beton_holds_the_packs_samples_labels_and_bytes(pack_path: Path, exported: dict) -> None:
+def test_beton_holds_the_packs_samples_labels_and_bytes(pack_path: Path, exported: dict,
+                                                        before_export: tuple[str, bytes]) -> None:
+    import json
+
     from ffcv.reader import Reader
     from PIL import Image
 
     pack = Pack(pack_path)
-    manifest_before = (pack_path / "manifest.json").read_bytes()
-    assert exported["pack_fingerprint"] == pack.fingerprint
+    # Recorded in the pack's manifest with every file's sha256; the rest of the manifest and the
+    # fingerprint (resident cache keys, run records) are unchanged.
+    manifest = json.loads((pack_path / "manifest.json").read_bytes())
+    assert manifest["exports"]["ffcv"] == exported
+    assert {k: v for k, v in manifest.items() if k != "exports"} == json.loads(before_export[1])
+    assert pack.fingerprint == before_export[0]
     assert set(exported["splits"]) == {"train", "val", "test"}
     for split, info in exported["splits"].items():
         path = pack_path / "ffcv" / info["file"]
@@ -126,7 +139,6 @@ def test_beton_holds_the_packs_samples_labels_and_bytes(pack_path: Path, exporte
             assert image_meta["mode"][i] == 0  # FFCV's jpg mode
             w, h = Image.open(io.BytesIO(stored)).size
             assert (image_meta["width"][i], image_meta["height"][i]) == (w, h)
-    assert (pack_path / "manifest.json").read_bytes() == manifest_before  # fingerprint untouched
 
 
 @needs_ffcv
@@ -146,21 +158,34 @@ def test_export_is_deterministic_and_kept_when_current(pack_path: Path, exported
 
 @needs_ffcv
 def test_damaged_or_missing_export_fails_early(pack_path: Path, exported: dict, tmp_path: Path) -> None:
+    import json
+
     from hamengine.loaders.ffcv_export import FFCVExportError, beton_for, check_export
+    from hamengine.loaders.records import manifest_bytes
+    from hamengine.loaders.verify import verify_pack
 
     copy = tmp_path / "pack"
     shutil.copytree(pack_path, copy, ignore=shutil.ignore_patterns("cache"))
     pack = Pack(copy)
     beton = copy / "ffcv" / "val.beton"
-    assert check_export(pack) == []
+    assert check_export(pack) == [] and verify_pack(copy, quick=True).exports == ["ffcv"]
     data = bytearray(beton.read_bytes())
     data[len(data) // 2] ^= 0xFF
     beton.write_bytes(bytes(data))
     with pytest.raises(FFCVExportError, match="export-ffcv .* --force"):
         beton_for(pack, "val")
     assert len(check_export(pack)) == 1 and "val.beton" in check_export(pack)[0]
-    (copy / "ffcv" / "manifest.json").unlink()
+    report = verify_pack(copy, quick=True)
+    assert report.fault is not None and "val.beton" in report.fault.message
+    (copy / "ffcv" / "test.beton").unlink()  # a partial export is not used: exported again on demand
     with pytest.raises(FFCVExportError, match="hamengine export-ffcv"):
+        beton_for(pack, "test", auto_export=False)
+    # Repacking rewrites the manifest without the record: no export until one is made again.
+    manifest = json.loads((copy / "manifest.json").read_bytes())
+    del manifest["exports"]
+    (copy / "manifest.json").write_bytes(manifest_bytes(manifest))
+    assert check_export(pack) == [] and verify_pack(copy, quick=True).exports == []
+    with pytest.raises(FFCVExportError, match="records no complete FFCV export"):
         beton_for(pack, "val", auto_export=False)
 
 

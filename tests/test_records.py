@@ -85,3 +85,22 @@ def test_errors_name_the_problem(pack_dir, tmp_path):
     (bad / "manifest.json").write_text("{not json")
     with pytest.raises(PackError, match="not valid JSON"):
         Pack(bad)
+
+
+def test_fingerprint_leaves_exports_out(pack_dir, tmp_path):
+    """Recording an export (manifest `exports`) keeps the fingerprint; any other change moves it."""
+    import shutil
+
+    from hamengine.loaders.records import manifest_bytes
+
+    copy = tmp_path / "pack"
+    shutil.copytree(pack_dir, copy)
+    before = Pack(copy).fingerprint
+    manifest = json.loads((copy / "manifest.json").read_bytes())
+    assert manifest_bytes(manifest) == (copy / "manifest.json").read_bytes()  # the writer's bytes
+    manifest["exports"] = {"ffcv": {"splits": {}}}
+    (copy / "manifest.json").write_bytes(manifest_bytes(manifest))
+    assert Pack(copy).fingerprint == before
+    manifest["split"]["seed"] = manifest["split"]["seed"] + 1
+    (copy / "manifest.json").write_bytes(manifest_bytes(manifest))
+    assert Pack(copy).fingerprint != before

@@ -13,17 +13,19 @@ from hamengine.config import ConfigError
 @click.command("export-ffcv")
 @click.argument("pack_dir", metavar="PACK", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Rewrite the export even when it is up to date with the pack.")
-@click.option("--json", "as_json", is_flag=True, help="Print the export manifest as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the export record (as stored in PACK/manifest.json under exports.ffcv) as JSON on stdout.")
 def export_ffcv(pack_dir: Path, force: bool, as_json: bool) -> None:
     """Export PACK to FFCV: PACK/ffcv/<split>.beton per split (the pack's JPEG bytes, labels and
-    order) plus PACK/ffcv/manifest.json with each file's sha256. Needs the `ffcv` extra."""
+    order), recorded with each file's sha256 in PACK/manifest.json under `exports.ffcv` (the pack's
+    fingerprint does not change). Needs the `ffcv` extra."""
     from hamengine.loaders.ffcv_export import DIR_NAME
     from hamengine.loaders.ffcv_export import export_ffcv as run_export
     from hamengine.loaders.records import PackError
 
     try:
         start = time.perf_counter()
-        sidecar = run_export(pack_dir, force=force, progress=not as_json,
+        record = run_export(pack_dir, force=force, progress=not as_json,
                              log=None if as_json else lambda m: err_console.print(m, highlight=False))
         seconds = time.perf_counter() - start
     except (PackError, ConfigError) as e:
@@ -31,9 +33,9 @@ def export_ffcv(pack_dir: Path, force: bool, as_json: bool) -> None:
     except KeyboardInterrupt:
         fail(f"interrupted: the export in {pack_dir / DIR_NAME} is incomplete; run the same command again", 130)
     if as_json:
-        emit_json({**sidecar, "out": str(pack_dir / DIR_NAME), "seconds": round(seconds, 2)})
+        emit_json({**record, "out": str(pack_dir / DIR_NAME), "seconds": round(seconds, 2)})
         return
-    for split, info in sidecar["splits"].items():
+    for split, info in record["splits"].items():
         console.print(f"{split}: {info['file']}  {info['samples']} samples  {info['bytes'] / 1e6:,.1f} MB  "
                       f"sha256 {info['sha256'][:16]}", highlight=False)
     console.print(f"{seconds:.1f} s", highlight=False)

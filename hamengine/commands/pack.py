@@ -145,7 +145,9 @@ def verify(pack_dir: Path, quick: bool, as_json: bool) -> None:
         fail(f"{pack_dir}: {where}: {f.message}")
     if not as_json:
         console.print(f"[green]ok[/] {pack_dir}: {report.shards} shards, {report.samples} samples "
-                      f"({'hashes and counts' if quick else 'every sample decoded'})", highlight=False)
+                      f"({'hashes and counts' if quick else 'every sample decoded'})"
+                      + (f"; exports {', '.join(report.exports)} match their sha256" if report.exports else ""),
+                      highlight=False)
 
 
 @click.command("inspect")
@@ -165,7 +167,9 @@ def inspect_pack(pack_dir: Path, as_json: bool) -> None:
             "image": m["image"], "split": m["split"], "source": {k: m["source"][k] for k in
                                                                  ("layout", "metadata_sha256", "images")},
             "splits": {s: {**m["splits"][s], **per_split[s]} for s in SPLITS}, "stats": m["stats"],
-            "converted": m["converted"], "kept_original": m["kept_original"], "skipped": len(m["skipped"])}
+            "converted": m["converted"], "kept_original": m["kept_original"], "skipped": len(m["skipped"]),
+            "exports": {k: {s: {f: v[f] for f in ("file", "samples", "bytes", "sha256")} for s, v in e["splits"].items()}
+                        for k, e in (m.get("exports") or {}).items()}}
     if as_json:
         emit_json(info)
         return
@@ -180,3 +184,6 @@ def inspect_pack(pack_dir: Path, as_json: bool) -> None:
     console.print(f"source: {m['source']['layout']} layout, {m['source']['images']} images; split "
                   f"{m['split']['method']} seed {m['split']['seed']}; skipped {len(m['skipped'])}, "
                   f"converted {sum(m['converted'].values())}")
+    for kind, splits in info["exports"].items():
+        console.print(f"export {kind}: " + ", ".join(f"{v['file']} ({v['samples']} samples, {_mb(v['bytes'])})"
+                                                     for v in splits.values()), highlight=False)
