@@ -206,7 +206,7 @@ def test_export_command(pack_path: Path, exported: dict) -> None:
 
 # -- loader -------------------------------------------------------------------------------------
 @needs_ffcv
-def test_eval_contract_and_agreement_with_resident(pack_path: Path, val_loader) -> None:
+def test_eval_contract_and_agreement_with_resident_and_dali(pack_path: Path, val_loader) -> None:
     from hamengine.loaders import build_loader
 
     pack = Pack(pack_path)
@@ -217,9 +217,10 @@ def test_eval_contract_and_agreement_with_resident(pack_path: Path, val_loader) 
     first = next(iter(val_loader))
     assert first[0].dtype == torch.float32 and first[0].is_contiguous() and first[1].dtype == torch.int64
     assert torch.equal(epoch(val_loader)[0], x)  # eval is deterministic
-    ref, _ = epoch(build_loader(pack, "val", LoaderConfig(kind="resident", size=S, batch_size=BS, workers=2,
-                                                          dtype="fp32"), "cpu"))
-    assert (x - ref).abs().mean() < 0.03  # the cross-loader tolerance (JPEG decoder + resize filter)
+    for kind in ("resident", "dali"):  # the cross-loader tolerance (JPEG decoder + resize filter)
+        ref, labels = epoch(build_loader(pack, "val", LoaderConfig(kind=kind, size=S, batch_size=BS, workers=2,
+                                                                   dtype="fp32"), "cpu"))
+        assert torch.equal(labels, y) and (x - ref).abs().mean() < 0.03, kind
 
 
 @needs_ffcv
