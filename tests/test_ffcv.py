@@ -264,7 +264,7 @@ def test_training_with_ffcv_learns(pack_path: Path, val_loader) -> None:
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 7))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     labels = torch.from_numpy(pack.labels("train"))
-    for e in range(4):
+    for e in range(8):
         train.set_epoch(e)
         plan = train.plan(e).indices
         seen = []
@@ -280,7 +280,9 @@ def test_training_with_ffcv_learns(pack_path: Path, val_loader) -> None:
     with torch.no_grad():
         pred = torch.cat([net(x).argmax(1) for x, _ in val_loader]).numpy()
     bacc = balanced_accuracy_score(pack.labels("val"), pred)
-    assert bacc > 0.3, bacc  # chance: 1/7; measured 0.44-0.53 after 1-4 epochs
+    # Chance: 1/7. FFCV's crop draws are unseeded, so this varies run to run: 8 epochs measured
+    # 0.46-0.62 over 4 runs (4 epochs: 0.39-0.48 over 5).
+    assert bacc > 0.3, bacc
     train.close()
 
 
