@@ -1,5 +1,5 @@
 """Export a pack to FFCV: one `.beton` per split in PACK/ffcv/, recorded in the pack's manifest.json
-under `exports.ffcv` with each file's sha256.
+under `exports.ffcv` with each file's sha256 (loaders/ffcv_record.py: the record and its checks).
 
 Same split, same samples in the same (storage) order, same labels, and the same stored JPEG bytes:
 each image goes into FFCV's `RGBImageField` in JPEG mode *as the pack stores it* -- FFCV's own
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -34,22 +33,26 @@ from typing import Any
 import numpy as np
 
 from hamengine.config import ConfigError
-from hamengine.fileio import atomic_write_bytes
-from hamengine.loaders.records import EXPORTS, MANIFEST, Pack, PackError, fingerprint, manifest_bytes
+from hamengine.fileio import fsync_dir
+from hamengine.loaders.ffcv_record import (
+    DIR_NAME,
+    FORMAT,
+    VERSION,
+    FFCVExportError,
+    export_dir,
+    export_lock,
+    file_sha256,
+    read_export,
+    write_record,
+)
+from hamengine.loaders.records import EXPORTS, MANIFEST, Pack, PackError
 
-FORMAT = "hamengine-ffcv"
-VERSION = 1
-DIR_NAME = "ffcv"  # PACK/ffcv/<split>.beton; also the key under the manifest's `exports`
 MIN_PAGE = 1 << 21  # FFCV's smallest page (2 MiB); a page must hold the largest sample
 INSTALL_HINT = (
     "FFCV is not installed (it is an optional extra). Install its system libraries, then the extra: "
     "on Debian/Ubuntu `apt-get install pkg-config g++ libopencv-dev libturbojpeg0-dev` (or run "
     ".ci/install-ffcv.sh from the hamengine repository), then `pip install 'hamengine[ffcv]'`. "
     "Without FFCV use --loader resident, dali or torch.")
-
-
-class FFCVExportError(PackError):
-    """The FFCV export of a pack is missing, stale or damaged; the message says what to run."""
 
 
 def ffcv_available() -> bool:
@@ -66,18 +69,6 @@ def require_ffcv() -> Any:
     except ImportError as e:
         raise ConfigError(f"{INSTALL_HINT} (import failed: {e})") from None
     return ffcv
-
-
-def export_dir(pack: Pack) -> Path:
-    return pack.path / DIR_NAME
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _chmod_default(path: str) -> None:
@@ -235,79 +226,57 @@ def _write_split(pack: Pack, split: str, out: Path) -> dict[str, Any]:
         raise
     keys = "\n".join(pack.keys(split)).encode()
     return {"file": out.name, "samples": pack.num_samples(split), "bytes": out.stat().st_size,
-            "sha256": _sha256(out), "page_size": page, "reencoded": len(reencode),
+            "sha256": file_sha256(out), "page_size": page, "reencoded": len(reencode),
             "keys_sha256": hashlib.sha256(keys).hexdigest(),
             "labels_sha256": hashlib.sha256(pack.labels(split).astype("<i8").tobytes()).hexdigest()}
 
 
 # -- the record in the pack's manifest -----------------------------------------------------------
-def _manifest_on_disk(pack: Pack) -> dict[str, Any]:
-    """PACK/manifest.json as it is now (another process may have recorded an export since `pack`
-    was opened); refuses a manifest that no longer describes the same pack."""
-    path = pack.path / MANIFEST
-    try:
-        raw = path.read_bytes()
-        manifest = json.loads(raw)
-    except (OSError, ValueError) as e:
-        raise PackError(f"{path}: cannot be read ({e}); re-run `hamengine pack` (same command)") from None
-    if not isinstance(manifest, dict) or fingerprint(manifest, raw) != pack.fingerprint:
-        raise PackError(f"{path}: the pack was rebuilt while in use; open it again (re-run the command)")
-    return manifest
-
-
-def read_export(pack: Pack, check_files: bool = True) -> dict[str, Any] | None:
-    """The manifest's record of the FFCV export if every file it lists is present with its recorded
-    size; None when there is no usable export (never made, made by another version, or partial)."""
-    record = (_manifest_on_disk(pack).get(EXPORTS) or {}).get(DIR_NAME)
-    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
-        return None
-    if check_files:
-        for info in record["splits"].values():
-            f = export_dir(pack) / info["file"]
-            if not f.is_file() or f.stat().st_size != info["bytes"]:
-                return None
-    return record
-
-
-def _record_export(pack: Pack, record: dict[str, Any]) -> None:
-    """Add (or replace) exports.ffcv in PACK/manifest.json: one atomic replace; the fingerprint stays."""
-    manifest = _manifest_on_disk(pack)
-    manifest.setdefault(EXPORTS, {})[DIR_NAME] = record
-    try:
-        atomic_write_bytes(pack.path / MANIFEST, manifest_bytes(manifest))
-    except OSError as e:
-        raise FFCVExportError(f"{pack.path / MANIFEST}: cannot record the FFCV export ({e.strerror}); the "
-                              f"pack folder must be writable") from None
-    pack.manifest = manifest
-
-
 def export_ffcv(pack: Pack | str | Path, force: bool = False, progress: bool = True,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write PACK/ffcv/<split>.beton for every non-empty split, then record them in the pack's
     manifest (exports.ffcv); returns the record. An up-to-date export is kept unless `force`."""
     require_ffcv()
-    from importlib.metadata import version
-
     pack = pack if isinstance(pack, Pack) else Pack(pack)
     existing = None if force else read_export(pack)
     if existing is not None:
-        if log:
-            log(f"{export_dir(pack)} is up to date with the pack (recorded in {pack.path / MANIFEST})")
-        return existing
-    from hamengine.loaders.base import verify_shards
-
+        return _up_to_date(pack, existing, log)
     out_dir = export_dir(pack)
     try:
         out_dir.mkdir(exist_ok=True)
     except OSError as e:
         raise FFCVExportError(f"{out_dir}: cannot create the FFCV export folder ({e.strerror}); the pack "
                               f"folder must be writable (or copy the pack somewhere writable)") from None
-    splits = pack.splits
-    for split in splits:
-        verify_shards(pack, split)  # export only what the manifest vouches for
+    with export_lock(out_dir):
+        existing = None if force else read_export(pack)  # another process may have finished it meanwhile
+        if existing is not None:
+            return _up_to_date(pack, existing, log)
+        record = _export_locked(pack, out_dir, progress)
+    if log:
+        log(f"wrote {', '.join(e['file'] for e in record['splits'].values())} to {out_dir} (recorded in "
+            f"{pack.path / MANIFEST} under {EXPORTS}.{DIR_NAME})")
+    return record
+
+
+def _up_to_date(pack: Pack, record: dict[str, Any], log: Callable[[str], None] | None) -> dict[str, Any]:
+    if log:
+        log(f"{export_dir(pack)} is up to date with the pack (recorded in {pack.path / MANIFEST})")
+    return record
+
+
+def _export_locked(pack: Pack, out_dir: Path, progress: bool) -> dict[str, Any]:
+    from importlib.metadata import version
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from hamengine.loaders.base import verify_shards
+
+    splits = pack.splits
+    for split in splits:
+        verify_shards(pack, split)  # export only what the manifest vouches for
+    # The old record goes first: while files are replaced, nothing vouches for a mix of old and new.
+    write_record(pack, None)
     total = sum(pack.num_samples(s) for s in splits)
     entries: dict[str, Any] = {}
     with Progress(TextColumn("exporting to FFCV: {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -320,14 +289,12 @@ def export_ffcv(pack: Pack | str | Path, force: bool = False, progress: bool = T
             except OSError as e:
                 raise FFCVExportError(f"{out_dir / (split + '.beton')}: cannot write ({e.strerror})") from None
             bar.advance(task, pack.num_samples(split))
+    fsync_dir(out_dir)  # the renames are durable before the record that lists them
     record = {"format": FORMAT, "version": VERSION, "dir": DIR_NAME, "ffcv_version": version("ffcv"),
-               "fields": {"image": "RGBImageField, jpg mode: the pack's JPEG bytes as stored",
-                          "label": "IntField: class index into the pack's classes"},
+              "fields": {"image": "RGBImageField, jpg mode: the pack's JPEG bytes as stored",
+                         "label": "IntField: class index into the pack's classes"},
               "classes": list(pack.classes), "image_size": pack.image_size, "splits": entries}
-    _record_export(pack, record)
-    if log:
-        log(f"wrote {', '.join(e['file'] for e in entries.values())} to {out_dir} (recorded in "
-            f"{pack.path / MANIFEST} under {EXPORTS}.{DIR_NAME})")
+    write_record(pack, record)
     return record
 
 
@@ -346,29 +313,9 @@ def beton_for(pack: Pack, split: str, auto_export: bool = True, verify: bool = T
         manifest = export_ffcv(pack, progress=True, log=log)
     info = manifest["splits"][split]
     path = export_dir(pack) / info["file"]
-    if verify and _sha256(path) != info["sha256"]:
+    if verify and file_sha256(path) != info["sha256"]:
         raise FFCVExportError(f"{path}: sha256 differs from the one recorded in {pack.path / MANIFEST} "
                               f"(damaged or replaced); run `hamengine export-ffcv {pack.path} --force` to rebuild it")
     return path
 
 
-def check_export(pack: Pack) -> list[str]:
-    """Problems with the FFCV export (for `hamengine verify` / `inspect`): [] when the manifest
-    records none or every recorded .beton hashes to its recorded sha256."""
-    where = f"{pack.path / MANIFEST} ({EXPORTS}.{DIR_NAME})"
-    recorded = (_manifest_on_disk(pack).get(EXPORTS) or {}).get(DIR_NAME)
-    if recorded is None:
-        return []
-    record = read_export(pack, check_files=False)
-    if record is None:
-        return [f"{where}: an export record this version cannot read; run `hamengine export-ffcv "
-                f"{pack.path} --force`"]
-    problems = []
-    for info in record["splits"].values():
-        f = export_dir(pack) / info["file"]
-        if not f.is_file():
-            problems.append(f"{f}: missing (listed in {where}); run `hamengine export-ffcv {pack.path}`")
-        elif f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
-            problems.append(f"{f}: differs from {where} (damaged or replaced); run `hamengine export-ffcv "
-                            f"{pack.path} --force`")
-    return problems

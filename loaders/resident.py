@@ -156,6 +156,9 @@ class BatchMaker:
     def __init__(self, cache: torch.Tensor, labels: torch.Tensor, size: int, aug: AugConfig, augment: bool,
                  seed: int, rank: int, work_dtype: torch.dtype, out_dtype: torch.dtype,
                  share_output: bool = False):
+        # The separable crop-flip path views the cache as [M*3*H, W] rows: it must be contiguous
+        # (a hand-made Fortran-order .npy would not be); copied once here, before workers fork.
+        cache = cache if cache.is_contiguous() else cache.contiguous()
         self.cache, self.labels, self.size, self.aug = cache, labels, size, aug
         self.augment, self.seed, self.rank, self.work_dtype = augment, seed, rank, work_dtype
         self.out_dtype, self.share_output = out_dtype, share_output

@@ -22,8 +22,8 @@ from typing import Any
 
 from PIL import Image
 
-from hamengine.loaders import ffcv_export
-from hamengine.loaders.records import COMPONENTS, EXPORTS, Pack, PackError, Shard
+from hamengine.loaders import ffcv_record
+from hamengine.loaders.records import COMPONENTS, Pack, PackError, Shard
 from hamengine.loaders.tario import BLOCK, Component, TarIndexError, read_index
 
 
@@ -199,12 +199,12 @@ def verify_pack(path: str | Path, quick: bool = False,
                 report.fault = Fault(f"{split_name} split", f"shards hold {n} samples, the manifest says "
                                      f"{info['samples']}")
                 return report
-    if pack.manifest.get(EXPORTS, {}).get(ffcv_export.DIR_NAME) is not None:
-        problems = ffcv_export.check_export(pack)
+    if ffcv_record.recorded_export(pack.manifest) is not None:
+        problems = ffcv_record.check_export(pack)
         if problems:
             report.fault = Fault("ffcv export", problems[0])
             return report
-        report.exports.append(ffcv_export.DIR_NAME)
+        report.exports.append(ffcv_record.DIR_NAME)
     return report
 
 

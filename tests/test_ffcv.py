@@ -160,7 +160,8 @@ def test_export_is_deterministic_and_kept_when_current(pack_path: Path, exported
 def test_damaged_or_missing_export_fails_early(pack_path: Path, exported: dict, tmp_path: Path) -> None:
     import json
 
-    from hamengine.loaders.ffcv_export import FFCVExportError, beton_for, check_export
+    from hamengine.loaders.ffcv_export import FFCVExportError, beton_for
+    from hamengine.loaders.ffcv_record import check_export
     from hamengine.loaders.records import manifest_bytes
     from hamengine.loaders.verify import verify_pack
 
@@ -310,3 +311,35 @@ def test_cuda_path_contract_and_agreement(pack_path: Path, exported: dict) -> No
     xt, yt = next(iter(tr))
     assert xt.shape == (BS, 3, S, S) and xt.device.type == "cuda" and yt.device.type == "cuda"
     assert -2.2 < float(xt.float().min()) and float(xt.float().max()) < 2.7
+
+
+def test_unreadable_or_hand_edited_records_give_clear_errors(pack_path: Path, tmp_path: Path) -> None:
+    """No FFCV needed: the manifest side of the export. A record this version cannot read is
+    reported by verify / inspect (no traceback); a hand-reformatted manifest is not re-serialized
+    (that would change the pack's fingerprint)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from hamengine.commands.pack import inspect_pack, verify
+    from hamengine.loaders.ffcv_record import FFCVExportError, write_record
+
+    copy = tmp_path / "pack"
+    shutil.copytree(pack_path, copy, ignore=shutil.ignore_patterns("cache", "ffcv"))
+    manifest = json.loads((copy / "manifest.json").read_bytes())
+    manifest.pop("exports", None)
+    fp = Pack(copy).fingerprint
+    for bad in ({"ffcv": {"format": "hamengine-ffcv", "version": 1}}, None, {"ffcv": "x"}):
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "exports": bad}, indent=2) + "\n")
+        assert Pack(copy).fingerprint == fp
+        shown = CliRunner().invoke(inspect_pack, [str(copy), "--json"])
+        assert shown.exit_code == 0, shown.output
+        checked = CliRunner().invoke(verify, [str(copy), "--quick"])
+        if bad is None:
+            assert checked.exit_code == 0 and json.loads(shown.output)["exports"] == {}
+        else:
+            assert checked.exit_code == 1 and "cannot read" in checked.output and "--force" in checked.output
+            assert json.loads(shown.output)["exports"] == {"ffcv": None}
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=1))  # reformatted by hand
+    with pytest.raises(FFCVExportError, match="not in the form `hamengine pack` writes"):
+        write_record(Pack(copy), {"format": "hamengine-ffcv"})

@@ -168,8 +168,7 @@ def inspect_pack(pack_dir: Path, as_json: bool) -> None:
                                                                  ("layout", "metadata_sha256", "images")},
             "splits": {s: {**m["splits"][s], **per_split[s]} for s in SPLITS}, "stats": m["stats"],
             "converted": m["converted"], "kept_original": m["kept_original"], "skipped": len(m["skipped"]),
-            "exports": {k: {s: {f: v[f] for f in ("file", "samples", "bytes", "sha256")} for s, v in e["splits"].items()}
-                        for k, e in (m.get("exports") or {}).items()}}
+            "exports": _exports_summary(p)}
     if as_json:
         emit_json(info)
         return
@@ -185,5 +184,20 @@ def inspect_pack(pack_dir: Path, as_json: bool) -> None:
                   f"{m['split']['method']} seed {m['split']['seed']}; skipped {len(m['skipped'])}, "
                   f"converted {sum(m['converted'].values())}")
     for kind, splits in info["exports"].items():
-        console.print(f"export {kind}: " + ", ".join(f"{v['file']} ({v['samples']} samples, {_mb(v['bytes'])})"
-                                                     for v in splits.values()), highlight=False)
+        console.print(f"export {kind}: " + (", ".join(f"{v['file']} ({v['samples']} samples, {_mb(v['bytes'])})"
+                                                      for v in splits.values()) if splits is not None else
+                                            "a record this version cannot read (`hamengine verify` says more)"),
+                      highlight=False)
+
+
+def _exports_summary(pack) -> dict:
+    """{kind: {split: file, samples, bytes, sha256}} of the exports the manifest records (None for a
+    record this version cannot read); {} when none."""
+    from hamengine.loaders.ffcv_record import DIR_NAME, recorded_export, valid_record
+
+    record = recorded_export(pack.manifest)
+    if record is None:
+        return {}
+    if not valid_record(record):
+        return {DIR_NAME: None}
+    return {DIR_NAME: {s: {k: v[k] for k in ("file", "samples", "bytes", "sha256")} for s, v in record["splits"].items()}}

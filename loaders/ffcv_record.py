@@ -1,0 +1,148 @@
+"""Where a pack's FFCV export lives and how the pack vouches for it.
+
+Files: PACK/ffcv/<split>.beton. Record: the pack's manifest.json under `exports.ffcv` (format,
+version, and each split's file, samples, bytes and sha256). The pack's fingerprint leaves `exports`
+out (records.fingerprint), so recording an export does not change it. The record is written after
+its files and removed before they are rewritten, so it never vouches for a partial or mixed export.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hamengine.fileio import atomic_write_bytes, fsync_dir
+from hamengine.loaders.records import EXPORTS, MANIFEST, Pack, PackError, fingerprint, manifest_bytes
+
+FORMAT = "hamengine-ffcv"
+VERSION = 1
+DIR_NAME = "ffcv"  # PACK/ffcv/<split>.beton; also the key under the manifest's `exports`
+
+
+class FFCVExportError(PackError):
+    """The FFCV export of a pack is missing, stale or damaged; the message says what to run."""
+
+
+def export_dir(pack: Pack) -> Path:
+    return pack.path / DIR_NAME
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_SPLIT_FIELDS = ("file", "samples", "bytes", "sha256")
+
+
+def _manifest_on_disk(pack: Pack) -> tuple[dict[str, Any], bytes]:
+    """PACK/manifest.json as it is now, parsed and raw (another process may have recorded an export
+    since `pack` was opened); refuses a manifest that no longer describes the same pack."""
+    path = pack.path / MANIFEST
+    try:
+        raw = path.read_bytes()
+        manifest = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise PackError(f"{path}: cannot be read ({e}); re-run `hamengine pack` (same command)") from None
+    if not isinstance(manifest, dict) or fingerprint(manifest, raw) != pack.fingerprint:
+        raise PackError(f"{path}: the pack was rebuilt while in use; open it again (re-run the command)")
+    return manifest, raw
+
+
+def recorded_export(manifest: dict[str, Any]) -> Any:
+    """Whatever the manifest holds under exports.ffcv (None when nothing)."""
+    exports = manifest.get(EXPORTS)
+    return exports.get(DIR_NAME) if isinstance(exports, dict) else None
+
+
+def valid_record(record: Any) -> bool:
+    """A record this version wrote: format, version and every split's file, samples, bytes, sha256."""
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
+        return False
+    splits = record.get("splits")
+    return isinstance(splits, dict) and all(
+        isinstance(info, dict) and all(k in info for k in _SPLIT_FIELDS) for info in splits.values())
+
+
+def read_export(pack: Pack, check_files: bool = True) -> dict[str, Any] | None:
+    """The manifest's record of the FFCV export if every file it lists is present with its recorded
+    size; None when there is no usable export (never made, made by another version, or partial)."""
+    record = recorded_export(_manifest_on_disk(pack)[0])
+    if not valid_record(record):
+        return None
+    if check_files:
+        for info in record["splits"].values():
+            f = export_dir(pack) / info["file"]
+            if not f.is_file() or f.stat().st_size != info["bytes"]:
+                return None
+    return record
+
+
+def write_record(pack: Pack, record: dict[str, Any] | None) -> None:
+    """Set (record) or remove (None) exports.ffcv in PACK/manifest.json: one atomic replace (none
+    when there is nothing to remove).
+
+    The fingerprint is defined over the manifest as `pack` wrote it; a manifest re-indented or
+    edited by hand would get another fingerprint once re-serialized, so it is refused instead."""
+    manifest, raw = _manifest_on_disk(pack)
+    exports = manifest.get(EXPORTS) if isinstance(manifest.get(EXPORTS), dict) else {}
+    if EXPORTS not in manifest and manifest_bytes(manifest) != raw:
+        raise FFCVExportError(f"{pack.path / MANIFEST} is not in the form `hamengine pack` writes (edited by "
+                              f"hand?), so recording an export would change the pack's fingerprint; re-run "
+                              f"`hamengine pack` (same command, --force) to rewrite it")
+    if record is None:
+        if DIR_NAME not in exports:
+            return  # nothing recorded: nothing to write
+        exports.pop(DIR_NAME)
+    else:
+        exports[DIR_NAME] = record
+    manifest.pop(EXPORTS, None)
+    if exports:
+        manifest[EXPORTS] = exports
+    try:
+        atomic_write_bytes(pack.path / MANIFEST, manifest_bytes(manifest))
+        fsync_dir(pack.path)
+    except OSError as e:
+        raise FFCVExportError(f"{pack.path / MANIFEST}: cannot record the FFCV export ({e.strerror}); the "
+                              f"pack folder must be writable") from None
+    pack.manifest = manifest
+
+
+@contextmanager
+def export_lock(out_dir: Path):
+    """One exporter per pack at a time (DDP ranks building their loaders at once): the others wait,
+    then find the export up to date. The lock file is never taken for data."""
+    import fcntl
+
+    with open(out_dir / ".export.lock", "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def check_export(pack: Pack) -> list[str]:
+    """Problems with the FFCV export (for `hamengine verify` / `inspect`): [] when the manifest
+    records none or every recorded .beton hashes to its recorded sha256."""
+    where = f"{pack.path / MANIFEST} ({EXPORTS}.{DIR_NAME})"
+    recorded = recorded_export(_manifest_on_disk(pack)[0])
+    if recorded is None:
+        return []
+    if not valid_record(recorded):
+        return [f"{where}: an export record this version cannot read; run `hamengine export-ffcv "
+                f"{pack.path} --force`"]
+    problems = []
+    for info in recorded["splits"].values():
+        f = export_dir(pack) / info["file"]
+        if not f.is_file():
+            problems.append(f"{f}: missing (listed in {where}); run `hamengine export-ffcv {pack.path}`")
+        elif f.stat().st_size != info["bytes"] or file_sha256(f) != info["sha256"]:
+            problems.append(f"{f}: differs from {where} (damaged or replaced); run `hamengine export-ffcv "
+                            f"{pack.path} --force`")
+    return problems
