@@ -57,3 +57,21 @@ def test_hamnet_learns_well_above_chance(pack, tmp_path):
     assert (out / "eval-test" / "confusion_matrix.png").stat().st_size > 0
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 12 and last["optimizer"]["state"]
+
+
+@pytest.mark.slow
+def test_torch_compile_path_on_cpu(pack, tmp_path):
+    """The GPU default (`compile` auto = on with CUDA) exercised here with compile on: inductor
+    compiles the step without falling back to eager, and checkpoints hold the unwrapped model."""
+    from hamengine.config import CompileMode
+    from hamengine.models import create_model
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(pack=str(pack), model="hamnet", epochs=2, batch_size=16, size=64, device="cpu",
+                      loader=LoaderKind.RESIDENT, compile=CompileMode.ON, max_steps_per_epoch=6, out=str(out))
+    summary = fit(cfg, FitOptions(console=Console(file=io.StringIO())))
+    assert summary["compile_failed"] is None and summary["epochs"] == 2
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in state["model"])
+    model = create_model("hamnet", num_classes=len(state["classes"]))
+    model.load_state_dict(state["model"])  # strict: every key of the eager model, nothing extra
