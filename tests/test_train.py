@@ -75,3 +75,19 @@ def test_torch_compile_path_on_cpu(pack, tmp_path):
     assert not any(k.startswith("_orig_mod.") for k in state["model"])
     model = create_model("hamnet", num_classes=len(state["classes"]))
     model.load_state_dict(state["model"])  # strict: every key of the eager model, nothing extra
+
+
+def test_fp16_autocast_with_grad_scaler(pack, tmp_path):
+    """fp16 on request (GPUs without bf16) trains through a GradScaler whose state is checkpointed."""
+    from hamengine.config import Precision
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(pack=str(pack), model="hamnet", epochs=2, batch_size=16, size=64, device="cpu",
+                      amp_dtype=Precision.FP16, loader=LoaderKind.RESIDENT, max_steps_per_epoch=5, out=str(out))
+    summary = fit(cfg, FitOptions(console=Console(file=io.StringIO()), test_eval=False))
+    assert summary["epochs"] == 2
+    assert json.loads((out / "env.json").read_text())["amp_dtype"] == "float16"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
+    scaler = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["scaler"]
+    assert scaler is not None and scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0
