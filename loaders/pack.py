@@ -10,6 +10,7 @@ Memory stays flat: the feeder lets at most `_inflight` images be ahead of the sh
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -29,7 +30,7 @@ import pandas as pd
 from hamengine.config import CLASSES, SPLITS, PackConfig
 from hamengine.engine.environment import cpu_count
 from hamengine.fileio import atomic_write_bytes
-from hamengine.loaders import packdir, split
+from hamengine.loaders import ffcv_record, packdir, split
 from hamengine.loaders.imaging import BadImage, ImagePolicy, process
 from hamengine.loaders.records import FORMAT, VERSION, Pack, PackError, manifest_bytes
 from hamengine.loaders.sources import ZIP_PREFIX, load_source, read_image_bytes
@@ -256,6 +257,14 @@ def pack_dataset(cfg: PackConfig, progress: bool = True,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build the pack described by `cfg`; returns the manifest. Raises PackError / SourceError /
     SplitError with a message naming the file and what to do."""
+    # An FFCV export of this folder in progress rewrites manifest.json when it finishes: wait for
+    # it, so it cannot put an old manifest back over the one this run writes.
+    ffcv_dir = Path(cfg.out) / ffcv_record.DIR_NAME
+    with ffcv_record.export_lock(ffcv_dir) if ffcv_dir.is_dir() else contextlib.nullcontext():
+        return _pack_dataset(cfg, progress, log)
+
+
+def _pack_dataset(cfg: PackConfig, progress: bool, log: Callable[[str], None] | None) -> dict[str, Any]:
     say = log or (lambda _msg: None)
     _check_config(cfg)
     src = load_source(cfg.source, allow_missing=cfg.allow_missing)

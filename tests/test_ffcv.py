@@ -343,3 +343,33 @@ def test_unreadable_or_hand_edited_records_give_clear_errors(pack_path: Path, tm
     (copy / "manifest.json").write_text(json.dumps(manifest, indent=1))  # reformatted by hand
     with pytest.raises(FFCVExportError, match="not in the form `hamengine pack` writes"):
         write_record(Pack(copy), {"format": "hamengine-ffcv"})
+
+
+def test_repack_waits_for_an_export_in_progress(pack_path: Path, tmp_path: Path) -> None:
+    """`pack --force` over a folder whose FFCV export is being written waits for it (the export
+    rewrites manifest.json when it finishes: it must not put the old one back). No FFCV needed."""
+    import threading
+
+    from hamengine.config import PackConfig
+    from hamengine.loaders.ffcv_record import export_lock
+    from hamengine.loaders.pack import pack_dataset
+
+    copy = tmp_path / "pack"
+    shutil.copytree(pack_path, copy, ignore=shutil.ignore_patterns("cache"))
+    (copy / "ffcv").mkdir(exist_ok=True)
+    before = (copy / "manifest.json").read_bytes()
+    done = threading.Event()
+
+    def repack() -> None:
+        pack_dataset(PackConfig(source=str(pack_path.parent / "src"), out=str(copy), size=72, seed=1,
+                                workers=1, force=True), progress=False)
+        done.set()
+
+    with export_lock(copy / "ffcv"):  # an exporter at work
+        worker = threading.Thread(target=repack)
+        worker.start()
+        assert not done.wait(1.0)
+        assert (copy / "manifest.json").read_bytes() == before  # untouched while the export runs
+    worker.join(120)
+    assert done.is_set() and (copy / "manifest.json").read_bytes() != before  # seed 1: a new split
+    assert Pack(copy).fingerprint != Pack(pack_path).fingerprint
