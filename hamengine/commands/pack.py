@@ -67,7 +67,8 @@ def _mb(n: int) -> str:
 @click.option("--format", "formats", type=click.Choice(["webdataset", "ffcv"]), multiple=True,
               default=("webdataset",), show_default=True,
               help="Record formats to write. The webdataset shards are always written; `ffcv` also exports "
-                   "PACK/ffcv/<split>.beton from them (same samples, labels and JPEG bytes; needs the ffcv extra).")
+                   "PACK/ffcv/<split>.beton from them (same samples, labels and JPEG bytes; each file's sha256 "
+                   "recorded in manifest.json under exports.ffcv; needs the ffcv extra).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def pack(source: Path, out: Path, size: int, quality: int, keep_original: bool, val: float, test: float,
          split_file: Path | None, seed: int, shard_size: str, workers: int, skip_bad: bool,
