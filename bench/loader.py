@@ -125,12 +125,15 @@ def plot_results(results: list[dict[str, Any]], aug: str, path: str, title_extra
               help="Pack folder (from `hamengine pack`) every loader reads.")
 @click.option("--source", type=click.Path(exists=True, file_okay=False), default=None,
               help="Original HAM10000 folder the pack was built from: the `folder` baseline reads it.")
-@click.option("--loaders", default="folder,torch,dali,resident", show_default=True,
-              help="Comma-separated loader kinds to time, in this order (folder is the reference).")
+@click.option("--loaders", default="folder,torch,dali,resident,ffcv", show_default=True,
+              help="Comma-separated loader kinds to time, in this order. `folder` is the baseline (x folder "
+                   "column); `ffcv` is the peer (x ffcv column): skipped with a note when FFCV is not "
+                   "installed, exported from the pack on first use when it has no .beton yet.")
 @click.option("--split", default="train", show_default=True,
               help="Pack split to read; `train` uses the augmentation preset, others the eval transform.")
 @click.option("--aug", type=click.Choice(["full", "crop-flip", "none"]), default="full", show_default=True,
-              help="Augmentation preset: full (crop, rotation, flips, colour jitter) or crop-flip.")
+              help="Augmentation preset: full (random resized crop, rotation, flips, colour jitter), "
+                   "crop-flip (random resized crop + flips: what FFCV does natively) or none.")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1), help="Images per batch.")
 @click.option("--size", default=224, show_default=True, type=click.IntRange(8), help="Output side S in pixels.")
 @click.option("--batches", default=20, show_default=True, type=click.IntRange(1),
@@ -148,7 +151,8 @@ def plot_results(results: list[dict[str, Any]], aug: str, path: str, title_extra
 def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: str, batch_size: int, size: int,
                  batches: int, warmup: int, workers: int, device: str, dtype: str, as_json: bool,
                  plot: str | None) -> None:
-    """Time each loader over the same pack: images/s, p50/p99 batch latency, ratio to `folder`."""
+    """Time each loader over the same pack, same images, same cores: images/s, p50/p99 batch latency,
+    CPU per image, ratios to `folder` and to `ffcv`."""
     from hamengine.config import AugConfig, ConfigError
     from hamengine.engine.environment import hardware
     from hamengine.loaders.records import PackError

@@ -373,3 +373,42 @@ def test_repack_waits_for_an_export_in_progress(pack_path: Path, tmp_path: Path)
     worker.join(120)
     assert done.is_set() and (copy / "manifest.json").read_bytes() != before  # seed 1: a new split
     assert Pack(copy).fingerprint != Pack(pack_path).fingerprint
+
+
+@needs_ffcv
+def test_bench_loader_puts_ffcv_in_the_same_table(pack_path: Path, exported: dict, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hamengine bench loader`: one JSON with every loader timed on the same pack, ratios to the
+    folder baseline and to FFCV measured in the same run, and the plot. Without FFCV the others are
+    still timed. (Structure only: speeds are for BENCHMARKS.md, never asserted.)"""
+    import json
+
+    from click.testing import CliRunner
+
+    from hamengine.bench.loader import bench_loader
+
+    args = ["--pack", str(pack_path), "--source", str(pack_path.parent / "src"), "--aug", "crop-flip",
+            "--batch-size", "8", "--size", str(S), "--batches", "2", "--warmup", "1", "--workers", "2",
+            "--device", "cpu", "--json"]
+    plot = tmp_path / "bench.png"
+    run = CliRunner().invoke(bench_loader, [*args, "--loaders", "folder,resident,ffcv", "--plot", str(plot)])
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.output[run.output.index("{"):])
+    rows = {r["loader"]: r for r in out["results"]}
+    assert list(rows) == ["folder", "resident", "ffcv"] and out["aug"] == "crop-flip"
+    for name, r in rows.items():
+        assert r["images"] == 2 * 8 and r["batches"] == 2
+        assert r["ratio_to_folder"] == pytest.approx(r["img_per_s"] / rows["folder"]["img_per_s"]), name
+        assert r["ratio_to_ffcv"] == pytest.approx(r["img_per_s"] / rows["ffcv"]["img_per_s"]), name
+    assert rows["folder"]["ratio_to_folder"] == 1.0 and rows["ffcv"]["ratio_to_ffcv"] == 1.0
+    assert {"cpus", "torch", "commit"} <= set(out["hardware"]) and plot.read_bytes()[:4] == b"\x89PNG"
+
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ffcv" else real_find_spec(name, *a))
+    run = CliRunner().invoke(bench_loader, [*args, "--loaders", "resident,ffcv"])
+    assert run.exit_code == 0, run.output
+    assert "ffcv is not installed" in run.output
+    out = json.loads(run.output[run.output.index("{"):])
+    assert [r["loader"] for r in out["results"]] == ["resident"] and out["results"][0]["ratio_to_ffcv"] is None
