@@ -277,6 +277,7 @@ def _export_locked(pack: Pack, out_dir: Path, progress: bool) -> dict[str, Any]:
         verify_shards(pack, split)  # export only what the manifest vouches for
     # The old record goes first: while files are replaced, nothing vouches for a mix of old and new.
     write_record(pack, None)
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # where development versions kept the record
     total = sum(pack.num_samples(s) for s in splits)
     entries: dict[str, Any] = {}
     with Progress(TextColumn("exporting to FFCV: {task.description}"), BarColumn(), MofNCompleteColumn(),
