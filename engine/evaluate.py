@@ -36,6 +36,7 @@ class EvalOptions:
     calibrate: bool = False  # fit a temperature on val, save RUN/calibration.json
     n_boot: int = 1000  # lesion bootstrap replicates for the 95% intervals (0 = none)
     pack: str | None = None  # pack folder; default: the run's config.json "pack"
+    unchecked_pack: bool = False  # evaluate on another pack even when it cannot be checked for leaks
     loader: LoaderKind = LoaderKind.AUTO
     batch_size: int = 64
     workers: int = 0
@@ -70,6 +71,41 @@ def resolve_pack(run: LoadedRun, override: str | None):
                 raise RunError(str(e)) from None
     raise RunError(f"pack {ref!r} of this run was not found (tried {', '.join(map(str, candidates))}): "
                    f"pass --pack PACK")
+
+
+def check_no_training_images(run: LoadedRun, pack, split: str, unchecked: bool) -> str:
+    """The pack to score must not hold the run's training images. The run's own pack (same
+    fingerprint, recorded in env.json at training) has lesion-disjoint splits by construction.
+    Another pack is checked image id by image id against the training pack's train split when that
+    pack is still there unchanged; otherwise refused unless `unchecked`. Returns how it was checked."""
+    from hamengine.loaders.records import Pack, PackError
+
+    try:
+        trained = json.loads((run.run / "env.json").read_text(encoding="utf-8")).get("pack_fingerprint")
+    except (OSError, ValueError):
+        trained = None
+    if trained is None:
+        return "unknown (the run records no pack fingerprint)"
+    if pack.fingerprint == trained:
+        return "the run's own pack"
+    train_ref = run.config.get("pack")
+    try:
+        train_pack = Pack(train_ref) if train_ref else None
+    except PackError:
+        train_pack = None
+    if train_pack is not None and train_pack.fingerprint == trained:
+        seen = set(train_pack.keys("train"))
+        leaked = [k for k in pack.keys(split) if k in seen]
+        if leaked:
+            raise RunError(f"{pack.path}: {len(leaked)} of its {pack.num_samples(split)} {split} images were "
+                           f"in this run's training split (e.g. {', '.join(leaked[:3])}): their scores would "
+                           f"be inflated. Evaluate on a pack without them, or on the run's own pack {train_ref}")
+        return f"another pack; no image of its {split} split was trained on"
+    if unchecked:
+        return "another pack, NOT checked for training images (--unchecked-pack)"
+    raise RunError(f"{pack.path} is not the pack this run was trained on (fingerprint {pack.fingerprint[:12]} vs "
+                   f"{trained[:12]}), and the training pack {train_ref} is gone or was rebuilt, so its {split} "
+                   f"split cannot be checked for training images. Pass --unchecked-pack to evaluate anyway")
 
 
 def eval_loader(pack, split: str, size: int, opts: EvalOptions, device: torch.device):
@@ -218,6 +254,7 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) 
     """Evaluate one run; returns metrics.json's content (plus `outputs`: the written paths)."""
     run = load_run(run_dir, opts.checkpoint, opts.device)
     pack = resolve_pack(run, opts.pack)
+    provenance = check_no_training_images(run, pack, opts.split, opts.unchecked_pack)
     sp = collect(run, pack, opts.split, opts, progress)
     cal: dict[str, Any] | None = None
     if opts.calibrate:
@@ -240,7 +277,7 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) 
     m["eval"] = {"run": run.run.name, "model": run.model_name, "split": opts.split,
                  "checkpoint": run.checkpoint.name, "epoch": run.epoch, "tta": str(opts.tta),
                  "temperature": temperature, "input_size": run.size, "pack": str(pack.path),
-                 "pack_fingerprint": pack.fingerprint, "device": str(run.device)}
+                 "pack_fingerprint": pack.fingerprint, "pack_check": provenance, "device": str(run.device)}
     out = run.run / f"eval-{opts.split}"
     paths = write_predictions(out, sp, probs)
     if opts.plots:

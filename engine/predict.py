@@ -23,6 +23,7 @@ from torch import nn
 from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, StrEnum
 from hamengine.engine.calibration import load_temperature
 from hamengine.engine.checkpoint import CheckpointError, load_checkpoint
+from hamengine.engine.distributed import resolve_device
 
 MAX_PIXELS = 64_000_000  # decompression-bomb guard, as for packing
 
@@ -80,12 +81,6 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RunError(f"{path}: expected a JSON object")
     return data
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass

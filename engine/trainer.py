@@ -28,6 +28,7 @@ from hamengine.config import (
     CLASSES,
     Balance,
     CompileMode,
+    ConfigError,
     LoaderConfig,
     MemoryFormat,
     Optimizer,
@@ -179,6 +180,7 @@ def _seed_all(seed: int) -> None:
 def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
     """Train `cfg` into RunDir(cfg.out); returns a summary dict (run, epochs, best, test metrics)."""
     opts = opts or FitOptions()
+    cfg.check()
     info, device = D.init_distributed(cfg.device)
     loaders: list[Any] = []
     try:
@@ -209,6 +211,10 @@ def _fit(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.dev
     _seed_all(cfg.seed + info.rank)
 
     source = opts.source or PackSource(cfg.pack)
+    # Before any epoch: with no val images no epoch can be scored, and no checkpoint chosen.
+    for split, fix in (("train", "smaller --val / --test fractions"), ("val", "a larger --val fraction (e.g. 0.15)")):
+        if len(source.labels(split)) == 0:
+            raise ConfigError(f"{cfg.pack}: the {split} split is empty; re-pack with {fix}")
     classes = tuple(getattr(source, "classes", CLASSES))
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -255,7 +261,9 @@ def _fit(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.dev
         run.write_config(cfg)
         run.write_env({**hardware(), "device": str(device), "world_size": info.world_size,
                        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-                       "channels_last": channels_last, "deterministic": opts.deterministic})
+                       "channels_last": channels_last, "deterministic": opts.deterministic,
+                       # eval checks against it that a pack's test split holds no training images
+                       "pack_fingerprint": getattr(getattr(source, "pack", None), "fingerprint", None)})
         rows = run.truncate_metrics(start_epoch) if cfg.resume else []
     else:
         rows = []
@@ -351,8 +359,12 @@ def _fit(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.dev
                                "interrupted": interrupted, "warmup_s": warmup_s,
                                "compile_failed": step.compile_failed}
     if interrupted:
-        say(f"[yellow]interrupted[/] (signal {stop_signal}): {run.last} holds epoch {epochs_done}; "
-            f"continue with --resume --out {run.path}")
+        if run.last.exists():
+            say(f"[yellow]interrupted[/] (signal {stop_signal}): {run.last} holds epoch {epochs_done}; "
+                f"continue with --resume --out {run.path}")
+        else:  # stopped inside the first epoch: nothing to resume from
+            say(f"[yellow]interrupted[/] (signal {stop_signal}) before the first epoch ended: no checkpoint "
+                f"was written; run the same command again (without --resume) to start over")
         return summary
     if info.is_main and opts.test_eval and run.best.exists():
         t = time.perf_counter()

@@ -73,7 +73,20 @@ def cli() -> None:
 
 
 def main() -> None:
-    cli(prog_name="hamengine")
+    """Commands turn the errors they expect into messages; these two can come from anywhere (an
+    output folder that cannot be written, a --device that is not here): one line, never a traceback."""
+    from hamengine.config import ConfigError
+
+    try:
+        cli(prog_name="hamengine", standalone_mode=True)
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e} (check that the path exists, is a folder where one "
+                   f"is expected, and is writable)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,24 @@ class TrainConfig:
     device: str = "auto"
     max_steps_per_epoch: int = 0  # 0 = whole epoch (tests and smoke runs cap it)
 
+    def check(self) -> None:
+        """Range checks a type cannot express; ConfigError names the option and its allowed range."""
+        rules = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                 ("size", self.size >= 8, ">= 8 pixels"),
+                 ("lr", self.lr is None or self.lr > 0, "> 0"),
+                 ("weight_decay", self.weight_decay is None or self.weight_decay >= 0, ">= 0"),
+                 ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+                 ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                 ("ema", self.ema is None or 0 < self.ema < 1, "in (0, 1), e.g. 0.999"),
+                 ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0"),
+                 ("workers", self.workers >= 0, ">= 0 (0 = all cores)"),
+                 ("early_stop", self.early_stop >= 0, ">= 0 (0 = off)"),
+                 ("max_steps_per_epoch", self.max_steps_per_epoch >= 0, ">= 0 (0 = whole epoch)")]
+        bad = [f"--{name.replace('_', '-')} {getattr(self, name)!r} must be {allowed}"
+               for name, ok, allowed in rules if not ok]
+        if bad:
+            raise ConfigError("; ".join(bad))
+
 
 T = TypeVar("T")
 

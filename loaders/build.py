@@ -7,15 +7,10 @@ from pathlib import Path
 import torch
 
 from hamengine.config import ConfigError, LoaderConfig, LoaderKind
+from hamengine.engine.distributed import resolve_device
 from hamengine.engine.environment import cpu_count
 from hamengine.loaders.base import Loader, verify_shards
 from hamengine.loaders.records import Pack
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _available_ram() -> int:

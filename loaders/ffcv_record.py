@@ -69,11 +69,20 @@ def valid_record(record: Any) -> bool:
         isinstance(info, dict) and all(k in info for k in _SPLIT_FIELDS) for info in splits.values())
 
 
+def matches_pack(record: dict[str, Any], pack: Pack) -> bool:
+    """The record lists every non-empty split of the pack, each with the pack's sample count."""
+    splits = {s for s in pack.splits if pack.num_samples(s) > 0}
+    return set(record["splits"]) == splits and all(
+        record["splits"][s]["samples"] == pack.num_samples(s) and record["splits"][s]["file"] == f"{s}.beton"
+        for s in splits)
+
+
 def read_export(pack: Pack, check_files: bool = True) -> dict[str, Any] | None:
-    """The manifest's record of the FFCV export if every file it lists is present with its recorded
-    size; None when there is no usable export (never made, made by another version, or partial)."""
+    """The manifest's record of the FFCV export if it covers the pack's splits and every file it
+    lists is present with its recorded size; None when there is no usable export (never made, made
+    by another version, edited, or partial)."""
     record = recorded_export(_manifest_on_disk(pack)[0])
-    if not valid_record(record):
+    if not valid_record(record) or not matches_pack(record, pack):
         return None
     if check_files:
         for info in record["splits"].values():
@@ -137,6 +146,9 @@ def check_export(pack: Pack) -> list[str]:
     if not valid_record(recorded):
         return [f"{where}: an export record this version cannot read; run `hamengine export-ffcv "
                 f"{pack.path} --force`"]
+    if not matches_pack(recorded, pack):
+        return [f"{where}: lists other splits, files or sample counts than the pack holds (edited?); run "
+                f"`hamengine export-ffcv {pack.path} --force`"]
     problems = []
     for info in recorded["splits"].values():
         f = export_dir(pack) / info["file"]

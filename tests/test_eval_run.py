@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from hamengine.config import CLASSES, ISIC_COLUMNS, TrainConfig
 from hamengine.engine import metrics as M
 from hamengine.engine import plots_eval
 from hamengine.engine.evaluate import EvalOptions, evaluate_run
-from hamengine.engine.predict import TTA, Predictor
+from hamengine.engine.predict import TTA, Predictor, RunError
+from hamengine.loaders.records import Pack
 
 SIZE = 64
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -273,3 +275,31 @@ def test_errors_name_the_problem(trained, tmp_path) -> None:
     (broken / "checkpoints" / "best.pt").write_bytes((run / "checkpoints" / "best.pt").read_bytes()[:1000])
     r = CliRunner().invoke(cli, ["predict", str(broken), str(tmp_path / "x.jpg")])
     assert r.exit_code == 1 and "best.pt" in r.output and "truncated or corrupt" in r.output
+
+
+def test_eval_refuses_a_pack_whose_split_holds_training_images(trained, tmp_path) -> None:
+    """Re-splitting the same images (another --seed) puts training images into the test split:
+    scoring it would inflate every metric. Refused, naming the images; the run's own pack passes;
+    when the training pack is gone only --unchecked-pack goes ahead (and says so in metrics.json)."""
+    from hamengine.config import PackConfig
+    from hamengine.loaders.pack import pack_dataset
+
+    pack_dir, run = trained
+    assert json.loads((run / "env.json").read_text())["pack_fingerprint"] == Pack(pack_dir).fingerprint
+    other = tmp_path / "reseeded"
+    pack_dataset(PackConfig(source=str(pack_dir.parent / "src"), out=str(other), size=SIZE + 8, seed=7,
+                            workers=2), progress=False)
+    opts = dict(split="test", n_boot=0, batch_size=32, device="cpu", plots=False)
+    with pytest.raises(RunError, match="were in this run's training split"):
+        evaluate_run(run, EvalOptions(pack=str(other), **opts), progress=False)
+    own = evaluate_run(run, EvalOptions(**opts), progress=False)
+    assert own["eval"]["pack_check"] == "the run's own pack"
+
+    moved = tmp_path / "run-elsewhere"  # the same run whose training pack can no longer be found
+    shutil.copytree(run, moved, ignore=shutil.ignore_patterns("eval-*"))
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "pack": str(tmp_path / "gone")}))
+    with pytest.raises(RunError, match="--unchecked-pack"):
+        evaluate_run(moved, EvalOptions(pack=str(other), **opts), progress=False)
+    m = evaluate_run(moved, EvalOptions(pack=str(other), unchecked_pack=True, **opts), progress=False)
+    assert "NOT checked" in m["eval"]["pack_check"]

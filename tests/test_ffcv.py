@@ -412,3 +412,29 @@ def test_bench_loader_puts_ffcv_in_the_same_table(pack_path: Path, exported: dic
     assert "ffcv is not installed" in run.output
     out = json.loads(run.output[run.output.index("{"):])
     assert [r["loader"] for r in out["results"]] == ["resident"] and out["results"][0]["ratio_to_ffcv"] is None
+
+
+@needs_ffcv
+def test_a_record_edited_by_hand_is_not_trusted(pack_path: Path, exported: dict, tmp_path: Path) -> None:
+    """A record that drops a split, or points a split at another split's file (with that file's
+    size and hash), does not describe the pack: verify flags it and the loader re-exports."""
+    import json
+
+    from hamengine.loaders.ffcv_export import beton_for
+    from hamengine.loaders.ffcv_record import check_export
+    from hamengine.loaders.records import manifest_bytes
+
+    for edit in ("drop", "swap"):
+        copy = tmp_path / edit
+        shutil.copytree(pack_path, copy, ignore=shutil.ignore_patterns("cache"))
+        manifest = json.loads((copy / "manifest.json").read_bytes())
+        splits = manifest["exports"]["ffcv"]["splits"]
+        if edit == "drop":
+            del splits["train"]
+        else:
+            splits["train"] = dict(splits["val"])
+        (copy / "manifest.json").write_bytes(manifest_bytes(manifest))
+        problems = check_export(Pack(copy))
+        assert len(problems) == 1 and "other splits, files or sample counts" in problems[0], problems
+        path = beton_for(Pack(copy), "train")  # not trusted: exported again, then recorded properly
+        assert check_export(Pack(copy)) == [] and path.name == "train.beton"

@@ -62,3 +62,55 @@ def test_flags_override_file_and_config_is_saved(pack, tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(pack, tmp_path):
     result = _train("--pack", pack, "--out", tmp_path / "nothing", "--resume")
     assert result.exit_code != 0 and "last.pt" in result.output and "nothing to resume" in result.output
+
+
+def test_out_of_range_values_and_empty_val_split_fail_before_training(pack, tmp_path):
+    for flags, named in ((["--label-smoothing", 2], "--label-smoothing 2.0 must be in [0, 1)"),
+                         (["--ema", 1.5], "--ema 1.5"), (["--epochs", 0], "--epochs 0 must be >= 1"),
+                         (["--grad-clip", -1, "--weight-decay", -1], "--weight-decay -1.0 must be >= 0")):
+        result = _train("--pack", pack, "--model", "hamnet", "--out", tmp_path / "r", "--device", "cpu", *flags)
+        assert result.exit_code != 0 and named in result.output, result.output
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
+
+    from hamengine.config import PackConfig
+    from hamengine.loaders.pack import pack_dataset
+
+    novel = tmp_path / "noval"
+    pack_dataset(PackConfig(source=str(pack.parent / "synth-1000"), out=str(novel), size=48, val=0.0, test=0.2),
+                 progress=False)
+    result = _train("--pack", novel, "--model", "hamnet", "--out", tmp_path / "r2", "--device", "cpu", "--epochs", 1)
+    assert result.exit_code != 0 and "the val split is empty" in result.output and "--val" in result.output
+
+
+def test_resume_cannot_change_the_model_or_lose_its_config(pack, tmp_path):
+    out = tmp_path / "run"
+    ok = _train("--pack", pack, "--model", "hamnet", "--out", out, "--device", "cpu", "--epochs", 1,
+                "--batch-size", 16, "--size", 32, "--max-steps-per-epoch", 2)
+    assert ok.exit_code == 0, ok.output
+    changed = _train("--out", out, "--resume", "--model", "resnet18")
+    assert changed.exit_code != 0 and "--model hamnet" in changed.output and "cannot change" in changed.output
+    (out / "config.json").write_text("{not json")
+    broken = _train("--out", out, "--resume")
+    assert broken.exit_code != 0 and "config.json cannot be read" in broken.output
+    (out / "config.json").unlink()
+    gone = _train("--out", out, "--resume")
+    assert gone.exit_code != 0 and "config.json is missing" in gone.output
+
+
+def test_device_and_unwritable_paths_are_one_line_errors(pack, tmp_path):
+    """Through the installed entry point (hamengine.cli:main): no traceback."""
+    import subprocess
+    import sys
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(["train", "--pack", str(pack), "--out", str(afile), "--model", "hamnet", "--device", "cpu"], str(afile)),
+             (["pack", "--source", str(pack.parent / "synth-1000"), "--out", str(afile / "sub")], str(afile)),
+             (["train", "--pack", str(pack), "--out", str(tmp_path / "r"), "--device", "tpu"], "--device 'tpu'")]
+    if not __import__("torch").cuda.is_available():
+        cases.append((["train", "--pack", str(pack), "--out", str(tmp_path / "r"), "--device", "cuda"],
+                      "CUDA is not available"))
+    for args, named in cases:
+        r = subprocess.run([sys.executable, "-c", "from hamengine.cli import main; main()", *args],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and named in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1500:])

@@ -41,6 +41,9 @@ def _known_errors() -> tuple[type[Exception], ...]:
               help="Bootstrap replicates (resampling lesions) for 95% intervals; 0 disables.")
 @click.option("--pack", type=click.Path(file_okay=False), default=None,
               help="Pack folder to read (default: the pack recorded in RUN/config.json).")
+@click.option("--unchecked-pack", is_flag=True,
+              help="With --pack: evaluate on a pack other than the run's even when it cannot be checked for "
+                   "the run's training images (the training pack is gone or was rebuilt).")
 @click.option("--loader", type=click.Choice(["auto", "dali", "resident", "torch"]), default="auto",
               show_default=True, help="Loader kind for the eval split.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Eval batch size.")
@@ -48,8 +51,8 @@ def _known_errors() -> tuple[type[Exception], ...]:
 @click.option("--no-plots", is_flag=True, help="Skip the figures (metrics and CSV files only).")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of a table.")
 def eval_run(run: Path, split: str, checkpoint: str, tta: str, calibrate: bool, n_boot: int,
-             pack: str | None, loader: str, batch_size: int, device: str, no_plots: bool,
-             as_json: bool) -> None:
+             pack: str | None, unchecked_pack: bool, loader: str, batch_size: int, device: str,
+             no_plots: bool, as_json: bool) -> None:
     """Evaluate RUN on a pack split: metrics with lesion-bootstrap CIs, predictions.csv, an ISIC 2018
     Task 3 submission CSV and figures, all in RUN/eval-<split>/."""
     from hamengine.config import LoaderKind
@@ -58,7 +61,8 @@ def eval_run(run: Path, split: str, checkpoint: str, tta: str, calibrate: bool, 
     from hamengine.engine.report import metrics_table
 
     opts = EvalOptions(split=split, checkpoint=CheckpointName(checkpoint), tta=TTA(tta), calibrate=calibrate,
-                       n_boot=n_boot, pack=pack, loader=LoaderKind(loader), batch_size=batch_size,
+                       n_boot=n_boot, pack=pack, unchecked_pack=unchecked_pack, loader=LoaderKind(loader),
+                       batch_size=batch_size,
                        device=device, plots=not no_plots)
     try:
         m = evaluate_run(run, opts, progress=not as_json)

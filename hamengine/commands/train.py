@@ -58,7 +58,7 @@ def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
     """Saved run config (on --resume) < --config file < flags given on the command line."""
     import json
 
-    from hamengine.config import from_dict, load_config_file
+    from hamengine.config import ConfigError, from_dict, load_config_file
 
     data: dict[str, Any] = {}
     given = {k for k in _FLAG_KEYS + ("aug",)
@@ -71,8 +71,20 @@ def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
         file_data = {}
     if params["resume"]:
         saved = Path(out or _D.out) / "config.json"
-        if saved.is_file():
-            data.update(json.loads(saved.read_text(encoding="utf-8")))
+        if not saved.is_file() and (saved.parent / "checkpoints" / "last.pt").is_file():
+            raise ConfigError(f"--resume: {saved} is missing, so the run's settings are unknown; restore "
+                              f"it, or start a new run in another --out")
+        try:
+            if saved.is_file():  # else: no run here; the run folder check says so
+                data.update(json.loads(saved.read_text(encoding="utf-8")))
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"--resume: {saved} cannot be read ({e}); restore it, or start a new run "
+                              f"in another --out") from None
+        fixed = [k for k in ("model", "optimizer") if k in given and params[k] != data.get(k)]
+        if fixed:
+            raise ConfigError(f"--resume: the run in {saved.parent} was trained with " + ", ".join(
+                f"--{k} {data.get(k)}" for k in fixed) + "; these cannot change on resume (drop the flag, "
+                "or start a new run in another --out)")
     data.update(file_data)
     for k in given:
         if k == "aug":
@@ -156,6 +168,7 @@ def train(ctx: click.Context, **params: Any) -> None:
 def run_training(cfg: TrainConfig, deterministic: bool = False, prefetch: bool | None = None,
                  out=console) -> dict:
     """fit() with every user-caused error turned into one clear message."""
+    from hamengine.config import ConfigError
     from hamengine.engine.checkpoint import CheckpointError
     from hamengine.engine.run import RunError
     from hamengine.engine.trainer import FitOptions, fit
@@ -164,7 +177,7 @@ def run_training(cfg: TrainConfig, deterministic: bool = False, prefetch: bool |
 
     try:
         return fit(cfg, FitOptions(deterministic=deterministic, prefetch=prefetch, console=out))
-    except (PackError, RunError, CheckpointError, PretrainedError) as e:
+    except (PackError, RunError, CheckpointError, PretrainedError, ConfigError) as e:
         fail(str(e))
     except ValueError as e:  # unknown model, bad device, batch larger than the split
         fail(str(e))
