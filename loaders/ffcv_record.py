@@ -7,13 +7,12 @@ its files and removed before they are rewritten, so it never vouches for a parti
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hamengine.fileio import atomic_write_bytes, fsync_dir
+from hamengine.fileio import atomic_write_bytes, file_sha256, fsync_dir
 from hamengine.loaders.records import EXPORTS, MANIFEST, Pack, PackError, fingerprint, manifest_bytes
 
 FORMAT = "hamengine-ffcv"
@@ -27,14 +26,6 @@ class FFCVExportError(PackError):
 
 def export_dir(pack: Pack) -> Path:
     return pack.path / DIR_NAME
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _SPLIT_FIELDS = ("file", "samples", "bytes", "sha256")

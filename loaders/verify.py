@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image
 
+from hamengine.fileio import file_sha256
 from hamengine.loaders import ffcv_record
 from hamengine.loaders.records import COMPONENTS, Pack, PackError, Shard
 from hamengine.loaders.tario import BLOCK, Component, TarIndexError, read_index
@@ -52,14 +53,6 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"pack": self.pack, "ok": self.ok, "quick": self.quick, "shards_checked": self.shards,
                 "samples_checked": self.samples, "exports_checked": self.exports, "fault": None if self.fault is None else vars(self.fault)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _walk_tar(m: mmap.mmap) -> list[Component]:
@@ -126,7 +119,7 @@ def _check_shard(pack: Pack, shard: Shard, quick: bool, report: VerifyReport) ->
         return Fault(name, str(e))
     info = next(s for s in pack.manifest["shards"] if s["name"] == name)
     idx_sha = info.get("index_sha256")
-    if idx_sha and _sha256(shard.idx_path) != idx_sha:
+    if idx_sha and file_sha256(shard.idx_path) != idx_sha:
         return Fault(name, f"index {shard.idx_path.name} differs from the manifest's sha256")
     if len(entries) != shard.samples:
         return Fault(name, f"index lists {len(entries)} samples, the manifest says {shard.samples}")
@@ -138,7 +131,7 @@ def _check_shard(pack: Pack, shard: Shard, quick: bool, report: VerifyReport) ->
                 return Fault(name, f"shard is {size} bytes, the manifest says {shard.bytes} (truncated); "
                              "this is the first sample cut off", entry[0].name.split(".", 1)[0], i)
         return Fault(name, f"shard is {size} bytes, the manifest says {shard.bytes}")
-    hash_ok = _sha256(shard.path) == shard.sha256
+    hash_ok = file_sha256(shard.path) == shard.sha256
     if quick:
         report.samples += shard.samples
         return None if hash_ok else Fault(name, "sha256 differs from the manifest (corrupted); run without "
