@@ -109,7 +109,8 @@ def run_config(source: Path, out: Path, workers: int, size: int, quality: int) -
 def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir: Path | None,
                result_file: Path | None, as_json: bool) -> None:
     """Pack SOURCE with each worker count; report images/s, peak RSS and the speedup over the first."""
-    from hamengine.engine.environment import cpu_count, hardware
+    from hamengine.engine.environment import hardware
+    from hamengine.runtime import cpu_count
 
     try:
         counts = [int(w) or cpu_count() for w in workers_list.split(",") if w.strip()]

@@ -43,13 +43,13 @@ def _timed(step, batches: Iterator, n: int, device: torch.device) -> tuple[float
 def run_bench_train(cfg: TrainConfig, steps: int = 30, warmup: int = 5, prefetch: bool | None = None,
                     log=print) -> dict[str, Any]:
     """Measure with the engine's own TrainStep and loader wiring (see engine/trainer.py)."""
-    from hamengine.engine.distributed import resolve_device
     from hamengine.engine.environment import hardware
     from hamengine.engine.prefetch import ThreadPrefetcher
     from hamengine.engine.train import TrainStep
     from hamengine.engine.trainer import PackSource, amp_dtype_for, build_optimizer, loader_config
     from hamengine.loaders.base import DTYPES
     from hamengine.models import create_model
+    from hamengine.runtime import resolve_device
 
     device = resolve_device(cfg.device)
     if device.type == "cuda":

@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from hamengine.errors import UserError
 from hamengine.fileio import atomic_output, fsync_dir
 
 FORMAT = "hamengine-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, truncated or not ours; the message names the file and what to do."""
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hamengine.config import ConfigError
+from hamengine.runtime import resolve_device  # noqa: F401  (re-exported for engine callers)
 
 
 @dataclass(frozen=True)
@@ -28,24 +27,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(pref: str | torch.device, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:<local_rank> when CUDA is present, else cpu; cpu, cuda, cuda:N as asked.
-    Asking for CUDA where there is none is a ConfigError naming --device (every command uses this)."""
-    if isinstance(pref, torch.device):
-        return pref
-    text = (pref or "auto").strip().lower()
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return torch.device("cpu")
-    if text == "cuda" or re.fullmatch(r"cuda:\d+", text):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {pref} was asked for but CUDA is not available here; use "
-                              f"--device cpu or auto")
-        return torch.device("cuda", local_rank if text == "cuda" else int(text.split(":")[1]))
-    raise ConfigError(f"--device {pref!r}: use auto, cpu, cuda or cuda:N")
 
 
 def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]:

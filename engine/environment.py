@@ -1,12 +1,13 @@
 """What this machine is: versions, devices, DALI capability; recorded in every run's env.json."""
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from hamengine.runtime import cpu_count
 
 
 def dali_version() -> str | None:
@@ -49,13 +50,6 @@ def git_commit(path: str | Path = ".") -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
 
 
 def hardware() -> dict[str, Any]:

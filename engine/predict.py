@@ -23,7 +23,7 @@ from torch import nn
 from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, StrEnum
 from hamengine.engine.calibration import load_temperature
 from hamengine.engine.checkpoint import CheckpointError, load_checkpoint
-from hamengine.engine.distributed import resolve_device
+from hamengine.runtime import resolve_device
 
 MAX_PIXELS = 64_000_000  # decompression-bomb guard, as for packing
 

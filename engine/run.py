@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from hamengine.config import TrainConfig, to_dict
+from hamengine.errors import UserError
 from hamengine.fileio import atomic_write_text
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """The run directory cannot be used as asked; the message says what to do."""
 
 

@@ -25,9 +25,10 @@ import numpy as np
 from PIL import Image
 
 from hamengine.config import CLASS_NAMES
+from hamengine.errors import UserError
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An upload the model cannot take (raised by Backend.prepare); becomes HTTP 422."""
 
 

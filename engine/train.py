@@ -235,10 +235,10 @@ def evaluate_checkpoint(run_dir: str | Path, split: str = "test", checkpoint: st
     (hamengine.engine.metrics.classification_metrics plus run, checkpoint, epoch, split)."""
     from hamengine.config import LoaderKind, TrainConfig, from_dict
     from hamengine.engine.checkpoint import load_checkpoint
-    from hamengine.engine.distributed import resolve_device
     from hamengine.engine.run import RunDir
     from hamengine.engine.trainer import PackSource, amp_dtype_for, loader_config
     from hamengine.models import create_model
+    from hamengine.runtime import resolve_device
 
     run = RunDir(run_dir)
     ckpt_path = run.checkpoints / f"{checkpoint}.pt"

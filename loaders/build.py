@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 
 from hamengine.config import ConfigError, LoaderConfig, LoaderKind
-from hamengine.engine.distributed import resolve_device
-from hamengine.engine.environment import cpu_count
 from hamengine.loaders.base import Loader, verify_shards
 from hamengine.loaders.records import Pack
+from hamengine.runtime import cpu_count, resolve_device
 
 
 def _available_ram() -> int:

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hamengine.config import StrEnum
+from hamengine.errors import UserError
 
 EXIF_ORIENTATION = 0x0112
 
@@ -40,7 +41,7 @@ class Conversion(StrEnum):
     ORIENTATION = "exif-orientation"
 
 
-class BadImage(Exception):
+class BadImage(UserError):
     """An image that cannot be packed; str() is the reason recorded in the manifest."""
 
 

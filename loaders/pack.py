@@ -28,13 +28,13 @@ import numpy as np
 import pandas as pd
 
 from hamengine.config import CLASSES, SPLITS, PackConfig
-from hamengine.engine.environment import cpu_count
 from hamengine.fileio import atomic_write_bytes
 from hamengine.loaders import ffcv_record, packdir, split
 from hamengine.loaders.imaging import BadImage, ImagePolicy, process
 from hamengine.loaders.records import FORMAT, VERSION, Pack, PackError, manifest_bytes
 from hamengine.loaders.sources import ZIP_PREFIX, load_source, read_image_bytes
 from hamengine.loaders.tario import ShardWriter, archive_bytes, index_path_for, index_text, member_bytes
+from hamengine.runtime import cpu_count
 
 CHUNK = 4  # images per pool task: small keeps the ordered stream smooth, >1 amortises IPC
 META_COLUMNS = ["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization", "dataset"]

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from hamengine.errors import UserError
 from hamengine.loaders.tario import TarIndexError, index_path_for, read_index
 
 FORMAT = "hamengine-pack"
@@ -41,7 +42,7 @@ def fingerprint(manifest: dict[str, Any], raw: bytes | None = None) -> str:
     return hashlib.sha256(manifest_bytes({k: v for k, v in manifest.items() if k != EXPORTS})).hexdigest()
 
 
-class PackError(Exception):
+class PackError(UserError):
     """A pack that cannot be used; the message names the file and what to do."""
 
 

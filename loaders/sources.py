@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from hamengine.config import CLASSES, StrEnum
+from hamengine.errors import UserError
 from hamengine.loaders.layouts import COLUMNS, HINT, Problems, ham_frame, isic_frame, read_table
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -46,7 +47,7 @@ class Layout(StrEnum):
     OWN = "own"
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """A source folder that cannot be used; str(e) lists every problem, each with file and row."""
 
     def __init__(self, problems: list[str], root: Path | str | None = None, hint: str = ""):

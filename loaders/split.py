@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 
 from hamengine.config import CLASSES, SPLITS
+from hamengine.errors import UserError
 
 METHOD_GROUPED = "lesion-grouped-stratified"
 METHOD_FILE = "file"
 MAX_LISTED = 20
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """The requested split cannot be made; str() lists every problem (file and row)."""
 
     def __init__(self, problems: list[str]):

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from hamengine.config import CLASSES
+from hamengine.errors import UserError
 from hamengine.fileio import atomic_write_bytes
 from hamengine.loaders.synth_draw import draw_image
 
@@ -70,7 +71,7 @@ LOC_WEIGHTS = {
 }
 
 
-class SynthError(Exception):
+class SynthError(UserError):
     """The output folder or the options cannot be used; the message says why and what to do."""
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from hamengine.errors import UserError
+
 BLOCK = 512
 RECORD = tarfile.RECORDSIZE  # 20 blocks = 10240 bytes
 INDEX_VERSION = "v1.2"
@@ -33,7 +35,7 @@ class Component:
     name: str
 
 
-class TarIndexError(ValueError):
+class TarIndexError(UserError, ValueError):
     """An .idx file that cannot be parsed (the message names the file and line)."""
 
 

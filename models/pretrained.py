@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hamengine.errors import UserError
 
-class PretrainedError(RuntimeError):
+
+class PretrainedError(UserError, RuntimeError):
     """Pretrained weights cannot be found or loaded; the message says what to do."""
 
 
