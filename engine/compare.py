@@ -5,61 +5,48 @@ RUN/metrics.jsonl; nothing is recomputed, so the comparison shows exactly what e
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.table import Table
 
-from hamengine.engine.predict import RunError, read_json
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line cut by a kill: skipped, as the trainer does
-            continue
-    return rows
+from hamengine.engine.run import RunDir, RunError, check_split
 
 
 def run_summary(run: Path, split: str = "test") -> dict[str, Any]:
     """One run's row: metrics with CIs, per-class recall, parameters, throughput and wall time."""
-    mpath = run / f"eval-{split}" / "metrics.json"
-    if not mpath.is_file():
-        raise RunError(f"{mpath} is missing: run `hamengine eval {run} --split {split}` first")
-    m = read_json(mpath)
-    cfg = read_json(run / "config.json") if (run / "config.json").is_file() else {}
-    model = (m.get("eval") or {}).get("model") or cfg.get("model")
-    size = int(cfg.get("size") or (m.get("eval") or {}).get("input_size") or 224)
+    rd = RunDir(run)
+    m = rd.read_eval(split)
+    if "eval" not in m:  # one schema, written by evaluate_run (eval and the end of training)
+        raise RunError(f"{rd.eval_metrics_path(split)} was written by an older hamengine: run "
+                       f"`hamengine eval {rd.path} --split {split}` again")
+    ev = m["eval"]
+    cfg = rd.read_config() if rd.config_path.is_file() else {}
+    model, size = ev["model"], int(ev["input_size"])
     params = gflops = None
-    if model:
-        try:
-            from hamengine.models import model_info
+    try:
+        from hamengine.models import model_info
 
-            info = model_info(model, size)
-            params, gflops = int(info["params"]), float(info["gflops"])
-        except (ValueError, RuntimeError):
-            pass
-    rows = _jsonl(run / "metrics.jsonl")
+        info = model_info(model, size)
+        params, gflops = int(info["params"]), float(info["gflops"])
+    except (ValueError, RuntimeError):  # a model this version no longer registers
+        pass
+    rows = rd.read_metrics()
     speeds = [r["img_per_s"] for r in rows if isinstance(r.get("img_per_s"), (int, float))]
     wall = sum(float(r.get("epoch_s") or 0) for r in rows) if rows else None
     ci = m.get("ci") or {}
     return {
-        "run": run.name, "path": str(run), "model": model, "size": size, "params": params, "gflops": gflops,
-        "epochs": len(rows) or None,
-        "balanced_accuracy": m.get("balanced_accuracy"), "balanced_accuracy_ci": ci.get("balanced_accuracy"),
-        "macro_auc": m.get("macro_auc"), "macro_auc_ci": ci.get("macro_auc"),
-        "accuracy": m.get("accuracy"),
-        "recall": {dx: v.get("recall") for dx, v in (m.get("per_class") or {}).items()},
+        "run": rd.path.name, "path": str(rd.path), "model": model, "size": size, "params": params,
+        "gflops": gflops, "epochs": len(rows) or None, "pretrained": cfg.get("pretrained"),
+        "balanced_accuracy": m["balanced_accuracy"], "balanced_accuracy_ci": ci.get("balanced_accuracy"),
+        "macro_auc": m["macro_auc"], "macro_auc_ci": ci.get("macro_auc"),
+        "accuracy": m["accuracy"],
+        "recall": {dx: v["recall"] for dx, v in m["per_class"].items()},
         "train_img_per_s": float(np.median(speeds)) if speeds else None,
         "train_wall_s": wall,
-        "checkpoint": (m.get("eval") or {}).get("checkpoint"), "tta": (m.get("eval") or {}).get("tta"),
-        "n": m.get("n"),
+        "checkpoint": ev["checkpoint"], "tta": ev["tta"],
+        "n": m["n"],
     }
 
 
@@ -102,6 +89,7 @@ def plot_compare(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def compare_runs(runs: list[str | Path], split: str = "test", out: str | Path | None = None) -> dict[str, Any]:
+    check_split(split)
     rows = [run_summary(Path(r), split) for r in runs]
     names = [r["run"] for r in rows]
     if len(set(names)) < len(names):  # same folder name in two places: show the paths

@@ -33,7 +33,7 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
-    from hamengine.engine.trainer import FitOptions, fit
+    from hamengine.engine.train import FitOptions, fit
     from hamengine.loaders.pack import pack_dataset
     from hamengine.loaders.synth import synthesize
 

@@ -21,7 +21,8 @@ import torch
 
 from hamengine.config import ISIC_COLUMNS, LoaderConfig, LoaderKind, Precision
 from hamengine.engine import calibration, metrics
-from hamengine.engine.predict import TTA, CheckpointName, LoadedRun, RunError, load_run, predict_batch
+from hamengine.engine.predict import TTA, CheckpointName, LoadedRun, load_run, predict_batch
+from hamengine.engine.run import RunDir, RunError, check_split
 from hamengine.fileio import atomic_write_bytes
 
 SUBMISSION = "isic2018_submission.csv"
@@ -80,10 +81,7 @@ def check_no_training_images(run: LoadedRun, pack, split: str, unchecked: bool) 
     pack is still there unchanged; otherwise refused unless `unchecked`. Returns how it was checked."""
     from hamengine.loaders.records import Pack, PackError
 
-    try:
-        trained = json.loads((run.run / "env.json").read_text(encoding="utf-8")).get("pack_fingerprint")
-    except (OSError, ValueError):
-        trained = None
+    trained = (RunDir(run.run).read_env() or {}).get("pack_fingerprint")
     if trained is None:
         return "unknown (the run records no pack fingerprint)"
     if pack.fingerprint == trained:
@@ -251,7 +249,9 @@ def fit_calibration(run: LoadedRun, pack, opts: EvalOptions, val: SplitPredictio
 
 
 def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
-    """Evaluate one run; returns metrics.json's content (plus `outputs`: the written paths)."""
+    """Evaluate one run; returns metrics.json's content (plus `outputs`: the written paths).
+    `hamengine eval` and the end of training both come here: one schema, one precision (fp32)."""
+    check_split(opts.split)
     run = load_run(run_dir, opts.checkpoint, opts.device)
     pack = resolve_pack(run, opts.pack)
     provenance = check_no_training_images(run, pack, opts.split, opts.unchecked_pack)
@@ -278,7 +278,7 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) 
                  "checkpoint": run.checkpoint.name, "epoch": run.epoch, "tta": str(opts.tta),
                  "temperature": temperature, "input_size": run.size, "pack": str(pack.path),
                  "pack_fingerprint": pack.fingerprint, "pack_check": provenance, "device": str(run.device)}
-    out = run.run / f"eval-{opts.split}"
+    out = RunDir(run.run).eval_dir(opts.split)
     paths = write_predictions(out, sp, probs)
     if opts.plots:
         paths.update(make_plots(out, sp, probs, m, pack))

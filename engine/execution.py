@@ -33,7 +33,8 @@ class Execution:
 
     @property
     def amp_name(self) -> str:
-        return self.precision.value
+        """'bfloat16', 'float16' or 'fp32': as env.json and bench results record it."""
+        return str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else "fp32"
 
     def place(self, model: nn.Module) -> nn.Module:
         """Move `model` to the device in the chosen memory format (in place; returns it)."""

@@ -12,6 +12,7 @@ from rich.console import Group
 from rich.table import Table
 
 from hamengine.config import CLASS_NAMES
+from hamengine.engine.run import RunDir, RunError, check_split
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -175,16 +176,11 @@ def build_blocks(run: Path, split: str = "test") -> tuple[list[Block], list[str]
     from hamengine.engine.plots_train import plot_curves
 
     warnings: list[str] = []
-    cfg = _load(run / "config.json") or {}
-    env = _load(run / "env.json")
-    m = _load(run / f"eval-{split}" / "metrics.json")
-    rows = []
-    if (run / "metrics.jsonl").is_file():
-        for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
+    rd = RunDir(run)
+    cfg = _load(rd.config_path) or {}
+    env = rd.read_env()
+    m = _load(rd.eval_metrics_path(split))
+    rows = rd.read_metrics()
     model = cfg.get("model") or (m or {}).get("eval", {}).get("model") or "unknown"
     b: list[Block] = [Block("h1", f"Run report: {run.name} ({model})")]
     facts = [f"model: `{model}`, input {cfg.get('size', '?')} px, pretrained: {cfg.get('pretrained', '?')}",
@@ -198,7 +194,7 @@ def build_blocks(run: Path, split: str = "test") -> tuple[list[Block], list[str]
 
     b.append(Block("h2", f"Evaluation on {split}"))
     if m is None:
-        warnings.append(f"no {run / f'eval-{split}' / 'metrics.json'}: run `hamengine eval {run} --split {split}`")
+        warnings.append(f"no {rd.eval_metrics_path(split)}: run `hamengine eval {run} --split {split}`")
         b.append(Block("p", f"Not evaluated yet: run `hamengine eval RUN --split {split}`."))
     else:
         ev = m.get("eval", {})
@@ -218,18 +214,18 @@ def build_blocks(run: Path, split: str = "test") -> tuple[list[Block], list[str]
                              ("confidence_hist", "Confidence of correct vs wrong predictions"),
                              ("mistakes", "Most confident mistakes"),
                              ("correct", "Correct predictions per class")):
-            p = run / f"eval-{split}" / f"{key}.png"
+            p = rd.eval_dir(split) / f"{key}.png"
             if p.is_file():
                 b.append(Block("img", caption, path=p))
 
     b.append(Block("h2", "Training curves"))
-    curves = run / "plots" / "curves.png"
+    curves = rd.plots / "curves.png"
     if not curves.is_file() and rows:
         plot_curves(rows, curves, title=f"{model} - {run.name}")
     if curves.is_file():
         b.append(Block("img", "Loss, validation metrics and throughput per epoch", path=curves))
     else:
-        warnings.append(f"no training curves ({run / 'metrics.jsonl'} is missing)")
+        warnings.append(f"no training curves ({rd.metrics_path} is missing)")
         b.append(Block("p", "No metrics.jsonl in this run."))
 
     b += model_card(run, cfg, m, _pack_manifest(cfg, m))
@@ -270,13 +266,13 @@ def model_card(run: Path, cfg: dict[str, Any], m: dict[str, Any] | None, manifes
 
 def write_report(run: str | Path, split: str = "test") -> dict[str, Any]:
     """RUN/report.md (figures linked) and RUN/report.html (figures embedded)."""
-    from hamengine.engine.predict import RunError
     from hamengine.fileio import atomic_write_bytes
 
-    run = Path(run)
-    if not (run / "config.json").is_file():
-        raise RunError(f"{run}: not a run directory (no config.json)")
-    blocks, warnings = build_blocks(run, split)
-    md = atomic_write_bytes(run / "report.md", _md(blocks, run).encode())
-    page = atomic_write_bytes(run / "report.html", _html(blocks, f"hamengine report {run.name}").encode())
+    check_split(split)
+    rd = RunDir(run)
+    if not rd.config_path.is_file():
+        raise RunError(f"{rd.path}: not a run directory (no config.json)")
+    blocks, warnings = build_blocks(rd.path, split)
+    md = atomic_write_bytes(rd.report_md, _md(blocks, rd.path).encode())
+    page = atomic_write_bytes(rd.report_html, _html(blocks, f"hamengine report {rd.path.name}").encode())
     return {"markdown": str(md), "html": str(page), "warnings": warnings}

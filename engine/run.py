@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hamengine.config import TrainConfig, to_dict
+from hamengine.config import SPLITS, ConfigError, TrainConfig, to_dict
 from hamengine.errors import UserError
 from hamengine.fileio import atomic_write_text
 
@@ -19,7 +19,29 @@ class RunError(UserError, RuntimeError):
     """The run directory cannot be used as asked; the message says what to do."""
 
 
+def check_split(split: str, option: str = "--split") -> str:
+    if split not in SPLITS:
+        raise ConfigError(f"{option} {split!r}: a pack has the splits {', '.join(SPLITS)}")
+    return split
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A run file that must exist and hold a JSON object; RunError saying what is wrong otherwise."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing: is {Path(path).parent} a run directory made by `hamengine train`?"
+                       ) from None
+    except ValueError as e:
+        raise RunError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object")
+    return data
+
+
 class RunDir:
+    """The only code that knows the run folder's file names (DESIGN.md "Run directory")."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
@@ -53,7 +75,38 @@ class RunDir:
         return self.path / "plots"
 
     def eval_dir(self, split: str) -> Path:
-        return self.path / f"eval-{split}"
+        return self.path / f"eval-{check_split(split)}"
+
+    def eval_metrics_path(self, split: str) -> Path:
+        return self.eval_dir(split) / "metrics.json"
+
+    def checkpoint(self, name: str) -> Path:
+        return self.checkpoints / f"{name}.pt"
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / "report.html"
+
+    def read_config(self) -> dict[str, Any]:
+        return read_json(self.config_path)
+
+    def read_env(self) -> dict[str, Any] | None:
+        """env.json, or None when it is missing or unreadable (older or hand-made runs)."""
+        try:
+            return read_json(self.env_path)
+        except RunError:
+            return None
+
+    def read_eval(self, split: str) -> dict[str, Any]:
+        """eval-<split>/metrics.json as `hamengine eval` (or the end of training) wrote it."""
+        path = self.eval_metrics_path(split)
+        if not path.is_file():
+            raise RunError(f"{path} is missing: run `hamengine eval {self.path} --split {split}` first")
+        return read_json(path)
 
     def has_training(self) -> bool:
         return self.last.exists() or self.metrics_path.exists()
@@ -85,6 +138,7 @@ class RunDir:
             os.fsync(f.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """metrics.jsonl, a dict per completed epoch (the only reader of that file)."""
         if not self.metrics_path.exists():
             return []
         rows = []

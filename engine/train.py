@@ -1,113 +1,69 @@
-"""The training step, one training epoch, evaluation, and the end-of-training test evaluation.
+"""`fit(cfg)`: one training run from a resolved TrainConfig into its run directory.
 
-`fit` (engine/trainer.py) wires these together; `bench train` reuses `TrainStep` so the benchmark
-times exactly the step that training runs.
+    fit = setup -> per epoch: train_one_epoch -> evaluate (val) -> save -> test evaluation (evaluate_run)
+
+Resume is exact at epoch boundaries: last.pt is written after every completed epoch (after its
+validation) with model, optimizer, scheduler, scaler, EMA, every rank's RNG states and the epoch;
+loaders are re-seeded by set_epoch(epoch), and the global RNGs restart from (seed, epoch, rank) at
+each epoch's first batch (see train_one_epoch). SIGINT/SIGTERM stop at the next step boundary and
+exit cleanly WITHOUT saving the partial epoch: last.pt stays the last completed epoch, which
+`--resume` continues bit-for-bit (deterministic settings); at most one epoch of work is redone.
 """
 from __future__ import annotations
 
-import copy
-import json
+import random
 import time
-import warnings
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from torch import nn
 
-from hamengine.config import CLASSES
-from hamengine.engine.checkpoint import unwrap
-from hamengine.engine.distributed import DistInfo, all_reduce_sum, any_rank, gather_arrays
+from hamengine.config import CLASSES, Balance, ConfigError, TrainConfig, to_dict
+from hamengine.engine import distributed as D
+from hamengine.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from hamengine.engine.data import PackSource
+from hamengine.engine.execution import Execution, configure_backends, resolve_execution
 from hamengine.engine.logger import EpochMeter, LiveDisplay
+from hamengine.engine.optim import build_optimizer, build_scheduler, class_weights
+from hamengine.engine.prefetch import ThreadPrefetcher
+from hamengine.engine.run import RunDir
+from hamengine.engine.signals import StopRequest
+from hamengine.engine.step import EMA, TrainStep, autocast
+from hamengine.hooks import fire
 
 
-class EMA:
-    """Exponential moving average of the weights (buffers copied). Decay ramps up as
-    min(decay, (1 + n) / (10 + n)) so early averages are not dominated by the random init."""
+@dataclass
+class FitOptions:
+    """Run-time choices that are not part of the saved config (recorded in env.json)."""
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
-        self.decay = decay
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        src = unwrap(model)
-        ema_p = [p for p in self.module.parameters()]
-        torch._foreach_lerp_(ema_p, [p.detach() for p in src.parameters()], 1.0 - d)
-        for b_ema, b in zip(self.module.buffers(), src.buffers(), strict=False):
-            b_ema.copy_(b)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.updates = int(state["updates"])
+    deterministic: bool = False  # bit-exact CPU reruns/resumes (torch.use_deterministic_algorithms)
+    prefetch: bool | None = None  # background-thread prefetch; None: off (loaders run ahead already)
+    console: Console = field(default_factory=Console)
+    source: Any = None  # a PackSource-like object (labels, loader, classes); None: PackSource(cfg.pack)
+    test_eval: bool = True  # score the best checkpoint on the test split when training ends
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16/fp16 autocast on `device`, or nothing (fp32) when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+@dataclass
+class Progress:
+    """Where the run stands: what resume restores besides the weights."""
 
+    epoch: int = 0  # epochs completed
+    best: float = -1.0  # best val balanced accuracy so far
+    best_epoch: int = 0
+    since_best: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl so far (rank 0)
 
-class TrainStep:
-    """forward (autocast) -> loss -> backward (GradScaler for fp16) -> clip -> optimizer -> scheduler
-    -> EMA. With a compiled model, the first call compiles; a compile failure falls back to the
-    eager model with one warning and the step is redone eagerly."""
-
-    def __init__(self, model: nn.Module, eager: nn.Module, optimizer: torch.optim.Optimizer,
-                 criterion: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
-                 scheduler: Any = None, scaler: torch.amp.GradScaler | None = None,
-                 grad_clip: float | None = None, ema: EMA | None = None):
-        self.model, self.eager = model, eager
-        self.compiled = model is not eager
-        self.optimizer, self.criterion, self.device = optimizer, criterion, device
-        self.amp_dtype, self.scheduler, self.scaler = amp_dtype, scheduler, scaler
-        self.grad_clip, self.ema = grad_clip, ema
-        self.calls = 0
-        self.compile_failed: str | None = None
-
-    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.amp_dtype):
-            logits = self.model(images)  # N x C
-        loss = self.criterion(logits.float(), labels)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if self.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if self.grad_clip:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        return loss.detach()
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.compiled and self.calls == 1:
-            try:
-                return self._step(images, labels)
-            except Exception as e:  # torch._dynamo / inductor errors have many types
-                self.compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                warnings.warn(f"torch.compile failed ({self.compile_failed}); training eagerly", stacklevel=2)
-                self.model, self.compiled = self.eager, False
-        return self._step(images, labels)
+    def improve(self, metric: float) -> bool:
+        if metric > self.best:
+            self.best, self.best_epoch, self.since_best = metric, self.epoch, 0
+            return True
+        self.since_best += 1
+        return False
 
 
 @dataclass
@@ -118,68 +74,243 @@ class EpochResult:
     timing: dict[str, float]
 
 
-def train_one_epoch(step: TrainStep, batches: Iterable, total_steps: int, display: LiveDisplay,
-                    info: DistInfo, device: torch.device, should_stop: Callable[[], bool],
-                    description: str = "train", warmup_steps: int = 0, sync_every: int = 20,
-                    on_first_batch: Callable[[], None] | None = None) -> EpochResult:
-    """Run at most `total_steps` steps over `batches`. Stops early (interrupted=True) at a step
-    boundary when `should_stop()` turns true on any rank. `on_first_batch` runs once the first
-    batch is in hand, before the first step (the trainer re-seeds the global RNGs there)."""
-    step.model.train()
-    meter = EpochMeter(warmup_steps=warmup_steps)
-    display.start_epoch(description, total_steps)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no per-step sync
-    n = 0
-    interrupted = False
-    last_loss: float | None = None
+@dataclass
+class Trainer:
+    """Everything `setup` builds; the phases below read and update it."""
+
+    cfg: TrainConfig
+    opts: FitOptions
+    info: D.DistInfo
+    ex: Execution
+    run: RunDir
+    source: Any
+    classes: tuple[str, ...]
+    train_loader: Any
+    val_loader: Any
+    steps_per_epoch: int
+    model: nn.Module  # the plain module (not DDP-wrapped, not compiled): what checkpoints hold
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    ema: EMA | None
+    step: TrainStep | None = None
+    progress: Progress = field(default_factory=Progress)
+    warmup_s: float | None = None  # this process's first steps (compile, allocator, cache warm-up)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def say(self, *args: Any, **kwargs: Any) -> None:
+        if self.info.is_main:
+            self.opts.console.print(*args, **kwargs)
+
+
+def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
+    """Train `cfg` into RunDir(cfg.out); returns a summary dict (run, epochs, best, test metrics)."""
+    opts = opts or FitOptions()
+    cfg.check()
+    info, device = D.init_distributed(cfg.device)
+    loaders: list[Any] = []  # closed whatever happens: worker processes, DALI pipelines
+    try:
+        t = setup(cfg, opts, info, device, loaders)
+        interrupted = False
+        with StopRequest() as stop, LiveDisplay(opts.console, enabled=info.is_main) as display:
+            for epoch in range(t.progress.epoch, cfg.epochs):
+                res = train_one_epoch(t, epoch, display, stop)
+                if res.interrupted:
+                    interrupted = True
+                    break
+                t.val_loader.set_epoch(0)
+                val = evaluate(t.eval_model, t.val_loader, t.ex, info, t.classes)
+                save(t, epoch, res, val, display)
+                if cfg.early_stop and t.progress.since_best >= cfg.early_stop:
+                    t.say(f"early stop: no balanced-accuracy gain for {t.progress.since_best} epochs")
+                    break
+        summary = summarize(t, interrupted)
+        if interrupted:
+            explain_interrupt(t, stop.signum)
+        elif opts.test_eval and info.is_main and t.run.best.exists():
+            summary.update(test_evaluation(t))
+        D.barrier(info)
+        return summary
+    finally:
+        for loader in loaders:
+            getattr(loader, "close", lambda: None)()
+        D.shutdown()
+
+
+# ---------------------------------------------------------------- setup
+
+def seed_all(seed: int) -> None:
+    seed %= 2**63
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.device,
+          loaders: list[Any]) -> Trainer:
+    """Run folder, seeds, loaders, model, optimizer, resume, run files, DDP/compile: ready to train."""
+    from hamengine.models import create_model
+
+    run = RunDir(cfg.out)
+    if info.is_main:
+        run.prepare(cfg)
+    D.barrier(info)
+    ex = resolve_execution(cfg, device)
+    configure_backends(device, opts.deterministic)
+    seed_all(cfg.seed + info.rank)
+
+    source = opts.source or PackSource(cfg.pack)
+    check_splits(cfg, source)
+    classes = tuple(getattr(source, "classes", CLASSES))
+    lcfg = ex.loader_config(cfg)
+    train_loader = source.loader("train", lcfg, device, info.rank, info.world_size)
+    val_loader = source.loader("val", lcfg, device, info.rank, info.world_size)
+    loaders += [train_loader, val_loader]
+    steps = len(train_loader) if not cfg.max_steps_per_epoch else min(len(train_loader), cfg.max_steps_per_epoch)
+    if steps == 0:
+        raise ConfigError(f"the train split has fewer samples than one batch ({cfg.batch_size} x "
+                          f"{info.world_size} ranks): lower --batch-size")
+
+    model = ex.place(create_model(cfg.model, num_classes=len(classes), pretrained=cfg.pretrained,
+                                  pretrained_path=cfg.pretrained_path))
+    optimizer = build_optimizer(model, cfg)
+    t = Trainer(cfg, opts, info, ex, run, source, classes, train_loader, val_loader, steps, model, optimizer,
+                scheduler=build_scheduler(optimizer, cfg, steps),
+                scaler=torch.amp.GradScaler(device.type) if ex.amp_dtype == torch.float16 else None,
+                ema=EMA(model, cfg.ema) if cfg.ema else None)
+    if cfg.resume:
+        restore(t)
+    if info.is_main:
+        write_run_files(t)
+    t.step = build_step(t)
+    t.say(f"[bold]train[/] {cfg.model} on {info.world_size} process(es): {ex.describe()}, {steps} steps/epoch "
+          f"x {cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.size}px, loader "
+          f"{getattr(train_loader, 'kind', cfg.loader)} -> {run.path}")
+    return t
+
+
+def check_splits(cfg: TrainConfig, source: Any) -> None:
+    """Before any epoch: with no val images no epoch can be scored, and no checkpoint chosen."""
+    for split, fix in (("train", "smaller --val / --test fractions"), ("val", "a larger --val fraction (e.g. 0.15)")):
+        if len(source.labels(split)) == 0:
+            raise ConfigError(f"{cfg.pack}: the {split} split is empty; re-pack with {fix}")
+
+
+def restore(t: Trainer) -> None:
+    """--resume: weights, optimizer, schedule, scaler, EMA, this rank's RNGs and the progress."""
+    state = load_checkpoint(t.run.last)
+    t.model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    if t.scaler is not None and state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
+    if t.ema is not None and state.get("ema"):
+        t.ema.load_state_dict(state["ema"])
+    rngs = state["rng"]
+    set_rng_state(rngs[t.info.rank] if t.info.rank < len(rngs) else rngs[0])
+    t.progress = Progress(epoch=int(state["epoch"]), best=float(state["best"]["metric"]),
+                          best_epoch=int(state["best"]["epoch"]), since_best=int(state["epochs_since_best"]))
+    t.say(f"resuming {t.run.path} after epoch {t.progress.epoch}")
+
+
+def write_run_files(t: Trainer) -> None:
+    """config.json, env.json; on resume, metrics.jsonl cut back to the checkpoint's epoch."""
+    from hamengine.engine.environment import hardware
+
+    t.run.write_config(t.cfg)
+    t.run.write_env({**hardware(), "device": str(t.ex.device), "world_size": t.info.world_size,
+                     "amp_dtype": t.ex.amp_name, "channels_last": t.ex.channels_last,
+                     "deterministic": t.opts.deterministic, "prefetch": bool(t.opts.prefetch),
+                     # eval checks against it that a pack's test split holds no training images
+                     "pack_fingerprint": getattr(t.source, "fingerprint", None)})
+    if t.cfg.resume:
+        t.progress.rows = t.run.truncate_metrics(t.progress.epoch)
+
+
+def build_step(t: Trainer) -> TrainStep:
+    """DDP wrapper (gradients all-reduced in buckets during backward), then torch.compile."""
+    train_model: nn.Module = t.model
+    if t.info.enabled:
+        device = t.ex.device
+        train_model = nn.parallel.DistributedDataParallel(
+            t.model, device_ids=[device.index] if device.type == "cuda" else None)
+    compiled = torch.compile(train_model) if t.ex.compile else train_model
+    weight = class_weights(t.source.labels("train"), len(t.classes)).to(t.ex.device) \
+        if t.cfg.balance == Balance.LOSS else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=t.cfg.label_smoothing)
+    return TrainStep(compiled, train_model, t.optimizer, criterion, t.ex.device, t.ex.amp_dtype, t.scheduler,
+                     t.scaler, t.cfg.grad_clip, t.ema)
+
+
+# ---------------------------------------------------------------- one epoch
+
+def train_one_epoch(t: Trainer, epoch: int, display: LiveDisplay, stop: StopRequest,
+                    sync_every: int = 20) -> EpochResult:
+    """At most steps_per_epoch steps. Stops early (interrupted=True) at a step boundary when a stop
+    is requested on any rank. Loss is summed on the device: no host sync per step."""
+    cfg, info, device = t.cfg, t.info, t.ex.device
+    t.train_loader.set_epoch(epoch)
+    # A background thread can overlap batch assembly with compute for a loader that builds batches in
+    # the calling thread. The shipped loaders already run ahead, and on 2 cores the extra thread only
+    # competed with the step (bench train), so it is opt-in. Never in deterministic mode: a thread
+    # drawing from the global RNG concurrently with dropout makes the order racy.
+    prefetch = bool(t.opts.prefetch) and not t.opts.deterministic
+    batches: Iterable = ThreadPrefetcher(t.train_loader) if prefetch else t.train_loader
+    total = t.steps_per_epoch
+    first = epoch == t.progress.epoch  # first epoch of this process: compile / warm-up steps
+    meter = EpochMeter(warmup_steps=min(3, total - 1) if first else 0)
+    display.start_epoch(f"epoch {epoch + 1}/{cfg.epochs}", total)
+    t.step.model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n, last_loss, interrupted = 0, None, False
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
     it = iter(batches)
-    while True:
+    while n < total:
         try:
-            images, labels = next(it)
+            images, labels = next(it)  # images N x 3 x S x S on the device, labels N (int64)
         except StopIteration:
             break
         except Exception:
             # Ctrl-C reaches the whole process group: loader workers may die before this process
             # reaches its step boundary. With a stop requested that is the interruption, not an error.
-            if should_stop():
+            if stop():
                 interrupted = True
                 break
             raise
         t1 = time.perf_counter()
-        if n == 0 and on_first_batch is not None:
-            on_first_batch()
-        loss = step(images, labels)
-        loss_sum += loss
+        if n == 0:
+            # The global RNGs (dropout, ...) restart from (seed, epoch, rank) once the first batch is in
+            # hand: a loader may draw from them when its iterator starts (DataLoader's base seed, once
+            # per process with persistent workers), which a resumed process does at a different epoch
+            # than an uninterrupted one. Seeding after that draw makes resume exact.
+            seed_all((cfg.seed + 1) * 1_000_003 + epoch * 1009 + info.rank)
+        loss_sum += t.step(images, labels)
         n += 1
-        if cuda and (n % sync_every == 0 or n <= warmup_steps):
+        fire("train.step", epoch=epoch + 1, step=n)
+        if cuda and (n % sync_every == 0 or n <= meter.warmup_steps):
             torch.cuda.synchronize(device)  # per-step times between syncs are launch times
         t2 = time.perf_counter()
         meter.record(t1 - t0, t2 - t1, images.shape[0])
-        if n % sync_every == 0 or n == total_steps:
-            last_loss = float(loss)
+        if n % sync_every == 0 or n == total:
+            last_loss = float(loss_sum) / n  # one host sync per sync_every steps
         display.update(n, meter, last_loss)
         # Stop requests are checked together on all ranks so that DDP never waits on a rank that left.
-        if (info.enabled and n % 10 == 0) or not info.enabled:
-            if any_rank(should_stop(), info, device):
-                interrupted = n < total_steps
-                break
-        if n >= total_steps:
+        if (not info.enabled or n % 10 == 0) and D.any_rank(stop(), info, device):
+            interrupted = n < total
             break
         t0 = time.perf_counter()
     if cuda:
         torch.cuda.synchronize(device)
-    total, count = all_reduce_sum([float(loss_sum), float(n)], info, device)
-    return EpochResult(loss=total / max(1.0, count), steps=n, interrupted=interrupted,
+    loss_total, count = D.all_reduce_sum([float(loss_sum), float(n)], info, device)
+    return EpochResult(loss=loss_total / max(1.0, count), steps=n, interrupted=interrupted,
                        timing=meter.summary())
 
 
-def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> dict[str, Any]:
-    from hamengine.engine.metrics import classification_metrics as metrics
-
-    return metrics(y, probs, classes)
-
+# ---------------------------------------------------------------- validation
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable, device: torch.device, amp_dtype: torch.dtype | None,
@@ -192,77 +323,99 @@ def predict(model: nn.Module, batches: Iterable, device: torch.device, amp_dtype
         if max_steps and i >= max_steps:
             break
         with autocast(device, amp_dtype):
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()  # N x C
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         probs_all.append(torch.softmax(logits, 1).double().cpu().numpy())
         labels_all.append(labels.cpu().numpy())
-    c = len(CLASSES)
     y = np.concatenate(labels_all) if labels_all else np.zeros(0, np.int64)
-    p = np.concatenate(probs_all) if probs_all else np.zeros((0, c))
+    p = np.concatenate(probs_all) if probs_all else np.zeros((0, len(CLASSES)))
     return y, p, float(loss_sum)
 
 
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp_dtype: torch.dtype | None,
-             info: DistInfo, classes: tuple[str, ...] = CLASSES, max_steps: int = 0) -> dict[str, Any]:
-    """Validation: every rank scores its shard; probabilities are gathered so that AUC and balanced
-    accuracy are computed over the whole split (identical on every rank)."""
-    y, p, loss_sum = predict(model, batches, device, amp_dtype, max_steps)
-    y, p = gather_arrays([y, p], info)
-    (loss_total,) = all_reduce_sum([loss_sum], info, device)
+def evaluate(model: nn.Module, batches: Iterable, ex: Execution, info: D.DistInfo,
+             classes: tuple[str, ...] = CLASSES, max_steps: int = 0) -> dict[str, Any]:
+    """Validation during training, in the training precision. Every rank scores its shard; the
+    probabilities are gathered so that AUC and balanced accuracy cover the whole split."""
+    from hamengine.engine.metrics import classification_metrics
+
+    y, p, loss_sum = predict(model, batches, ex.device, ex.amp_dtype, max_steps)
+    y, p = D.gather_arrays([y, p], info)
+    (loss_total,) = D.all_reduce_sum([loss_sum], info, ex.device)
     m = classification_metrics(y, p, classes)
     return {"loss": loss_total / max(1, len(y)), "accuracy": m["accuracy"],
             "balanced_accuracy": m["balanced_accuracy"], "macro_auc": m["macro_auc"], "n": int(len(y)),
             "full": m}
 
 
-def write_eval(out_dir: Path, metrics: dict[str, Any], classes: tuple[str, ...], title: str) -> Path:
-    """eval-<split>/metrics.json (+ confusion_matrix.png), both written atomically."""
-    from hamengine.engine.plots_eval import plot_confusion
-    from hamengine.fileio import atomic_write_text
+# ---------------------------------------------------------------- save
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot_confusion(metrics["confusion_matrix"], classes, out_dir / "confusion_matrix.png", title=title)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    return out_dir / "metrics.json"
+def save(t: Trainer, epoch: int, res: EpochResult, val: dict[str, Any], display: LiveDisplay) -> None:
+    """The epoch's metrics line, best.pt when it improved, last.pt (for resume), the curves."""
+    from hamengine.engine.plots_train import plot_curves
+
+    first = epoch == t.progress.epoch
+    if first:
+        t.warmup_s = res.timing["warmup_s"]
+    t.progress.epoch = epoch + 1
+    improved = t.progress.improve(val["balanced_accuracy"])
+    timing = res.timing
+    row = {"epoch": t.progress.epoch, "lr": t.optimizer.param_groups[0]["lr"], "train_loss": res.loss,
+           "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+           "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_auc": val["macro_auc"],
+           "val_n": val["n"], "img_per_s": timing["img_per_s"], "data_ms": timing["data_ms"],
+           "step_ms": timing["step_ms"], "data_fraction": timing["data_fraction"], "epoch_s": timing["wall_s"],
+           "warmup_s": timing["warmup_s"] if first else 0.0, "best": improved}
+    rngs = D.gather_objects(rng_state(), t.info)  # every rank's RNG, for an exact resume
+    if t.info.is_main:
+        p, cfg = t.progress, t.cfg
+        p.rows.append(row)
+        t.run.append_metrics(row)  # before last.pt: a resume drops lines past the checkpoint
+        meta = {"epoch": p.epoch, "config": to_dict(cfg), "classes": list(t.classes), "model_name": cfg.model}
+        if improved:
+            save_checkpoint({**meta, "model": t.eval_model.state_dict(), "metrics": row}, t.run.best)
+        save_checkpoint({**meta, "model": unwrap(t.model).state_dict(),
+                         "ema": t.ema.state_dict() if t.ema else None,
+                         "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+                         "scaler": t.scaler.state_dict() if t.scaler else None, "rng": rngs,
+                         "best": {"metric": p.best, "epoch": p.best_epoch},
+                         "epochs_since_best": p.since_best, "metrics": row}, t.run.last)
+        plot_curves(p.rows, t.run.plots / "curves.png", title=f"{cfg.model} — {t.run.path.name}")
+        auc = "n/a" if val["macro_auc"] is None else f"{val['macro_auc']:.3f}"
+        display.log(
+            f"epoch {p.epoch:>3}/{cfg.epochs}  loss {res.loss:.3f}  val loss {val['loss']:.3f}  "
+            f"acc {val['accuracy']:.3f}  bal acc {val['balanced_accuracy']:.3f}  auc {auc}  "
+            f"{timing['img_per_s']:.0f} img/s  data {timing['data_ms']:.0f} ms / step {timing['step_ms']:.0f} ms"
+            f"{'  *best*' if improved else ''}")
+    D.barrier(t.info)
 
 
-def evaluate_checkpoint(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
-                        device: str | torch.device = "auto", loader: str | None = None,
-                        batch_size: int | None = None) -> dict[str, Any]:
-    """Score `split` of the run's pack with checkpoints/<checkpoint>.pt; writes
-    RUN/eval-<split>/metrics.json and confusion_matrix.png and returns the metrics dict
-    (hamengine.engine.metrics.classification_metrics plus run, checkpoint, epoch, split)."""
-    from hamengine.config import LoaderKind, TrainConfig, from_dict
-    from hamengine.engine.checkpoint import load_checkpoint
-    from hamengine.engine.run import RunDir
-    from hamengine.engine.trainer import PackSource, amp_dtype_for, loader_config
-    from hamengine.models import create_model
-    from hamengine.runtime import resolve_device
+# ---------------------------------------------------------------- the end
 
-    run = RunDir(run_dir)
-    ckpt_path = run.checkpoints / f"{checkpoint}.pt"
-    state = load_checkpoint(ckpt_path)
-    cfg = from_dict(TrainConfig, state["config"], where=f"{ckpt_path}:config")
-    if loader:
-        cfg.loader = LoaderKind(loader)
-    if batch_size:
-        cfg.batch_size = batch_size
-    dev = device if isinstance(device, torch.device) else resolve_device(str(device))
-    classes = tuple(state.get("classes") or CLASSES)
-    model = create_model(state.get("model_name", cfg.model), num_classes=len(classes))
-    model.load_state_dict(state["model"])
-    channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
-    model.to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    source = PackSource(cfg.pack)
-    batches = source.loader(split, loader_config(cfg, dev, channels_last), dev, 0, 1)
-    try:
-        y, p, loss_sum = predict(model, batches, dev, amp_dtype_for(cfg, dev))
-    finally:
-        getattr(batches, "close", lambda: None)()
-    m = classification_metrics(y, p, classes)
-    m.update({"loss": loss_sum / max(1, len(y)), "split": split, "checkpoint": str(ckpt_path),
-              "epoch": state.get("epoch"), "model": cfg.model, "run": str(run.path)})
-    write_eval(run.eval_dir(split), m, classes,
-               f"{cfg.model} {split}: balanced accuracy {m['balanced_accuracy']:.3f}")
-    return m
+def summarize(t: Trainer, interrupted: bool) -> dict[str, Any]:
+    p = t.progress
+    return {"run": str(t.run.path), "epochs": p.epoch, "best_epoch": p.best_epoch,
+            "best_val_balanced_accuracy": p.best if p.best >= 0 else None, "interrupted": interrupted,
+            "warmup_s": t.warmup_s, "compile_failed": t.step.compile_failed}
+
+
+def explain_interrupt(t: Trainer, signum: int | None) -> None:
+    if t.run.last.exists():
+        t.say(f"[yellow]interrupted[/] (signal {signum}): {t.run.last} holds epoch {t.progress.epoch}; "
+              f"continue with --resume --out {t.run.path}")
+    else:  # stopped inside the first epoch: nothing to resume from
+        t.say(f"[yellow]interrupted[/] (signal {signum}) before the first epoch ended: no checkpoint was "
+              f"written; run the same command again (without --resume) to start over")
+
+
+def test_evaluation(t: Trainer) -> dict[str, Any]:
+    """The best checkpoint on the test split through `evaluate_run`, exactly as `hamengine eval`
+    scores it (same metrics.json, predictions, ISIC files and figures in RUN/eval-test/)."""
+    from hamengine.engine.evaluate import EvalOptions, evaluate_run
+
+    start = time.perf_counter()
+    m = evaluate_run(t.run.path, EvalOptions(split="test", loader=t.cfg.loader, batch_size=t.cfg.batch_size,
+                                             workers=t.cfg.workers, device=str(t.ex.device)),
+                     progress=t.opts.console.is_terminal)
+    test = {k: m[k] for k in ("balanced_accuracy", "accuracy", "macro_auc", "n")}
+    test["per_class_recall"] = {k: v["recall"] for k, v in m["per_class"].items()}
+    return {"test": test, "test_eval_s": time.perf_counter() - start}

@@ -41,7 +41,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     from rich.console import Console
 
     from hamengine.config import PackConfig
-    from hamengine.engine.trainer import FitOptions, fit
+    from hamengine.engine.train import FitOptions, fit
     from hamengine.loaders.pack import pack_dataset
     from hamengine.loaders.synth import synthesize
 

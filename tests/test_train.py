@@ -11,7 +11,7 @@ from rich.console import Console
 from train_data import small_pack
 
 from hamengine.config import AugPreset, Balance, LoaderKind, TrainConfig, from_dict, to_dict
-from hamengine.engine.trainer import FitOptions, fit
+from hamengine.engine.train import FitOptions, fit
 
 
 @pytest.fixture(scope="module")

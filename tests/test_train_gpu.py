@@ -23,7 +23,7 @@ def pack(tmp_path_factory):
 
 @pytest.mark.parametrize("loader", ["resident", "dali"])
 def test_compiled_bf16_channels_last_training(pack, tmp_path, loader):
-    from hamengine.engine.trainer import FitOptions, fit
+    from hamengine.engine.train import FitOptions, fit
 
     cfg = TrainConfig(pack=str(pack), model="resnet18", epochs=2, batch_size=32, size=64, device="cuda",
                       loader=LoaderKind(loader), compile=CompileMode.AUTO, max_steps_per_epoch=8, out=str(tmp_path / "run"))

@@ -171,7 +171,7 @@ def run_training(cfg: TrainConfig, deterministic: bool = False, prefetch: bool |
     from hamengine.config import ConfigError
     from hamengine.engine.checkpoint import CheckpointError
     from hamengine.engine.run import RunError
-    from hamengine.engine.trainer import FitOptions, fit
+    from hamengine.engine.train import FitOptions, fit
     from hamengine.loaders.records import PackError
     from hamengine.models import PretrainedError
 
