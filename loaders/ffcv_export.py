@@ -34,6 +34,7 @@ import numpy as np
 
 from hamengine.config import ConfigError
 from hamengine.fileio import fsync_dir
+from hamengine.hooks import fire
 from hamengine.loaders.ffcv_record import (
     DIR_NAME,
     FORMAT,
@@ -251,6 +252,7 @@ def export_ffcv(pack: Pack | str | Path, force: bool = False, progress: bool = T
         existing = None if force else read_export(pack)  # another process may have finished it meanwhile
         if existing is not None:
             return _up_to_date(pack, existing, log)
+        fire("ffcv.export_locked", pack=str(pack.path))
         record = _export_locked(pack, out_dir, progress)
     if log:
         log(f"wrote {', '.join(e['file'] for e in record['splits'].values())} to {out_dir} (recorded in "

@@ -29,6 +29,7 @@ import pandas as pd
 
 from hamengine.config import CLASSES, SPLITS, PackConfig
 from hamengine.fileio import atomic_write_bytes
+from hamengine.hooks import fire
 from hamengine.loaders import ffcv_record, packdir, split
 from hamengine.loaders.imaging import BadImage, ImagePolicy, process
 from hamengine.loaders.records import FORMAT, VERSION, Pack, PackError, manifest_bytes
@@ -145,6 +146,7 @@ class _Shards:
         self.done.append({"name": name, "split": self.split, "samples": len(w.samples), "bytes": nbytes,
                           "sha256": sha, "index": index_path_for(final).name,
                           "index_sha256": hashlib.sha256(idx).hexdigest()})
+        fire("pack.shard_done", split=self.split, shard=name, done=len(self.done))
 
     def abort(self) -> None:
         if self.writer is not None:
