@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from hamengine.engine.run import CALIBRATION_FILE, RunDir  # noqa: F401  (CALIBRATION_FILE re-exported)
 from hamengine.fileio import atomic_write_text
 
-CALIBRATION_FILE = "calibration.json"
 _EPS = 1e-12
 
 
@@ -51,13 +51,13 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray, bounds: tuple[float,
 
 def save_calibration(run: str | Path, temperature: float, info: dict[str, Any] | None = None) -> Path:
     """Write RUN/calibration.json atomically (temp file + fsync + replace)."""
-    return atomic_write_text(Path(run) / CALIBRATION_FILE,
+    return atomic_write_text(RunDir(run).calibration,
                              json.dumps({"temperature": float(temperature), **(info or {})}, indent=2))
 
 
 def load_temperature(run: str | Path) -> float:
     """The run's fitted temperature, 1.0 when the run was never calibrated."""
-    path = Path(run) / CALIBRATION_FILE
+    path = RunDir(run).calibration
     if not path.is_file():
         return 1.0
     try:

@@ -19,6 +19,9 @@ class RunError(UserError, RuntimeError):
     """The run directory cannot be used as asked; the message says what to do."""
 
 
+CALIBRATION_FILE = "calibration.json"
+
+
 def check_split(split: str, option: str = "--split") -> str:
     if split not in SPLITS:
         raise ConfigError(f"{option} {split!r}: a pack has the splits {', '.join(SPLITS)}")
@@ -82,6 +85,10 @@ class RunDir:
 
     def checkpoint(self, name: str) -> Path:
         return self.checkpoints / f"{name}.pt"
+
+    @property
+    def calibration(self) -> Path:
+        return self.path / CALIBRATION_FILE
 
     @property
     def report_md(self) -> Path:
