@@ -20,6 +20,7 @@ import torch
 
 from hamengine.errors import UserError
 from hamengine.fileio import atomic_output, fsync_dir
+from hamengine.models.wrappers import strip_wrapper_prefixes, unwrap
 
 FORMAT = "hamengine-checkpoint"
 VERSION = 1
@@ -58,13 +59,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
+def model_weights(state: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights that were validated: best.pt's 'model' (already EMA weights when EMA was on);
+    in last.pt the EMA copy ({'model': state dict, 'updates': n}) when present, else 'model'.
+    Keys carry no DDP / torch.compile prefix, even in checkpoints written before they were unwrapped."""
+    ema = state.get("ema")
+    weights = ema.get("model") if isinstance(ema, dict) else None
+    if not isinstance(weights, dict):
+        weights = state.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path}: no model weights in this checkpoint (expected a 'model' state dict)")
+    return strip_wrapper_prefixes(weights)
 
 
 # ---------------------------------------------------------------- RNG state as plain data
@@ -91,3 +96,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          n["cached"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+# `unwrap` lives with the other wrapper helpers in models/; training code imports it from here.
+__all__ = ["CheckpointError", "load_checkpoint", "model_weights", "rng_state", "save_checkpoint",
+           "set_rng_state", "unwrap"]

@@ -155,7 +155,8 @@ def save_contact_sheet(items: Sequence[tuple[str, Explanation]], classes: Sequen
 def explain_files(run: str | Path, images: Sequence[str | Path], out: str | Path, dx: str | None = None,
                   checkpoint: str = "best", device: str = "auto") -> dict:
     """`hamengine explain`: a panel PNG per readable image plus contact_sheet.png in `out`."""
-    from hamengine.engine.predict import ImageError, Predictor
+    from hamengine.engine.predict import Predictor
+    from hamengine.loaders.imaging import BadImage
 
     predictor = Predictor(run, checkpoint=checkpoint, device=device)
     classes = tuple(predictor.classes)
@@ -176,7 +177,7 @@ def explain_files(run: str | Path, images: Sequence[str | Path], out: str | Path
             stem = f"{name}-{k}"
         try:
             e = explain(predictor, path, target)
-        except ImageError as err:
+        except BadImage as err:
             rows.append({"image": str(path), "error": str(err)})
             continue
         used.add(stem)

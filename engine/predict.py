@@ -1,15 +1,13 @@
 """Load a trained run once and predict single images: the code path of `hamengine predict`, `explain`
 and `serve`.
 
-Preprocessing equals the eval loader's: RGB (EXIF orientation applied), resize the shorter side to
-the run's input size S, center crop S x S, ImageNet-normalize. Probabilities are softmax(logits / T)
+Preprocessing equals the eval loader's: an image is opened and made RGB by the rule packing uses
+(loaders/imaging.py: one pixel limit, EXIF orientation, 16-bit / palette / alpha handling), its
+shorter side resized to the run's input size S, center cropped S x S, ImageNet-normalized. Probabilities are softmax(logits / T)
 with T from RUN/calibration.json when the run was calibrated (`hamengine eval --calibrate`), else T=1.
 """
 from __future__ import annotations
 
-import io
-import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,23 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, StrEnum
 from hamengine.engine.calibration import load_temperature
-from hamengine.engine.checkpoint import CheckpointError, load_checkpoint
+from hamengine.engine.checkpoint import CheckpointError, load_checkpoint, model_weights
+from hamengine.engine.run import RunDir, RunError
+from hamengine.loaders.imaging import BadImage, open_rgb
 from hamengine.runtime import resolve_device
-
-MAX_PIXELS = 64_000_000  # decompression-bomb guard, as for packing
-
-
-class RunError(Exception):
-    """A run directory or checkpoint that cannot be used; the message says which file and what to do."""
-
-
-class ImageError(Exception):
-    """One input image cannot be read; str() is the reason."""
 
 
 class TTA(StrEnum):
@@ -70,19 +60,6 @@ def predict_batch(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.NONE) -> tor
         return probs / len(views)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{path} is missing: is {path.parent} a run directory made by `hamengine train`?"
-                       ) from None
-    except ValueError as e:
-        raise RunError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise RunError(f"{path}: expected a JSON object")
-    return data
-
-
 @dataclass
 class LoadedRun:
     run: Path
@@ -97,26 +74,14 @@ class LoadedRun:
 
 
 def checkpoint_path(run: Path, which: CheckpointName | str) -> Path:
-    name = CheckpointName(which)
-    path = run / "checkpoints" / f"{name.value}.pt"
+    run_dir = RunDir(run)
+    path = run_dir.checkpoint(CheckpointName(which).value)
     if not path.is_file():
-        others = sorted(p.name for p in (run / "checkpoints").glob("*.pt")) if (run / "checkpoints").is_dir() else []
+        others = sorted(p.name for p in run_dir.checkpoints.glob("*.pt")) if run_dir.checkpoints.is_dir() else []
         hint = f"; available: {', '.join(others)} (use --checkpoint)" if others else \
             "; the run has no checkpoints yet (did training start?)"
         raise RunError(f"{path} does not exist{hint}")
     return path
-
-
-def _model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    """The weights that were validated: best.pt's 'model' (already EMA weights when EMA was on);
-    in last.pt the EMA copy ({'model': state dict, 'updates': n}) when present, else 'model'."""
-    ema = ckpt.get("ema")
-    state = ema.get("model") if isinstance(ema, dict) else None
-    if not isinstance(state, dict):
-        state = ckpt.get("model")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RunError(f"{path}: no model weights in this checkpoint (expected a 'model' state dict)")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
 def load_run(run: str | Path, checkpoint: CheckpointName | str = CheckpointName.BEST,
@@ -127,21 +92,23 @@ def load_run(run: str | Path, checkpoint: CheckpointName | str = CheckpointName.
     run = Path(run)
     if not run.is_dir():
         raise RunError(f"{run}: no such run directory")
-    config = read_json(run / "config.json")
+    run_dir = RunDir(run)
+    config = run_dir.read_config()
     path = checkpoint_path(run, checkpoint)
     try:
         ckpt = load_checkpoint(path)  # weights_only=True; damage -> CheckpointError naming the file
+        weights = model_weights(ckpt, path)
     except CheckpointError as e:
         raise RunError(f"{e}; or try --checkpoint {'last' if path.stem == 'best' else 'best'}") from None
     model_name = str(ckpt.get("model_name") or config.get("model") or "")
     if not model_name:
-        raise RunError(f"{run / 'config.json'}: no 'model' key")
+        raise RunError(f"{run_dir.config_path}: no 'model' key")
     classes = tuple(ckpt.get("classes") or config.get("classes") or CLASSES)
     size = int(config.get("size") or 224)
     device = resolve_device(device)
     try:
         model = create_model(model_name, num_classes=len(classes))
-        model.load_state_dict(_model_state(ckpt, path))
+        model.load_state_dict(weights)
     except (ValueError, RuntimeError) as e:
         raise RunError(f"{path}: weights do not fit model {model_name!r} ({str(e).splitlines()[0]})") from None
     # channels_last on CUDA (what the loaders deliver there); NCHW on CPU (measured faster there)
@@ -150,41 +117,6 @@ def load_run(run: str | Path, checkpoint: CheckpointName | str = CheckpointName.
     epoch = ckpt.get("epoch")
     return LoadedRun(run, config, model, model_name, size, classes, path,
                      int(epoch) if isinstance(epoch, int) else None, device)
-
-
-def decode_image(data: bytes | Image.Image | str | Path) -> Image.Image:
-    """Any PIL-readable JPEG/PNG (bytes, path or image) -> upright 8-bit RGB. Raises ImageError."""
-    if isinstance(data, Image.Image):
-        im = data
-    else:
-        try:
-            raw = data if isinstance(data, bytes) else Path(data).read_bytes()
-        except OSError as e:
-            raise ImageError(f"cannot read file ({e.strerror or e})") from None
-        if not raw:
-            raise ImageError("empty file (0 bytes)")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                im = Image.open(io.BytesIO(raw))
-                if im.size[0] * im.size[1] > MAX_PIXELS:
-                    raise ImageError(f"{im.size[0]}x{im.size[1]} pixels exceeds the limit of {MAX_PIXELS:,}")
-                im.load()
-        except ImageError:
-            raise
-        except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise ImageError(f"not a readable image ({type(e).__name__})") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageError(f"corrupt or truncated image ({e})") from None
-    try:
-        im = ImageOps.exif_transpose(im)
-    except (OSError, ValueError, SyntaxError):  # broken EXIF: keep the stored orientation
-        pass
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        im = Image.fromarray(np.clip(np.rint(arr * 255.0 / top), 0, 255).astype(np.uint8), "L")
-    return im.convert("RGB")
 
 
 def eval_crop(im: Image.Image, size: int) -> torch.Tensor:
@@ -229,7 +161,7 @@ class Predictor:
 
     def preprocess(self, image: bytes | Image.Image | str | Path) -> tuple[Image.Image, torch.Tensor]:
         """-> (the S x S RGB crop the model sees, its normalized tensor [3, S, S])."""
-        crop = eval_crop(decode_image(image), self.size)  # uint8 3 x S x S
+        crop = eval_crop(open_rgb(image), self.size)  # uint8 3 x S x S; BadImage if unreadable
         return Image.fromarray(crop.permute(1, 2, 0).numpy()), normalize(crop)
 
     def calibrate(self, probs: torch.Tensor) -> torch.Tensor:
@@ -245,7 +177,7 @@ class Predictor:
         return self.calibrate(probs).double().cpu().numpy()
 
     def predict(self, images: Sequence[bytes | Image.Image | str | Path]) -> np.ndarray:
-        """Images (decoded or not) -> float64 [N, C]; raises ImageError on the first unreadable one
+        """Images (decoded or not) -> float64 [N, C]; raises BadImage on the first unreadable one
         (use `predict_files` to keep going past bad files)."""
         if not images:
             return np.zeros((0, len(self.classes)))
@@ -255,9 +187,9 @@ class Predictor:
             out.append(self.predict_tensor(x))
         return np.concatenate(out)
 
-    def predict_files(self, paths: Sequence[str | Path]) -> list[np.ndarray | ImageError]:
-        """Per path: probabilities [C], or the ImageError that made it unreadable."""
-        results: list[np.ndarray | ImageError] = [ImageError("not processed")] * len(paths)
+    def predict_files(self, paths: Sequence[str | Path]) -> list[np.ndarray | BadImage]:
+        """Per path: probabilities [C], or the BadImage that made it unreadable."""
+        results: list[np.ndarray | BadImage] = [BadImage("not processed")] * len(paths)
         pending: list[tuple[int, torch.Tensor]] = []
 
         def flush() -> None:
@@ -270,7 +202,7 @@ class Predictor:
         for i, path in enumerate(paths):
             try:
                 pending.append((i, self.preprocess(path)[1]))
-            except ImageError as e:
+            except BadImage as e:
                 results[i] = e
             if len(pending) >= self.batch_size:
                 flush()

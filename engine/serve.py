@@ -6,17 +6,17 @@ Routes: GET / (the single page), GET /api/health, GET /api/model, POST /api/pred
 Limits, and why each is where it is:
 - Upload size: a pure ASGI middleware rejects a Content-Length over the limit before any byte is read
   and counts the bytes actually received (chunked uploads carry no Content-Length) -> 413.
-- Decompression bombs: the header is parsed first (Image.open is lazy); width x height over
-  `max_pixels` -> 413 before a single pixel is decoded.
+- Images are opened by the one rule of loaders/imaging.py (`open_image`), as `hamengine predict` and
+  `pack` open them: the header is parsed first; width x height over `max_pixels` (default: the one
+  limit, MAX_PIXELS) -> 413 before a single pixel is decoded.
 - Not an image / unsupported format -> 415; truncated or corrupt image data, empty upload, missing
-  field -> 422; every error body is {"detail": "<what went wrong and what to do>"}.
+  field, text instead of a file -> 422; every error body is {"detail": "<what went wrong and what to do>"}.
 - The model is loaded once per app; predictions go through a micro-batcher (serve_backend.py).
 - Nothing is written to disk except multipart spool files, which the multipart parser keeps in memory
   up to 1 MiB and beyond that in the system temporary folder, deleted when the request ends.
 """
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.exceptions import HTTPException
 
 from hamengine.config import CLASS_NAMES
@@ -39,17 +40,20 @@ from hamengine.engine.serve_backend import (
     load_test_metrics,
 )
 from hamengine.engine.serve_page import render_page
+from hamengine.loaders.imaging import MAX_PIXELS, BadImage, ImageProblem, open_image
 
 # Formats PIL may even try to parse: a short allow-list keeps exotic parsers away from uploads.
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 MULTIPART_OVERHEAD = 64 * 1024  # boundary + part headers on top of the file itself
 FIELD = "image"
+# HTTP status per image problem; the rest (empty, corrupt, truncated) are 422.
+IMAGE_STATUS = {ImageProblem.TOO_LARGE: 413, ImageProblem.NOT_AN_IMAGE: 415}
 
 
 @dataclass(frozen=True)
 class ServeLimits:
     max_upload_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 40_000_000  # ~7300x5500: above any dermatoscope, far below a bomb's RAM cost
+    max_pixels: int = MAX_PIXELS  # width x height; the limit every command uses (loaders/imaging.py)
     max_batch: int = 8  # micro-batch size (1: no batching)
     max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
     threads: int | None = None  # request worker threads (None: the server's default pool)
@@ -66,33 +70,13 @@ def decode_upload(data: bytes, limits: ServeLimits) -> Image.Image:
     """Bytes -> a fully decoded, size-checked PIL image (mode and EXIF kept: the backend's
     preprocessing applies orientation and converts to RGB, exactly as `hamengine predict` does),
     or UploadError(413/415/422) saying what is wrong."""
-    if not data:
-        raise UploadError(422, f"the upload in field '{FIELD}' is empty: choose a JPEG or PNG image")
     if len(data) > limits.max_upload_bytes:
         raise UploadError(413, _too_large(len(data), limits))
     try:
-        image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))  # header only
-    except UnidentifiedImageError:
-        raise UploadError(415, "the upload is not an image this server reads "
-                               f"({', '.join(ACCEPTED_FORMATS)}); send a JPEG or PNG") from None
-    except Image.DecompressionBombError as exc:
-        raise UploadError(413, f"image dimensions are too large: {exc}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise UploadError(422, f"the image header is corrupt: {exc}") from None
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise UploadError(422, f"the image has no pixels ({width}x{height})")
-    if width * height > limits.max_pixels:
-        raise UploadError(413, f"the image is {width}x{height} = {width * height:,} pixels, over this "
-                               f"server's limit of {limits.max_pixels:,}; downscale it first")
-    try:
-        image.load()  # the full decode: raises on truncated / corrupt data (no LOAD_TRUNCATED_IMAGES)
-        return image
-    except Image.DecompressionBombError as exc:
-        raise UploadError(413, f"image dimensions are too large: {exc}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise UploadError(422, f"the {image.format} image is truncated or corrupt ({exc}); "
-                               "re-export it and try again") from None
+        return open_image(data, name=f"the upload in field '{FIELD}'", max_pixels=limits.max_pixels,
+                          formats=ACCEPTED_FORMATS)
+    except BadImage as exc:
+        raise UploadError(IMAGE_STATUS.get(exc.problem, 422), str(exc)) from None
 
 
 def _too_large(n: int | None, limits: ServeLimits) -> str:
@@ -152,6 +136,14 @@ async def _send_json(send: Callable[[dict], Awaitable[None]], status: int, detai
     await send({"type": "http.response.body", "body": body})
 
 
+async def form_fields(request: Request) -> tuple[str, ...]:
+    """The names of the multipart form's fields, so that a missing `image` can say what came instead.
+    The form is the one FastAPI already parsed (Starlette keeps it on the request)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return ()
+    return tuple(dict.fromkeys((await request.form()).keys()))
+
+
 def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float = 10.0, *,
                checkpoint: str = "best", limits: ServeLimits | None = None,
                backend: Backend | None = None) -> Any:
@@ -187,13 +179,25 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
     async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
-    def read_upload(request: Request, image: UploadFile | None) -> Image.Image:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 is a list of pydantic errors; a client deserves one sentence.
+        errors = exc.errors()
+        if any(tuple(e.get("loc", ()))[-1:] == (FIELD,) for e in errors):
+            detail = (f"the form field '{FIELD}' holds text, not a file: send the image file as "
+                      f"multipart/form-data field '{FIELD}' (curl -F {FIELD}=@lesion.jpg)")
+        else:
+            detail = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in errors)
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    def read_upload(request: Request, image: UploadFile | None, fields: tuple[str, ...]) -> Image.Image:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise UploadError(415, f"send the image as multipart/form-data in a field named '{FIELD}' "
                                    f"(got Content-Type '{ctype or 'none'}')")
         if image is None or isinstance(image, str):
-            raise UploadError(422, f"no file in a form field named '{FIELD}': send the image as "
+            got = f" (the form has {', '.join(repr(f) for f in fields)})" if fields else " (the form is empty)"
+            raise UploadError(422, f"no file in a form field named '{FIELD}'{got}: send the image as "
                                    f"multipart/form-data field '{FIELD}'")
         data = image.file.read(limits.max_upload_bytes + 1)  # bounded read, counted
         return decode_upload(data, limits)
@@ -215,10 +219,10 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
 
     # Sync handlers: FastAPI runs them in its thread pool, so decoding runs in parallel threads.
     @app.post("/api/predict")
-    def predict(request: Request, image: UploadFile | None = File(None, description="the image")
-                ) -> dict[str, Any]:
+    def predict(request: Request, image: UploadFile | None = File(None, description="the image"),
+                fields: tuple[str, ...] = Depends(form_fields)) -> dict[str, Any]:
         t0 = time.perf_counter()
-        upload = read_upload(request, image)
+        upload = read_upload(request, image, fields)
         try:
             probs = batcher.predict(upload)  # float[C]
         except InputError as exc:
@@ -233,10 +237,10 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
 
     @app.post("/api/explain")
     def explain(request: Request, image: UploadFile | None = File(None, description="the image"),
-                dx: str | None = None) -> Response:
+                dx: str | None = None, fields: tuple[str, ...] = Depends(form_fields)) -> Response:
         if dx is not None and dx not in backend.classes:
             raise UploadError(422, f"unknown class '{dx}': choose one of {', '.join(backend.classes)}")
-        upload = read_upload(request, image)
+        upload = read_upload(request, image, fields)
         try:
             png, cls = batcher.explain(upload, dx)
         except InputError as exc:

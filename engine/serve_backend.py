@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from hamengine.config import CLASS_NAMES
+from hamengine.engine.run import RunDir
 from hamengine.errors import UserError
 
 
@@ -68,11 +69,11 @@ class PredictorBackend:
                 "checkpoint": p.checkpoint_name, "epoch": p.loaded.epoch}
 
     def prepare(self, image: Image.Image):
-        from hamengine.engine.predict import ImageError
+        from hamengine.loaders.imaging import BadImage
 
         try:
             return self.predictor.preprocess(image)[1]  # float [3, S, S], normalized (EXIF applied)
-        except ImageError as exc:
+        except BadImage as exc:
             raise InputError(str(exc)) from None
 
     def predict(self, prepared: list) -> np.ndarray:
@@ -82,12 +83,12 @@ class PredictorBackend:
 
     def explain(self, image: Image.Image, dx: str | None) -> tuple[bytes, str]:
         from hamengine.engine.gradcam import explain_image
-        from hamengine.engine.predict import ImageError
+        from hamengine.loaders.imaging import BadImage
 
         target = self.classes.index(dx) if dx is not None else None
         try:
             overlay, cls_index = explain_image(self.predictor, image, target)
-        except ImageError as exc:
+        except BadImage as exc:
             raise InputError(str(exc)) from None
         buf = io.BytesIO()
         overlay.save(buf, format="PNG")
@@ -96,7 +97,7 @@ class PredictorBackend:
 
 def load_test_metrics(run_dir: str | Path) -> dict[str, Any] | None:
     """RUN/eval-test/metrics.json when present (None otherwise or when unreadable)."""
-    path = Path(run_dir) / "eval-test" / "metrics.json"
+    path = RunDir(run_dir).eval_metrics_path("test")
     try:
         return _finite(json.loads(path.read_text()))
     except (OSError, ValueError):

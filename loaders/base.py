@@ -85,6 +85,17 @@ def tune_worker_malloc(_worker_id: int = 0) -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
+def shutdown_workers(dl: torch.utils.data.DataLoader) -> None:
+    """Stop a DataLoader's persistent worker processes now, not whenever the DataLoader is garbage
+    collected: a loader's close() must release its processes and shared memory before the next
+    loader (or a benchmark's next run) starts. PyTorch has no public call for this, so it is the
+    one place that touches the private iterator; a later PyTorch without it just skips the shutdown."""
+    it = getattr(dl, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    dl._iterator = None
+
+
 def resolve_memory_format(fmt: MemoryFormat, device: torch.device) -> torch.memory_format:
     if fmt == MemoryFormat.AUTO:  # channels_last on CUDA; NCHW + bf16 measured faster on CPU
         return torch.channels_last if device.type == "cuda" else torch.contiguous_format

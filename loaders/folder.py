@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from hamengine.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, AugPreset, ConfigError, LoaderConfig
-from hamengine.loaders.base import Batch, Loader
+from hamengine.loaders.base import Batch, Loader, shutdown_workers
 from hamengine.loaders.records import Pack
 from hamengine.loaders.torch_loader import _PlanSampler, worker_context
 
@@ -95,7 +95,4 @@ class FolderLoader(Loader):
             yield self.finish(images), labels.to(self.device, non_blocking=True)
 
     def close(self) -> None:
-        it = getattr(self._dl, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self._dl._iterator = None
+        shutdown_workers(self._dl)

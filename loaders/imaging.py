@@ -1,7 +1,8 @@
 """What `hamengine pack` does to one image: decode, fix, resize, re-encode. Runs in pool workers.
 
 Policy (the same for every image, so a pack is reproducible):
-- Decode with PIL. The pixel count is checked from the header BEFORE decoding (decompression bombs).
+- Decode with PIL (`open_image`, the one opener of user images, also used by predict and serve).
+  The pixel count is checked from the header BEFORE decoding (decompression bombs): MAX_PIXELS.
 - EXIF orientation is applied (the stored pixels are upright; the new JPEG carries no EXIF).
 - Anything that is not 8-bit RGB is converted and the conversion counted: grayscale and 1-bit -> RGB,
   CMYK -> RGB, palette -> RGB, alpha dropped, 16-bit/32-bit integer -> 8-bit by scaling the full
@@ -18,8 +19,11 @@ Policy (the same for every image, so a pack is reproducible):
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,6 +32,12 @@ from hamengine.config import StrEnum
 from hamengine.errors import UserError
 
 EXIF_ORIENTATION = 0x0112
+# The one pixel limit (width x height) for every image hamengine opens: pack, predict, explain and
+# serve. 64 M pixels (8000 x 8000) is far above any dermatoscope or phone camera, and bounds a
+# decoded RGB image at ~192 MB of memory. It is below PIL's own warning threshold (~89 M), so our
+# check, made from the header before any pixel is decoded, is the one that fires.
+MAX_PIXELS = 64_000_000
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 class Conversion(StrEnum):
@@ -41,8 +51,24 @@ class Conversion(StrEnum):
     ORIENTATION = "exif-orientation"
 
 
+class ImageProblem(StrEnum):
+    """What is wrong with an image; `hamengine serve` answers each with its own HTTP status."""
+    UNREADABLE = "unreadable"  # the file itself cannot be read (missing, permissions)
+    EMPTY = "empty"
+    NOT_AN_IMAGE = "not-an-image"  # no (accepted) image format
+    TOO_LARGE = "too-large"  # over the pixel limit (decompression-bomb guard)
+    CORRUPT = "corrupt"  # broken header, truncated or corrupt pixel data, no pixels
+
+
 class BadImage(UserError):
-    """An image that cannot be packed; str() is the reason recorded in the manifest."""
+    """An image that cannot be used. `reason` says what is wrong and what to do (the reason a pack
+    manifest records); str() puts the file or upload it concerns in front when it is known."""
+
+    def __init__(self, reason: str, problem: ImageProblem = ImageProblem.CORRUPT, name: str | None = None):
+        super().__init__(f"{name}: {reason}" if name else reason)
+        self.reason = reason
+        self.problem = problem
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -50,7 +76,7 @@ class ImagePolicy:
     size: int = 256
     quality: int = 90
     keep_original: bool = False
-    max_pixels: int = 64_000_000
+    max_pixels: int = MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -73,41 +99,98 @@ def target_size(width: int, height: int, size: int) -> tuple[int, int]:
     return (new_long, size) if width >= height else (size, new_long)
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    if not data:
-        raise BadImage("empty file (0 bytes)")
+def open_image(src: bytes | str | Path, *, name: str | None = None, max_pixels: int = MAX_PIXELS,
+               formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Open a user image (a file path or its bytes) and decode it fully, or raise BadImage.
+
+    The one decompression-bomb guard: width x height is read from the header (PIL opens lazily) and
+    refused over `max_pixels` (default MAX_PIXELS = 64,000,000) before a single pixel is decoded.
+    `formats` limits which PIL parsers may even look at the bytes (None: every format PIL reads).
+    The image keeps its mode and EXIF: `to_rgb` / `upright` decide what the pixels become.
+    `name` is what messages call the input (default: the path; nothing for bytes).
+    """
+    if not isinstance(src, bytes):
+        name = name if name is not None else str(src)
+        try:
+            src = Path(src).read_bytes()
+        except OSError as e:
+            raise BadImage(f"cannot read the file ({e.strerror or e}): check the path", ImageProblem.UNREADABLE,
+                           name) from None
+    if not src:
+        raise BadImage("empty file (0 bytes): re-export or re-copy the image", ImageProblem.EMPTY, name)
     try:
         with warnings.catch_warnings():
+            # PIL's warning threshold (~89 M pixels) is above our limit: our check below decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(src), formats=list(formats) if formats else None)  # header only
     except Image.DecompressionBombError as e:
-        raise BadImage(f"too many pixels ({e})") from None
+        raise _too_many(e, max_pixels, name) from None
     except UnidentifiedImageError:
-        raise BadImage("not an image (no known image format)") from None
+        accepted = f" this reads ({', '.join(formats)})" if formats else " (no known image format)"
+        raise BadImage(f"not an image{accepted}: give a JPEG or PNG", ImageProblem.NOT_AN_IMAGE, name) from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"corrupt image header ({e})") from None
+        raise BadImage(f"corrupt image header ({e}); re-export the image", ImageProblem.CORRUPT, name) from None
     w, h = im.size
     if w * h > max_pixels:
-        raise BadImage(f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-                       f"(decompression-bomb guard)")
+        raise BadImage(f"{w}x{h} = {w * h:,} pixels {_OVER_LIMIT.format(max_pixels)}", ImageProblem.TOO_LARGE, name)
     if w < 1 or h < 1:
-        raise BadImage(f"image has no pixels ({w}x{h})")
+        raise BadImage(f"image has no pixels ({w}x{h})", ImageProblem.CORRUPT, name)
     try:
-        im.load()
+        im.load()  # the full decode: truncated data raises (LOAD_TRUNCATED_IMAGES stays off)
+    except Image.DecompressionBombError as e:
+        raise _too_many(e, max_pixels, name) from None
     except OSError as e:
         msg = str(e)
-        reason = "truncated" if "truncated" in msg else "corrupt image data"
-        raise BadImage(f"{reason} ({msg})") from None
+        what = "truncated" if "truncated" in msg else "truncated or corrupt image data"
+        raise BadImage(f"{what} ({msg}); re-export the image", ImageProblem.CORRUPT, name) from None
     except (SyntaxError, ValueError, EOFError) as e:
-        raise BadImage(f"corrupt image data ({e})") from None
+        raise BadImage(f"corrupt image data ({e}); re-export the image", ImageProblem.CORRUPT, name) from None
     return im
 
 
-def _to_rgb(im: Image.Image, conv: list[Conversion]) -> Image.Image:
+_OVER_LIMIT = "exceeds the limit of {:,} (decompression-bomb guard); downscale the image first"
+
+
+def _too_many(e: Image.DecompressionBombError, max_pixels: int, name: str | None) -> BadImage:
+    """PIL's own refusal (far over our limit, ~179 M pixels), worded as ours."""
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    count = f"{int(found.group(1)):,} pixels" if found else "the image"
+    return BadImage(f"{count} {_OVER_LIMIT.format(max_pixels)}", ImageProblem.TOO_LARGE, name)
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1: upright); a broken EXIF block counts as upright."""
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block is not worth rejecting the pixels for
+        return 1
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: EXIF orientation applied (when there is one to apply)."""
+    if exif_orientation(im) not in range(2, 9):
+        return im
+    try:
+        return ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError):  # broken EXIF: keep the stored orientation
+        return im
+
+
+def open_rgb(src: bytes | str | Path | Image.Image, **kwargs: Any) -> Image.Image:
+    """A user image (path, bytes, or an image `open_image` already opened) -> upright 8-bit RGB, with
+    the same pixel rule as packing, so a file predicts as its packed copy evaluates. `kwargs` go to
+    `open_image`."""
+    im = src if isinstance(src, Image.Image) else open_image(src, **kwargs)
+    return to_rgb(upright(im))
+
+
+def to_rgb(im: Image.Image, conv: list[Conversion] | None = None) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; each conversion made is appended to `conv` (for the pack report)."""
+    conv = [] if conv is None else conv
     mode = im.mode
     if mode == "RGB":
         return im
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if mode in HIGH_BIT_MODES:
         conv.append(Conversion.HIGH_BIT_DEPTH)
         arr = np.asarray(im, dtype=np.float64)
         # 16-bit sources: scale the full 0..65535 range; float/32-bit: clip to 0..255 if it fits.
@@ -138,21 +221,17 @@ def _to_rgb(im: Image.Image, conv: list[Conversion]) -> Image.Image:
 
 def process(data: bytes, policy: ImagePolicy) -> Encoded:
     """Source bytes -> packed JPEG bytes. Raises BadImage with the reason."""
-    im = _open(data, policy.max_pixels)
+    im = open_image(data, max_pixels=policy.max_pixels)
     conv: list[Conversion] = []
     is_jpeg = im.format == "JPEG"
     if not is_jpeg:
         conv.append(Conversion.NOT_JPEG)
     orig_w, orig_h = im.size
     progressive = bool(im.info.get("progressive") or im.info.get("progression"))
-    try:
-        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # a broken EXIF block is not worth rejecting the pixels for
-        orientation = 1
-    if orientation in range(2, 9):
+    if exif_orientation(im) in range(2, 9):
         conv.append(Conversion.ORIENTATION)
-        im = ImageOps.exif_transpose(im)
-    rgb = _to_rgb(im, conv)
+        im = upright(im)
+    rgb = to_rgb(im, conv)
     w, h = target_size(rgb.width, rgb.height, policy.size)
     if (policy.keep_original and is_jpeg and not conv and not progressive and (w, h) == rgb.size):
         return Encoded(data, w, h, orig_w, orig_h, (), True)

@@ -36,7 +36,14 @@ from torchvision.transforms.v2 import functional as TF
 from hamengine.config import AugConfig, AugPreset, LoaderConfig
 from hamengine.fileio import atomic_output
 from hamengine.loaders import augment as augment_mod
-from hamengine.loaders.base import Batch, Loader, mix_seed, tune_worker_malloc, verify_shards
+from hamengine.loaders.base import (
+    Batch,
+    Loader,
+    mix_seed,
+    shutdown_workers,
+    tune_worker_malloc,
+    verify_shards,
+)
 from hamengine.loaders.records import Pack, PackError
 
 CACHE_VERSION = 1
@@ -290,8 +297,6 @@ class ResidentLoader(Loader):
 
     def close(self) -> None:
         if self._dl is not None:
-            it = getattr(self._dl, "_iterator", None)
-            if it is not None and hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()
+            shutdown_workers(self._dl)
             self._dl = None
         self.cache = torch.empty(0, dtype=torch.uint8)

@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from hamengine.config import AugConfig, AugPreset, LoaderConfig
 from hamengine.loaders import augment
-from hamengine.loaders.base import Batch, Loader, mix_seed, tune_worker_malloc
+from hamengine.loaders.base import Batch, Loader, mix_seed, shutdown_workers, tune_worker_malloc
 from hamengine.loaders.records import Pack
 
 Item = tuple[int, int]  # (split index, per-sample seed)
@@ -154,10 +154,7 @@ class TorchLoader(Loader):
             yield self.finish(imgs), labels.to(self.device, non_blocking=True)
 
     def close(self) -> None:
-        it = getattr(self._dl, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self._dl._iterator = None
+        shutdown_workers(self._dl)
 
 
 __all__ = ["TorchLoader", "PackDataset", "eval_transform", "train_geometry"]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hamengine.errors import UserError
+from hamengine.models.wrappers import strip_wrapper_prefixes
 
 
 class PretrainedError(UserError, RuntimeError):
@@ -47,8 +48,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PretrainedError(f"{p}: expected a state dict (parameter name -> tensor)")
-    # DDP / torch.compile prefixes.
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    return strip_wrapper_prefixes(obj)
 
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head_prefixes: tuple[str, ...],

@@ -10,6 +10,7 @@ from torch import nn
 
 from hamengine.models.hamnet import HamNet
 from hamengine.models.pretrained import PretrainedError, imagenet_state_dict, load_backbone, read_weights_file
+from hamengine.models.wrappers import unwrap
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,7 @@ def create_model(name: str, num_classes: int = 7, pretrained: bool = False,
 def gradcam_target_layer(model: nn.Module, name: str) -> nn.Module:
     """The module whose output Grad-CAM uses (last spatial features) for architecture `name`.
     Accepts compiled (`_orig_mod`) and DDP (`module`) wrappers."""
-    for attr in ("_orig_mod", "module"):
-        model = getattr(model, attr, model)
-    return get_spec(name).gradcam(model)
+    return get_spec(name).gradcam(unwrap(model))
 
 
 def count_params(model: nn.Module) -> int:

@@ -96,7 +96,8 @@ def predict(run: Path, images: tuple[Path, ...], checkpoint: str, tta: str, top_
     others still predicted; the exit status is non-zero if any file failed."""
     from rich.table import Table
 
-    from hamengine.engine.predict import ImageError, Predictor
+    from hamengine.engine.predict import Predictor
+    from hamengine.loaders.imaging import BadImage
 
     try:
         predictor = Predictor(run, checkpoint=checkpoint, device=device, tta=tta)
@@ -105,7 +106,7 @@ def predict(run: Path, images: tuple[Path, ...], checkpoint: str, tta: str, top_
     results = predictor.predict_files(list(images))
     out, failed = [], 0
     for path, r in zip(images, results, strict=True):
-        if isinstance(r, ImageError):
+        if isinstance(r, BadImage):
             failed += 1
             out.append({"image": str(path), "error": str(r)})
         else:

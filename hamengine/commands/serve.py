@@ -7,6 +7,9 @@ from pathlib import Path
 import click
 
 from hamengine.commands.common import err_console, fail
+from hamengine.engine.run import RunDir
+from hamengine.errors import UserError
+from hamengine.loaders.imaging import MAX_PIXELS
 
 
 def is_loopback(host: str) -> bool:
@@ -31,9 +34,10 @@ def is_loopback(host: str) -> bool:
               help="Which checkpoint of the run to serve.")
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Largest accepted upload in MiB; larger requests get HTTP 413.")
-@click.option("--max-pixels", default=40_000_000, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-pixels", default=MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
               help="Largest accepted image (width x height), checked before decoding "
-                   "(decompression-bomb guard); larger images get HTTP 413.")
+                   "(decompression-bomb guard; the default is the limit pack and predict use); "
+                   "larger images get HTTP 413.")
 @click.option("--workers-threads", "threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="Threads that read and decode uploads in parallel (0: the server default, 40). "
                    "The model itself runs in one batching thread.")
@@ -62,7 +66,7 @@ def serve(run: Path, host: str, port: int, device: str, checkpoint: str, max_upl
         from hamengine.engine.serve import ServeLimits, create_app
     except ImportError as exc:
         fail(f"serving needs the 'serve' extra ({exc.name} is missing): pip install 'hamengine[serve]'")
-    if not (run / "checkpoints" / f"{checkpoint}.pt").is_file():
+    if not RunDir(run).checkpoint(checkpoint).is_file():
         fail(f"{run} has no checkpoints/{checkpoint}.pt: give a run directory written by `hamengine train`")
     if not is_loopback(host):
         err_console.print(f"[yellow]warning:[/] binding to {host}: anyone who can reach this address "
@@ -71,6 +75,6 @@ def serve(run: Path, host: str, port: int, device: str, checkpoint: str, max_upl
                          max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads or None)
     try:
         app = create_app(run, device=device, checkpoint=checkpoint, limits=limits)
-    except Exception as exc:  # RunError, a bad --device, an unloadable checkpoint: one clear line
-        fail(f"cannot serve {run}: {exc}")
+    except UserError as exc:  # RunError, a bad --device, an unloadable checkpoint: one clear line
+        fail(f"cannot serve {run}: {exc}", exc.exit_code)
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
