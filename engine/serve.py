@@ -144,6 +144,40 @@ async def form_fields(request: Request) -> tuple[str, ...]:
     return tuple(dict.fromkeys((await request.form()).keys()))
 
 
+def add_error_handlers(app: Any) -> None:
+    """Every error a client causes answers with one JSON sentence: {"detail": "..."}."""
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 is a list of pydantic errors; a client deserves one sentence.
+        errors = exc.errors()
+        if any(tuple(e.get("loc", ()))[-1:] == (FIELD,) for e in errors):
+            detail = (f"the form field '{FIELD}' holds text, not a file: send the image file as "
+                      f"multipart/form-data field '{FIELD}' (curl -F {FIELD}=@lesion.jpg)")
+        else:
+            detail = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in errors)
+        return JSONResponse({"detail": detail}, status_code=422)
+
+
+def read_upload(request: Request, image: UploadFile | None, fields: tuple[str, ...], limits: ServeLimits
+                ) -> Image.Image:
+    """The uploaded image, decoded under the limits, or an UploadError saying what to send."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise UploadError(415, f"send the image as multipart/form-data in a field named '{FIELD}' "
+                               f"(got Content-Type '{ctype or 'none'}')")
+    if image is None or isinstance(image, str):
+        got = f" (the form has {', '.join(repr(f) for f in fields)})" if fields else " (the form is empty)"
+        raise UploadError(422, f"no file in a form field named '{FIELD}'{got}: send the image as "
+                               f"multipart/form-data field '{FIELD}'")
+    data = image.file.read(limits.max_upload_bytes + 1)  # bounded read, counted
+    return decode_upload(data, limits)
+
+
 def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float = 10.0, *,
                checkpoint: str = "best", limits: ServeLimits | None = None,
                backend: Backend | None = None) -> Any:
@@ -175,32 +209,7 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
     app.state.batcher = batcher
     page = render_page(info)
 
-    @app.exception_handler(UploadError)
-    async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own 422 is a list of pydantic errors; a client deserves one sentence.
-        errors = exc.errors()
-        if any(tuple(e.get("loc", ()))[-1:] == (FIELD,) for e in errors):
-            detail = (f"the form field '{FIELD}' holds text, not a file: send the image file as "
-                      f"multipart/form-data field '{FIELD}' (curl -F {FIELD}=@lesion.jpg)")
-        else:
-            detail = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in errors)
-        return JSONResponse({"detail": detail}, status_code=422)
-
-    def read_upload(request: Request, image: UploadFile | None, fields: tuple[str, ...]) -> Image.Image:
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
-            raise UploadError(415, f"send the image as multipart/form-data in a field named '{FIELD}' "
-                                   f"(got Content-Type '{ctype or 'none'}')")
-        if image is None or isinstance(image, str):
-            got = f" (the form has {', '.join(repr(f) for f in fields)})" if fields else " (the form is empty)"
-            raise UploadError(422, f"no file in a form field named '{FIELD}'{got}: send the image as "
-                                   f"multipart/form-data field '{FIELD}'")
-        data = image.file.read(limits.max_upload_bytes + 1)  # bounded read, counted
-        return decode_upload(data, limits)
+    add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
@@ -222,7 +231,7 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
     def predict(request: Request, image: UploadFile | None = File(None, description="the image"),
                 fields: tuple[str, ...] = Depends(form_fields)) -> dict[str, Any]:
         t0 = time.perf_counter()
-        upload = read_upload(request, image, fields)
+        upload = read_upload(request, image, fields, limits)
         try:
             probs = batcher.predict(upload)  # float[C]
         except InputError as exc:
@@ -240,7 +249,7 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
                 dx: str | None = None, fields: tuple[str, ...] = Depends(form_fields)) -> Response:
         if dx is not None and dx not in backend.classes:
             raise UploadError(422, f"unknown class '{dx}': choose one of {', '.join(backend.classes)}")
-        upload = read_upload(request, image, fields)
+        upload = read_upload(request, image, fields, limits)
         try:
             png, cls = batcher.explain(upload, dx)
         except InputError as exc:
