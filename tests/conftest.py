@@ -1,10 +1,17 @@
-"""Shared fixtures. Real HAM10000 fixtures live in ../shared/data (present in CI); tests that use
-them skip cleanly when they are absent. Set HAMENGINE_DATA to point elsewhere."""
+"""Shared fixtures.
+
+Real HAM10000 fixtures live in ../shared/data (present in CI); tests that use them skip cleanly when
+they are absent. Set HAMENGINE_DATA to point elsewhere.
+
+Synthetic test data (builders.py) is built at most once per session, under the session's base
+temp folder. Session data is shared: a test that changes files copies them to its tmp_path first
+(`builders.copy_of`)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import builders
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +36,67 @@ def dev200() -> Path:
 def fullres70() -> Path:
     """70 original 600x450 HAM10000 images, 10 per class, Kaggle layout."""
     return _require(FULLRES_70)
+
+
+def _root(factory: pytest.TempPathFactory, name: str) -> Path:
+    path = factory.getbasetemp() / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_source(tmp_path_factory) -> Path:
+    """150 synthetic dermoscopy-like images, 200x150, seed 3 (Kaggle layout)."""
+    return builders.synth_source(_root(tmp_path_factory, "synth"), n=150, seed=3, size=(200, 150))
+
+
+@pytest.fixture(scope="session")
+def loader_pack(synth_source, tmp_path_factory) -> Path:
+    """`synth_source` packed at 80 px: the loader tests read it at 64 px."""
+    return builders.packed(synth_source, _root(tmp_path_factory, "packs") / "loader-80", 80)
+
+
+@pytest.fixture(scope="session")
+def serve_run(synth_source, tmp_path_factory) -> Path:
+    """`synth_source` packed at 72 px, hamnet trained 1 epoch at 64 px (with its test evaluation)."""
+    from serve_support import RUN_SIZE
+
+    pack = builders.packed(synth_source, _root(tmp_path_factory, "packs") / "serve-72", RUN_SIZE + 8)
+    return builders.trained(pack, _root(tmp_path_factory, "runs") / "serve", model="hamnet", epochs=1,
+                            size=RUN_SIZE, batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def train_pack(tmp_path_factory) -> Path:
+    """1,000 synthetic images, 128x96, packed at 72 px: the training tests (their bounds are for it)."""
+    return builders.train_pack(tmp_path_factory.getbasetemp() / "train-data")
+
+
+@pytest.fixture(scope="session")
+def eval_source(tmp_path_factory) -> Path:
+    """240 synthetic images, 200x150, seed 5."""
+    return builders.synth_source(_root(tmp_path_factory, "synth"), n=240, seed=5, size=(200, 150))
+
+
+@pytest.fixture(scope="session")
+def eval_pack(eval_source, tmp_path_factory) -> Path:
+    """`eval_source` packed at 72 px."""
+    return builders.packed(eval_source, _root(tmp_path_factory, "packs") / "eval-72", 72)
+
+
+@pytest.fixture(scope="session")
+def eval_run(eval_pack, tmp_path_factory) -> Path:
+    """hamnet trained 2 short epochs at 64 px on `eval_pack`, no test evaluation (the eval tests run it)."""
+    return builders.trained(eval_pack, _root(tmp_path_factory, "runs") / "eval", test_eval=False,
+                            model="hamnet", epochs=2, batch_size=32, size=64, workers=2, warmup_epochs=0.0)
+
+
+@pytest.fixture(scope="session")
+def verify_pack(tmp_path_factory) -> Path:
+    """60 noise images, 96x72, packed at 72 px in 64 KB shards (several per split): verify's cases."""
+    root = _root(tmp_path_factory, "noise")
+    source = builders.noise_source(root / "src-60-96x72", n=60, size=(96, 72))
+    return builders.packed(source, _root(tmp_path_factory, "packs") / "verify-72", 72, shard_size=64 * 1024)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,11 +1,8 @@
-"""Shared by the serve tests: one small real run (synth -> pack -> train 1 epoch), images to upload,
-and a real `hamengine serve` subprocess on a free loopback port."""
+"""Shared by the serve tests (their run is conftest.py's `serve_run`): images to upload and a real
+`hamengine serve` subprocess on a free loopback port."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,26 +12,6 @@ from PIL import Image
 from hamengine.bench.serve import free_port, running_server
 
 RUN_SIZE = 64  # model input side for the test run: small enough for CPU, big enough for Grad-CAM
-
-
-def _hamengine(*args: str, timeout: float = 300) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    out = subprocess.run([sys.executable, "-m", "hamengine", *args], capture_output=True, text=True,
-                         timeout=timeout, env=env)
-    assert out.returncode == 0, f"hamengine {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-
-
-def build_run(base: Path) -> Path:
-    """A real trained run under `base` (built once per pytest session; reused when complete)."""
-    run = base / "serve-run"
-    if (run / "checkpoints" / "best.pt").is_file():
-        return run
-    data, pack = base / "serve-synth", base / "serve-pack"
-    _hamengine("synth", "--out", str(data), "--n", "150", "--size", "200x150", "--seed", "3")
-    _hamengine("pack", "--source", str(data), "--out", str(pack), "--size", str(RUN_SIZE + 8))
-    _hamengine("train", "--pack", str(pack), "--model", "hamnet", "--epochs", "1", "--size", str(RUN_SIZE),
-               "--batch-size", "32", "--device", "cpu", "--out", str(run))
-    return run
 
 
 def real_or_synthetic_jpeg(fullres: Path | None) -> tuple[bytes, str]:

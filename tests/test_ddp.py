@@ -10,12 +10,11 @@ import sys
 
 import pytest
 import torch
-from train_data import small_pack
 
 
 @pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return small_pack(tmp_path_factory.getbasetemp() / "train-data")
+def pack(train_pack):
+    return train_pack
 
 
 def _common(pack, out):

@@ -1,5 +1,6 @@
-"""`hamengine eval / predict / explain / compare / report` on one real run (synth -> pack -> train),
-built once for this module."""
+"""`hamengine eval / predict / explain / compare / report` on one real run (synth -> pack -> train,
+conftest.py's `eval_run`, built once per session). The shared run is only read: a test that writes
+into a run (eval, calibrate, report) works on its own copy, so the tests pass in any order."""
 from __future__ import annotations
 
 import csv
@@ -11,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import copy_of
 from click.testing import CliRunner
 from PIL import Image
 
 from hamengine.cli import cli
-from hamengine.config import CLASSES, ISIC_COLUMNS, TrainConfig
+from hamengine.config import CLASSES, ISIC_COLUMNS
 from hamengine.engine import metrics as M
 from hamengine.engine import plots_eval
 from hamengine.engine.evaluate import EvalOptions, evaluate_run
@@ -36,32 +38,18 @@ def assert_png(path: str | Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
+def trained(eval_pack, eval_run) -> tuple[Path, Path]:
     """(pack, run): 240 synthetic images, packed at 72 px, hamnet trained 2 short epochs at 64 px."""
-    from rich.console import Console
-
-    from hamengine.config import PackConfig
-    from hamengine.engine.train import FitOptions, fit
-    from hamengine.loaders.pack import pack_dataset
-    from hamengine.loaders.synth import synthesize
-
-    base = tmp_path_factory.mktemp("evalrun")
-    src = synthesize(base / "src", n=240, seed=5, size=(200, 150), workers=2, progress=False)
-    pack = base / "pack"
-    pack_dataset(PackConfig(source=str(src), out=str(pack), size=SIZE + 8, workers=2), progress=False)
-    run = base / "run"
-    cfg = TrainConfig(pack=str(pack), model="hamnet", epochs=2, batch_size=32, size=SIZE, out=str(run),
-                      device="cpu", workers=2, warmup_epochs=0.0)
-    fit(cfg, FitOptions(console=Console(file=io.StringIO()), test_eval=False))
-    assert (run / "checkpoints" / "best.pt").is_file()
-    return pack, run
+    return eval_pack, eval_run
 
 
 @pytest.fixture(scope="module")
-def evaluated(trained) -> dict:
-    _, run = trained
-    return evaluate_run(run, EvalOptions(split="test", tta=TTA.FLIPS, n_boot=200, batch_size=32,
-                                         device="cpu"), progress=False)
+def evaluated(eval_run, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the run, evaluated on its test split (flip TTA, 200 bootstrap resamples): (run, metrics).
+    The tests read it; none writes into it."""
+    run = copy_of(eval_run, tmp_path_factory.mktemp("evaluated") / "run")
+    return run, evaluate_run(run, EvalOptions(split="test", tta=TTA.FLIPS, n_boot=200, batch_size=32,
+                                              device="cpu"), progress=False)
 
 
 def read_predictions(path: Path) -> tuple[list[dict], np.ndarray]:
@@ -71,8 +59,8 @@ def read_predictions(path: Path) -> tuple[list[dict], np.ndarray]:
 
 
 def test_eval_outputs_agree(trained, evaluated) -> None:
-    pack_dir, run = trained
-    m = evaluated
+    pack_dir, _ = trained
+    run, m = evaluated
     out = run / "eval-test"
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["balanced_accuracy"] == m["balanced_accuracy"]
@@ -150,7 +138,7 @@ def test_tta_views_are_the_square_symmetries() -> None:
 
 
 def test_calibrate_saves_temperature_used_by_predict(trained, tmp_path) -> None:
-    _, run = trained
+    run = copy_of(trained[1], tmp_path / "run")  # calibration.json is written into the run
     m = evaluate_run(run, EvalOptions(split="val", calibrate=True, n_boot=0, plots=False, device="cpu"),
                      progress=False)
     cal = m["calibration"]
@@ -160,7 +148,7 @@ def test_calibrate_saves_temperature_used_by_predict(trained, tmp_path) -> None:
     assert cal["nll_after"] == pytest.approx(cal["val_nll_after"], rel=1e-6)
     p = Predictor(run, device="cpu")
     assert p.temperature == pytest.approx(cal["temperature"])
-    (run / "calibration.json").unlink()  # the other tests use the uncalibrated run
+    (run / "calibration.json").unlink()  # without it: uncalibrated
     assert Predictor(run, device="cpu").temperature == 1.0
 
 
@@ -168,7 +156,8 @@ def test_predict_matches_eval_of_the_packed_copy(trained, evaluated) -> None:
     """A pack JPEG through Predictor (PIL decode + eval transform) ~ the eval loader's probabilities."""
     from hamengine.loaders.records import Pack
 
-    pack_dir, run = trained
+    pack_dir, _ = trained
+    run, _ = evaluated
     pack = Pack(pack_dir)
     rows, probs = read_predictions(run / "eval-test" / "predictions.csv")
     p = Predictor(run, device="cpu", tta=TTA.FLIPS)
@@ -238,16 +227,25 @@ def test_explain_cli(trained, tmp_path) -> None:
     assert r.exit_code != 0 and "xyz" in r.output
 
 
-def test_compare_and_report(trained, evaluated, tmp_path) -> None:
-    _, run = trained
-    r = CliRunner().invoke(cli, ["compare", str(run), str(run), "--out", str(tmp_path), "--json"])
+def test_compare_and_report(evaluated, serve_run, tmp_path) -> None:
+    """compare: one row per run, in the order given, each with its own eval's numbers (two different
+    runs: the evaluated copy of the eval run and the serve tests' run, on other data). report: a
+    self-contained page of the run's figures."""
+    run = copy_of(evaluated[0], tmp_path / "eval-run")  # report writes report.md/html into the run
+    metrics = {run: evaluated[1], serve_run: json.loads((serve_run / "eval-test" / "metrics.json").read_text())}
+    r = CliRunner().invoke(cli, ["compare", str(run), str(serve_run), "--out", str(tmp_path), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    row = doc["runs"][0]
-    assert row["balanced_accuracy"] == evaluated["balanced_accuracy"]
-    assert row["balanced_accuracy_ci"] == evaluated["ci"]["balanced_accuracy"]
-    assert row["recall"]["nv"] == evaluated["per_class"]["nv"]["recall"]
-    assert row["params"] > 0 and row["train_img_per_s"] > 0 and row["train_wall_s"] > 0
+    assert [row["path"] for row in doc["runs"]] == [str(run), str(serve_run)]
+    for row, (path, m) in zip(doc["runs"], metrics.items(), strict=True):
+        assert row["run"] == path.name
+        assert row["balanced_accuracy"] == m["balanced_accuracy"] and row["n"] == m["n"]
+        assert row["balanced_accuracy_ci"] == m["ci"]["balanced_accuracy"]
+        assert row["recall"]["nv"] == m["per_class"]["nv"]["recall"]
+        assert row["params"] > 0 and row["train_img_per_s"] > 0 and row["train_wall_s"] > 0
+    # different runs, different rows: other test splits (240 vs 150 images), other training lengths
+    assert doc["runs"][0]["n"] != doc["runs"][1]["n"] and doc["runs"][0]["epochs"] == 2
+    assert doc["runs"][1]["epochs"] == 1
     assert_png(doc["figure"])
 
     r = CliRunner().invoke(cli, ["report", str(run), "--json"])
@@ -277,17 +275,18 @@ def test_errors_name_the_problem(trained, tmp_path) -> None:
     assert r.exit_code == 1 and "best.pt" in r.output and "truncated or corrupt" in r.output
 
 
-def test_eval_refuses_a_pack_whose_split_holds_training_images(trained, tmp_path) -> None:
+def test_eval_refuses_a_pack_whose_split_holds_training_images(trained, eval_source, tmp_path) -> None:
     """Re-splitting the same images (another --seed) puts training images into the test split:
     scoring it would inflate every metric. Refused, naming the images; the run's own pack passes;
     when the training pack is gone only --unchecked-pack goes ahead (and says so in metrics.json)."""
     from hamengine.config import PackConfig
     from hamengine.loaders.pack import pack_dataset
 
-    pack_dir, run = trained
+    pack_dir = trained[0]
+    run = copy_of(trained[1], tmp_path / "run")  # the evaluation of its own pack is written into it
     assert json.loads((run / "env.json").read_text())["pack_fingerprint"] == Pack(pack_dir).fingerprint
     other = tmp_path / "reseeded"
-    pack_dataset(PackConfig(source=str(pack_dir.parent / "src"), out=str(other), size=SIZE + 8, seed=7,
+    pack_dataset(PackConfig(source=str(eval_source), out=str(other), size=SIZE + 8, seed=7,
                             workers=2), progress=False)
     opts = dict(split="test", n_boot=0, batch_size=32, device="cpu", plots=False)
     with pytest.raises(RunError, match="were in this run's training split"):

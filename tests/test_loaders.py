@@ -1,6 +1,7 @@
 """Loaders: the output contract, cross-loader agreement, determinism, DDP sharding, early errors.
 
-One small synthetic pack (150 images 200x150, packed at 80 px) serves every test; loader size 64."""
+One small synthetic pack (conftest.py's `loader_pack`: 150 images 200x150, packed at 80 px) serves
+every test; loader size 64."""
 from __future__ import annotations
 
 import shutil
@@ -21,18 +22,6 @@ S = 64
 BS = 16
 
 
-@pytest.fixture(scope="session")
-def small_pack(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from hamengine.config import PackConfig
-    from hamengine.loaders.pack import pack_dataset
-    from hamengine.loaders.synth import synthesize
-
-    root = tmp_path_factory.mktemp("loaders")
-    src = synthesize(root / "src", n=150, seed=3, size=(200, 150), progress=False)
-    pack_dataset(PackConfig(source=str(src), out=str(root / "pack"), size=80, workers=2), progress=False)
-    return root / "pack", Path(src)
-
-
 def cfg_for(kind: str, **kw) -> LoaderConfig:
     base = dict(kind=kind, size=S, batch_size=BS, workers=2, dtype="bf16")
     base.update(kw)
@@ -50,8 +39,8 @@ DETERMINISTIC = ["resident", "torch"]  # dali: order follows the pipeline seed, 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_contract(small_pack, kind, dtype):
-    pack_path, _ = small_pack
+def test_contract(loader_pack, kind, dtype):
+    pack_path = loader_pack
     pack = Pack(pack_path)
     tr = build_loader(pack, "train", cfg_for(kind, dtype=dtype), "cpu")
     x, y = next(iter(tr))
@@ -73,18 +62,18 @@ def test_contract(small_pack, kind, dtype):
     tr.close()
 
 
-def test_eval_agrees_across_loaders(small_pack):
-    pack = Pack(small_pack[0])
+def test_eval_agrees_across_loaders(loader_pack):
+    pack = Pack(loader_pack)
     outs = {k: epoch(build_loader(pack, "test", cfg_for(k, dtype="fp32"), "cpu"))[0] for k in KINDS}
     ref = outs["resident"]
     for k, x in outs.items():
         assert (x - ref).abs().mean() < 0.03, k
 
 
-def test_train_statistics_agree(small_pack):
+def test_train_statistics_agree(loader_pack):
     """Same augmentation meaning: per-channel mean/std over a few epochs agree within 0.1 (normalized
     units; std over the pixels of ~300 augmented 64 px images, measured spread ~0.03-0.05)."""
-    pack = Pack(small_pack[0])
+    pack = Pack(loader_pack)
     stats = {}
     for k in KINDS:
         ld = build_loader(pack, "train", cfg_for(k, dtype="fp32"), "cpu")
@@ -101,8 +90,8 @@ def test_train_statistics_agree(small_pack):
 
 
 @pytest.mark.parametrize("kind", DETERMINISTIC)
-def test_determinism(small_pack, kind):
-    pack = Pack(small_pack[0])
+def test_determinism(loader_pack, kind):
+    pack = Pack(loader_pack)
     a = build_loader(pack, "train", cfg_for(kind, seed=5), "cpu")
     b = build_loader(pack, "train", cfg_for(kind, seed=5), "cpu")
     (xa, ya), (xb, yb) = epoch(a), epoch(b)
@@ -116,8 +105,8 @@ def test_determinism(small_pack, kind):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_ddp_sharding(small_pack, world):
-    pack = Pack(small_pack[0])
+def test_ddp_sharding(loader_pack, world):
+    pack = Pack(loader_pack)
     n_train, n_val = pack.num_samples("train"), pack.num_samples("val")
     bs = 8
     # train: disjoint, equal batch counts, nearly complete (drop_last keeps < world*bs + world out)
@@ -158,8 +147,8 @@ def test_plan_helpers():
     assert sorted(plain.tolist()) == list(range(100))
 
 
-def test_balance_sampler(small_pack):
-    pack = Pack(small_pack[0])
+def test_balance_sampler(loader_pack):
+    pack = Pack(loader_pack)
     ld = build_loader(pack, "train", cfg_for("resident", balance_sampler=True, batch_size=8), "cpu")
     counts = np.bincount(np.concatenate([ld.plan(e).indices for e in range(20)]), minlength=0)
     per_class = np.bincount(pack.labels("train")[np.nonzero(counts)[0]].repeat(counts[counts > 0]),
@@ -171,10 +160,10 @@ def test_balance_sampler(small_pack):
     assert y.shape == (8,)
 
 
-def test_resident_cache_reused(small_pack, tmp_path, monkeypatch):
+def test_resident_cache_reused(loader_pack, tmp_path, monkeypatch):
     from hamengine.loaders import resident
 
-    pack = Pack(small_pack[0])
+    pack = Pack(loader_pack)
     cfg = cfg_for("resident", cache_dir=str(tmp_path / "cache"))
     x1, _ = epoch(build_loader(pack, "val", cfg, "cpu"))
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
@@ -194,16 +183,16 @@ def _copy(pack_path: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_missing_shard_fails_early(small_pack, tmp_path, kind):
-    p = _copy(small_pack[0], tmp_path / "p")
+def test_missing_shard_fails_early(loader_pack, tmp_path, kind):
+    p = _copy(loader_pack, tmp_path / "p")
     (p / "train-000000.tar").unlink()
     with pytest.raises(PackError, match="train-000000.tar.*missing"):
         build_loader(p, "train", cfg_for(kind), "cpu")
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_wrong_hash_fails_early(small_pack, tmp_path, kind):
-    p = _copy(small_pack[0], tmp_path / "p")
+def test_wrong_hash_fails_early(loader_pack, tmp_path, kind):
+    p = _copy(loader_pack, tmp_path / "p")
     shard = p / "val-000000.tar"
     data = bytearray(shard.read_bytes())
     data[2000] ^= 0xFF  # same size, different bytes
@@ -212,21 +201,23 @@ def test_wrong_hash_fails_early(small_pack, tmp_path, kind):
         build_loader(p, "val", cfg_for(kind, cache_dir=str(tmp_path / "c")), "cpu")
 
 
-def test_crop_flip_and_none_presets(small_pack):
-    pack = Pack(small_pack[0])
+def test_crop_flip_and_none_presets(loader_pack):
+    pack = Pack(loader_pack)
     for preset in (AugPreset.CROP_FLIP, AugPreset.NONE):
         ld = build_loader(pack, "train", cfg_for("resident", aug=AugConfig(preset=preset)), "cpu")
         x, _ = next(iter(ld))
         assert x.shape == (BS, 3, S, S) and torch.isfinite(x.float()).all()
 
 
-def test_unknown_split_and_kind(small_pack):
-    with pytest.raises(PackError, match="no split"):
-        build_loader(small_pack[0], "holdout", cfg_for("resident"), "cpu")
+def test_unknown_split_and_kind(loader_pack):
+    with pytest.raises(PackError, match="no split 'holdout'"):
+        build_loader(loader_pack, "holdout", cfg_for("resident"), "cpu")
+    with pytest.raises(ValueError, match="'nope'"):  # a ConfigError is a ValueError too
+        build_loader(loader_pack, "train", cfg_for("nope"), "cpu")
 
 
-def test_folder_baseline(small_pack):
-    pack_path, src = small_pack
+def test_folder_baseline(loader_pack, synth_source):
+    pack_path, src = loader_pack, synth_source
     pack = Pack(pack_path)
     tr = build_loader(pack, "train", cfg_for("folder", source=str(src)), "cpu")
     x, y = next(iter(tr))
@@ -244,18 +235,18 @@ def test_folder_baseline(small_pack):
         build_loader(pack, "val", cfg_for("folder"), "cpu")
 
 
-def test_auto_choice(small_pack):
+def test_auto_choice(loader_pack):
     from hamengine.loaders.build import choose_kind
 
-    pack = Pack(small_pack[0])
+    pack = Pack(loader_pack)
     assert choose_kind(pack, "train", cfg_for("auto"), torch.device("cpu")).value == "resident"
     tiny = 1e-9  # GB: nothing fits
     assert choose_kind(pack, "train", cfg_for("auto", memory_budget_gb=tiny), torch.device("cpu")).value == "dali"
     assert choose_kind(pack, "train", cfg_for("auto", memory_budget_gb=tiny, balance_sampler=True),
                        torch.device("cpu")).value == "torch"
     with pytest.raises(ConfigError, match="memory_budget_gb"):
-        build_loader(small_pack[0], "val", cfg_for("resident", memory_budget_gb=tiny), "cpu")
+        build_loader(loader_pack, "val", cfg_for("resident", memory_budget_gb=tiny), "cpu")
     with pytest.raises(ConfigError, match="balance"):
-        build_loader(small_pack[0], "train", cfg_for("dali", balance_sampler=True), "cpu")
-    ld = build_loader(str(small_pack[0]), "val", cfg_for("auto"), "cpu")  # a path works too
+        build_loader(loader_pack, "train", cfg_for("dali", balance_sampler=True), "cpu")
+    ld = build_loader(str(loader_pack), "val", cfg_for("auto"), "cpu")  # a path works too
     assert ld.kind == "resident"

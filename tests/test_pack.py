@@ -1,8 +1,7 @@
 """hamengine pack: format interoperability (webdataset, DALI), determinism, splits, image policy.
 
 Sources are generated here in the Kaggle layout with tiny noise images (fast); the split statistics are
-checked on full-size synthetic metadata without images. `make_source` is shared with the other
-test_pack_* modules.
+checked on full-size synthetic metadata without images (builders.noise_source makes the sources).
 """
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from builders import META, PART, noise_source
 from click.testing import CliRunner
 from PIL import Image
 
@@ -28,24 +28,6 @@ from hamengine.loaders.split import assign_splits, group_keys
 from hamengine.loaders.synth import synth_metadata
 from hamengine.loaders.tario import index_path_for
 
-META = "HAM10000_metadata.csv"
-PART = "HAM10000_images_part_1"
-
-
-def make_source(root: Path, n: int = 120, size: tuple[int, int] = (64, 48), seed: int = 0,
-                progressive: bool = False) -> Path:
-    """A Kaggle-layout HAM10000 folder: synthetic metadata (real class balance, several images per
-    lesion) and small noise JPEGs whose mean colour depends on the class."""
-    df = synth_metadata(n, seed)
-    (root / PART).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for image_id, dx in zip(df["image_id"], df["dx"], strict=True):
-        base = np.array([40 + 30 * CLASSES.index(dx), 90, 160], np.int16)
-        px = np.clip(base + rng.integers(-40, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(px).save(root / PART / f"{image_id}.jpg", quality=95, progressive=progressive)
-    df.to_csv(root / META, index=False)
-    return root
-
 
 def sha_tree(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
@@ -54,7 +36,7 @@ def sha_tree(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    return make_source(tmp_path_factory.mktemp("src"), n=150, size=(96, 72))
+    return noise_source(tmp_path_factory.mktemp("src"), n=150, size=(96, 72))
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +222,8 @@ def test_resize_rule():
 
 
 def test_keep_original_and_baseline_output(tmp_path):
-    src = make_source(tmp_path / "src", n=40, size=(64, 48))
-    prog = make_source(tmp_path / "prog", n=40, size=(64, 48), progressive=True)
+    src = noise_source(tmp_path / "src", n=40, size=(64, 48))
+    prog = noise_source(tmp_path / "prog", n=40, size=(64, 48), progressive=True)
     out, out_prog = tmp_path / "keep", tmp_path / "keep_prog"
     for s, o in ((src, out), (prog, out_prog)):
         pack_dataset(PackConfig(source=str(s), out=str(o), size=64, keep_original=True), progress=False)
@@ -283,7 +265,7 @@ def test_fixture_dev200_packs_and_verifies(dev200, tmp_path):
 
 
 def test_bench_pack_reports_each_worker_count(tmp_path):
-    src = make_source(tmp_path / "src", n=30, size=(64, 48))
+    src = noise_source(tmp_path / "src", n=30, size=(64, 48))
     res = CliRunner().invoke(cli, ["bench", "pack", "--source", str(src), "--workers", "1,2", "--size", "48",
                                    "--tmp", str(tmp_path), "--out", str(tmp_path / "r.json"), "--json"])
     assert res.exit_code == 0, res.output

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import PART, copy_of, noise_source
 from click.testing import CliRunner
 from PIL import Image
-from test_pack import PART, make_source, sha_tree
+from test_pack import sha_tree
 
 from hamengine.cli import cli
 from hamengine.config import PackConfig
+from hamengine.hooks import ENV as HOOKS
 from hamengine.loaders.pack import pack_dataset
 from hamengine.loaders.packdir import MARKER
 from hamengine.loaders.records import Pack, PackError
@@ -50,7 +50,7 @@ BAD = {  # index into the image list -> expected reason fragment
 
 @pytest.fixture(scope="module")
 def broken_source(tmp_path_factory) -> tuple[Path, list[str]]:
-    root = make_source(tmp_path_factory.mktemp("broken"), n=30, size=(64, 48))
+    root = noise_source(tmp_path_factory.mktemp("broken"), n=30, size=(64, 48))
     ids = sorted(p.stem for p in (root / PART).iterdir())
     path = [root / PART / f"{i}.jpg" for i in ids]
     rgb = Image.open(path[10]).convert("RGB")
@@ -106,14 +106,14 @@ def test_skip_bad_records_reasons_and_converts_the_rest(broken_source, tmp_path)
 
 
 def test_pixel_limit_is_an_option(tmp_path):
-    root = make_source(tmp_path / "src", n=10, size=(64, 48))
+    root = noise_source(tmp_path / "src", n=10, size=(64, 48))
     res = CliRunner().invoke(cli, ["pack", "--source", str(root), "--out", str(tmp_path / "o"),
                                    "--max-pixels", "3000"])
     assert res.exit_code == 1 and "10 image(s)" in res.output and "64x48 = 3,072 pixels" in res.output
 
 
 def test_out_folder_rules(tmp_path):
-    root = make_source(tmp_path / "src", n=40, size=(64, 48))
+    root = noise_source(tmp_path / "src", n=40, size=(64, 48))
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -142,7 +142,7 @@ def test_out_folder_rules(tmp_path):
 @pytest.fixture(scope="module")
 def interrupt_case(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """A source big enough to be caught mid-pack, its uninterrupted pack, and the pack options."""
-    root = make_source(tmp_path_factory.mktemp("isrc"), n=300, size=(96, 72))
+    root = noise_source(tmp_path_factory.mktemp("isrc"), n=300, size=(96, 72))
     ref = tmp_path_factory.mktemp("iref") / "ref"
     pack_dataset(PackConfig(source=str(root), out=str(ref), size=72, shard_size=64 * 1024, workers=2),
                  progress=False)
@@ -154,17 +154,19 @@ def test_interrupted_pack_reruns_to_identical_bytes(sig, interrupt_case, tmp_pat
     root, ref, opts = interrupt_case
     out = tmp_path / "out"
     args = ["pack", "--source", str(root), "--out", str(out), *opts]
-    proc = subprocess.Popen([sys.executable, "-m", "hamengine", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (out / "train-000002.tar").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    os.killpg(proc.pid, sig)  # the whole group: the pack and its pool workers
-    _, err = proc.communicate(timeout=60)
+    # Interrupted once its 3rd shard is complete: the whole process group (the pack and its pool
+    # workers), as Ctrl-C or a killed job would; its own session, so the signal stays there.
+    action = {signal.SIGKILL: "kill-group", signal.SIGINT: "sigint-group"}[sig]
+    env = {**os.environ, HOOKS: f"pack.shard_done@3:{action}"}
+    proc = subprocess.run([sys.executable, "-m", "hamengine", *args], capture_output=True, env=env,
+                          timeout=120, start_new_session=True)
+    err = proc.stderr
     assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), err
     if sig == signal.SIGINT:
         assert b"run the same command again" in err
     assert not (out / "manifest.json").exists() and (out / MARKER).exists()
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar",
+                                                         "train-000002.tar"]
     with pytest.raises(PackError, match="interrupted"):
         Pack(out)
     res = CliRunner().invoke(cli, args)  # the same command again
@@ -174,27 +176,23 @@ def test_interrupted_pack_reruns_to_identical_bytes(sig, interrupt_case, tmp_pat
 
 
 @pytest.fixture()
-def small_pack(tmp_path_factory, tmp_path) -> Path:
-    base = tmp_path_factory.getbasetemp() / "verify-pack"
-    if not (base / "manifest.json").exists():
-        src = make_source(tmp_path_factory.mktemp("vsrc"), n=60, size=(96, 72))
-        pack_dataset(PackConfig(source=str(src), out=str(base), size=72, shard_size=64 * 1024), progress=False)
-    shutil.copytree(base, tmp_path / "p")
-    return tmp_path / "p"
+def pack_copy(verify_pack, tmp_path) -> Path:
+    """A private copy of conftest.py's `verify_pack` (60 images in 64 KB shards), for damaging."""
+    return copy_of(verify_pack, tmp_path / "p")
 
 
 def _verify(pack: Path, *extra: str):
     return CliRunner().invoke(cli, ["verify", str(pack), *extra])
 
 
-def test_verify_passes_clean_pack(small_pack):
+def test_verify_passes_clean_pack(pack_copy):
     for extra in ((), ("--quick",)):
-        res = _verify(small_pack, *extra)
+        res = _verify(pack_copy, *extra)
         assert res.exit_code == 0 and "ok" in res.output, res.output
 
 
-def test_verify_names_shard_and_sample_of_a_flipped_byte(small_pack):
-    pack = Pack(small_pack)
+def test_verify_names_shard_and_sample_of_a_flipped_byte(pack_copy):
+    pack = Pack(pack_copy)
     shard = pack.shards("train")[1]
     i = 2
     key = pack.keys("train")[pack.shards("train")[0].samples + i]
@@ -204,28 +202,28 @@ def test_verify_names_shard_and_sample_of_a_flipped_byte(small_pack):
     data = bytearray(shard.path.read_bytes())
     data[pos] ^= 0x01
     shard.path.write_bytes(bytes(data))
-    res = _verify(small_pack)
+    res = _verify(pack_copy)
     assert res.exit_code == 1
     assert f"{shard.name}, sample {i} ({key}): JPEG bytes differ" in res.output
-    res = _verify(small_pack, "--quick")
+    res = _verify(pack_copy, "--quick")
     assert res.exit_code == 1 and f"{shard.name}: sha256 differs" in res.output
 
 
-def test_verify_names_a_truncated_shard(small_pack):
-    pack = Pack(small_pack)
+def test_verify_names_a_truncated_shard(pack_copy):
+    pack = Pack(pack_copy)
     shard = pack.shards("val")[0]
     with open(shard.path, "r+b") as f:
         f.truncate(shard.bytes // 2)
-    res = _verify(small_pack)
+    res = _verify(pack_copy)
     assert res.exit_code == 1 and f"{shard.name}, sample" in res.output and "truncated" in res.output
     with pytest.raises(PackError, match=f"{shard.name}: {shard.bytes // 2} bytes.*truncated"):
-        Pack(small_pack)
+        Pack(pack_copy)
 
 
-def test_missing_shard_is_named(small_pack):
-    shard = Pack(small_pack).shards("test")[0]
+def test_missing_shard_is_named(pack_copy):
+    shard = Pack(pack_copy).shards("test")[0]
     shard.path.unlink()
     with pytest.raises(PackError, match=f"{shard.name}: shard listed in manifest.json is missing"):
-        Pack(small_pack)
-    res = _verify(small_pack)
+        Pack(pack_copy)
+    res = _verify(pack_copy)
     assert res.exit_code == 1 and f"{shard.name}: shard file is missing" in res.output

@@ -8,8 +8,8 @@ import tarfile
 
 import numpy as np
 import pytest
+from builders import noise_source
 from PIL import Image
-from test_pack import make_source
 
 from hamengine.config import CLASSES, PackConfig
 from hamengine.loaders.pack import pack_dataset
@@ -18,7 +18,7 @@ from hamengine.loaders.records import Pack, PackError
 
 @pytest.fixture(scope="module")
 def pack_dir(tmp_path_factory):
-    src = make_source(tmp_path_factory.mktemp("rsrc"), n=80, size=(80, 60))
+    src = noise_source(tmp_path_factory.mktemp("rsrc"), n=80, size=(80, 60))
     out = tmp_path_factory.mktemp("rpack") / "p"
     pack_dataset(PackConfig(source=str(src), out=str(out), size=60, shard_size=64 * 1024), progress=False)
     return out

@@ -17,18 +17,13 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the 'serve' extra (fastapi) is not installed")
 pytest.importorskip("multipart", reason="the 'serve' extra (python-multipart) is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
-from serve_support import RUN_SIZE, bomb_png, build_run, real_or_synthetic_jpeg, to_png  # noqa: E402
+from serve_support import RUN_SIZE, bomb_png, real_or_synthetic_jpeg, to_png  # noqa: E402
 
 from hamengine.config import CLASS_NAMES, CLASSES  # noqa: E402
 from hamengine.engine.serve import ServeLimits, create_app  # noqa: E402
 
 MAX_UPLOAD = 2 * 1024 * 1024
 LIMITS = ServeLimits(max_upload_bytes=MAX_UPLOAD, max_pixels=4_000_000, max_batch=4, max_wait_ms=50)
-
-
-@pytest.fixture(scope="session")
-def serve_run(tmp_path_factory) -> Path:
-    return build_run(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

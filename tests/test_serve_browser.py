@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("fastapi", reason="the 'serve' extra (fastapi) is not installed")
-from serve_support import build_run, real_or_synthetic_jpeg, serve_subprocess  # noqa: E402
+from serve_support import real_or_synthetic_jpeg, serve_subprocess  # noqa: E402
 
 from hamengine.config import CLASS_NAMES, CLASSES  # noqa: E402
 
@@ -49,13 +49,13 @@ def image_file(request, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_upload_in_headless_chromium(tmp_path_factory, tmp_path, image_file):
+def test_upload_in_headless_chromium(request, tmp_path, image_file):
     import httpx
 
     profile = tmp_path / "chromium-profile"
     driver = _driver(profile)  # skips before the (slow) run is built when there is no browser
     try:
-        run = build_run(tmp_path_factory.getbasetemp())
+        run = request.getfixturevalue("serve_run")
         with serve_subprocess(run) as url:
             with open(image_file, "rb") as f:
                 api = httpx.post(url + "/api/predict", files={"image": (image_file.name, f, "image/jpeg")},

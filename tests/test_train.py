@@ -8,15 +8,14 @@ import json
 import pytest
 import torch
 from rich.console import Console
-from train_data import small_pack
 
 from hamengine.config import AugPreset, Balance, LoaderKind, TrainConfig, from_dict, to_dict
 from hamengine.engine.train import FitOptions, fit
 
 
 @pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return small_pack(tmp_path_factory.getbasetemp() / "train-data")
+def pack(train_pack):
+    return train_pack
 
 
 def test_hamnet_learns_well_above_chance(pack, tmp_path):

@@ -7,7 +7,6 @@ import io
 import pytest
 import torch
 from rich.console import Console
-from train_data import small_pack
 
 from hamengine.config import CompileMode, LoaderKind, TrainConfig
 
@@ -15,10 +14,10 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def pack(tmp_path_factory):
+def pack(request):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    return small_pack(tmp_path_factory.getbasetemp() / "train-data")
+    return request.getfixturevalue("train_pack")
 
 
 @pytest.mark.parametrize("loader", ["resident", "dali"])

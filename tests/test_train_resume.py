@@ -1,5 +1,6 @@
 """kill -9 in the middle of an epoch, then --resume: the run completes and its final weights are
-bit-identical to an uninterrupted run's (CPU, fp32, --deterministic).
+bit-identical to an uninterrupted run's (CPU, fp32, --deterministic). The interruptions happen at a
+named step (HAMENGINE_HOOKS, see hamengine/hooks.py), not after a guessed sleep.
 
 The guarantee is at epoch boundaries: last.pt is written after each completed epoch with model,
 optimizer, scheduler, EMA, every RNG state and the epoch; the resumed run redoes the killed epoch
@@ -12,16 +13,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from train_data import small_pack
+
+from hamengine.hooks import ENV as HOOKS
+
+pytestmark = pytest.mark.slow  # three-plus CPU trainings per test
 
 
 @pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return small_pack(tmp_path_factory.getbasetemp() / "train-data")
+def pack(train_pack):
+    return train_pack
 
 
 def _cmd(pack, out, *extra):
@@ -30,25 +33,24 @@ def _cmd(pack, out, *extra):
             "--device", "cpu", "--loader", "resident", "--ema", "0.9", "--out", str(out), *extra]
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}  # fixed thread count: same reduction order
+def _env(hooks: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != HOOKS}
+    env["OMP_NUM_THREADS"] = "1"  # fixed thread count: same reduction order
+    if hooks:
+        env[HOOKS] = hooks
+    return env
 
 
 def test_kill9_mid_epoch_then_resume_matches_uninterrupted(pack, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_cmd(pack, full), check=True, env=_env(), capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(_cmd(pack, killed), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # SIGKILL right after the 3rd optimizer step of epoch 2: last.pt holds epoch 1.
+    proc = subprocess.run(_cmd(pack, killed), env=_env("train.step@epoch=2,step=3:kill"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     last = killed / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    time.sleep(0.5)  # well into epoch 2
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert torch.load(last, weights_only=True)["epoch"] in (1, 2)
+    assert torch.load(last, weights_only=True)["epoch"] == 1
 
     resumed = subprocess.run(_cmd(pack, killed, "--resume"), env=_env(), capture_output=True, text=True,
                              timeout=600)
@@ -71,25 +73,19 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(pack, tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_at_a_step_boundary(pack, tmp_path):
-    """SIGINT to the whole process group (what Ctrl-C does; loader workers get it too): exit 130,
-    last.pt intact at the last completed epoch, and --resume finishes the run."""
+    """SIGINT to the whole process group (what Ctrl-C does; loader workers get it too) during epoch 2:
+    exit 130, last.pt intact at epoch 1, and --resume finishes the run."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "hamengine", "train", "--pack", str(pack), "--model", "hamnet", "--epochs", "4",
            "--batch-size", "16", "--size", "32", "--device", "cpu", "--loader", "resident", "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    last = out / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
+    proc = subprocess.run(cmd, env=_env("train.step@epoch=2,step=2:sigint-group"), capture_output=True,
+                          text=True, timeout=600, start_new_session=True)  # its own group, as a terminal's job
+    output = proc.stdout + proc.stderr
     assert proc.returncode == 130, output[-2000:]
     assert "interrupted" in output and "--resume" in output
-    epoch = torch.load(last, weights_only=True)["epoch"]
-    assert epoch in (1, 2, 3)
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == epoch
+    last = out / "checkpoints" / "last.pt"
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     done = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert torch.load(last, weights_only=True)["epoch"] == 4
