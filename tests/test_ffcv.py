@@ -6,12 +6,14 @@ numba compiles every FFCV pipeline on its first epoch (several seconds each on 2
 tests share one pack, one export and one eval loader."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
 import math
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -345,33 +347,86 @@ def test_unreadable_or_hand_edited_records_give_clear_errors(pack_path: Path, tm
         write_record(Pack(copy), {"format": "hamengine-ffcv"})
 
 
-def test_repack_waits_for_an_export_in_progress(pack_path: Path, tmp_path: Path) -> None:
+def _flock_waiters(lock: Path) -> int:
+    """How many flock() calls are blocked on `lock` right now (Linux /proc/locks marks a waiter "->";
+    the file is named by MAJOR:MINOR:INODE)."""
+    inode = str(lock.stat().st_ino)
+    waiters = 0
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and "FLOCK" in fields and any(
+                f.count(":") == 2 and f.rsplit(":", 1)[1] == inode for f in fields):
+            waiters += 1
+    return waiters
+
+
+def _until(condition, what: str, timeout: float = 120.0) -> None:
+    """Wait for an event the code under test announces; failing (not passing) if it never comes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux /proc/locks to see a blocked flock")
+@pytest.mark.parametrize("exporter", [pytest.param("export-ffcv", marks=needs_ffcv), "lock-holder"])
+def test_repack_waits_for_an_export_in_progress(exporter: str, pack_path: Path, tmp_path: Path) -> None:
     """`pack --force` over a folder whose FFCV export is being written waits for it (the export
-    rewrites manifest.json when it finishes: it must not put the old one back). No FFCV needed."""
+    rewrites manifest.json when it finishes: it must not put the old one back).
+
+    The exporter is held inside its lock: a real `hamengine export-ffcv` stopped at the
+    ffcv.export_locked hook (HAMENGINE_HOOKS wait:GATE), or, without FFCV, this process holding
+    the same lock. The repack must then be seen blocked in flock() on the lock file -- without the
+    lock it never is, and the test fails instead of depending on how long a repack takes."""
+    import os
+    import subprocess
     import threading
 
     from hamengine.config import PackConfig
+    from hamengine.hooks import ENV as HOOKS
     from hamengine.loaders.ffcv_record import export_lock
     from hamengine.loaders.pack import pack_dataset
 
     copy = tmp_path / "pack"
-    shutil.copytree(pack_path, copy, ignore=shutil.ignore_patterns("cache"))
-    (copy / "ffcv").mkdir(exist_ok=True)
+    shutil.copytree(pack_path, copy, ignore=shutil.ignore_patterns("cache", "ffcv"))
+    gate = tmp_path / "gate"
+    held = contextlib.ExitStack()
+    if exporter == "export-ffcv":
+        proc = subprocess.Popen([sys.executable, "-m", "hamengine", "export-ffcv", str(copy), "--force"],
+                                env={**os.environ, HOOKS: f"ffcv.export_locked:wait:{gate}"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        held.callback(proc.kill)  # only matters when the test fails early
+        _until(lambda: Path(f"{gate}.reached").exists() or proc.poll() is not None,
+               "export-ffcv to reach ffcv.export_locked")
+        assert proc.poll() is None, proc.communicate()[0][-2000:]
+    else:
+        (copy / "ffcv").mkdir()
+        held.enter_context(export_lock(copy / "ffcv"))
     before = (copy / "manifest.json").read_bytes()
-    done = threading.Event()
+    done, errors = threading.Event(), []
 
     def repack() -> None:
-        pack_dataset(PackConfig(source=str(pack_path.parent / "src"), out=str(copy), size=72, seed=1,
-                                workers=1, force=True), progress=False)
+        try:
+            pack_dataset(PackConfig(source=str(pack_path.parent / "src"), out=str(copy), size=72, seed=1,
+                                    workers=1, force=True), progress=False)
+        except BaseException as e:  # noqa: B036 -- reported by the test thread
+            errors.append(e)
         done.set()
 
-    with export_lock(copy / "ffcv"):  # an exporter at work
-        worker = threading.Thread(target=repack)
+    with held:
+        worker = threading.Thread(target=repack, daemon=True)
         worker.start()
-        assert not done.wait(1.0)
+        _until(lambda: _flock_waiters(copy / "ffcv" / ".export.lock") > 0 or done.is_set(),
+               "the repack to wait for the export lock")
+        assert not done.is_set(), f"the repack did not wait for the export in progress {errors}"
         assert (copy / "manifest.json").read_bytes() == before  # untouched while the export runs
-    worker.join(120)
-    assert done.is_set() and (copy / "manifest.json").read_bytes() != before  # seed 1: a new split
+        if exporter == "export-ffcv":
+            gate.touch()  # the export goes on and finishes; then the repack gets the lock
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out[-2000:]
+    worker.join(300)
+    assert done.is_set() and not errors, errors
+    assert (copy / "manifest.json").read_bytes() != before  # seed 1: a new split
     assert Pack(copy).fingerprint != Pack(pack_path).fingerprint
 
 
