@@ -1,11 +1,11 @@
-# The two commands of the README. Both create (or update) .venv first.
+# The two commands of the README (demo, test). Every target creates (or updates) .venv first.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-data
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test test-fast test-random venv lint clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -21,8 +21,18 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/hamengine demo --workdir $(DEMO_DIR)
 
+# Everything (GPU tests only with PYTEST_ARGS="-m gpu" on a CUDA host).
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Without the tests marked slow (end-to-end trainings, subprocess runs): a few minutes on 2 cores.
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
+
+# Everything in a random order across files (pytest-random-order); the header prints the seed,
+# PYTEST_ARGS="--random-order-seed=N" repeats an order.
+test-random: venv
+	$(BIN)/python -m pytest -q -p random_order --random-order-bucket=global $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check hamengine engine loaders models bench tests
