@@ -29,10 +29,11 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
 
-# Everything in a random order across files (pytest-random-order); the header prints the seed,
-# PYTEST_ARGS="--random-order-seed=N" repeats an order.
+# Everything in a random order (pytest-random-order): files in random order, tests shuffled within
+# each file, so module fixtures are built once. The header prints the seed; PYTEST_ARGS=
+# "--random-order-seed=N" repeats an order, "--random-order-bucket=global" mixes files as well.
 test-random: venv
-	$(BIN)/python -m pytest -q -p random_order --random-order-bucket=global $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p random_order --random-order $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check hamengine engine loaders models bench tests
