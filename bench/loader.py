@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import shlex
-import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-import click
 import numpy as np
 
-from hamengine.commands.common import console, emit_json, err_console, fail
+from hamengine.bench import BenchError
+from hamengine.errors import UserError
 
 KINDS = ("folder", "torch", "dali", "resident", "ffcv")
 
@@ -85,7 +85,8 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
                         break
                 last = time.perf_counter()
             if seen == 0:
-                raise click.ClickException(f"loader {kind}: the {split} split yields no batches")
+                raise BenchError(f"loader {kind}: the {split} split yields no batches (fewer images than "
+                                 f"--batch-size {cfg.batch_size}?)")
             epoch += 1
     finally:
         loader.close()
@@ -120,63 +121,51 @@ def plot_results(results: list[dict[str, Any]], aug: str, path: str, title_extra
     plt.close(fig)
 
 
-@click.command("loader")
-@click.option("--pack", "pack", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Pack folder (from `hamengine pack`) every loader reads.")
-@click.option("--source", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Original HAM10000 folder the pack was built from: the `folder` baseline reads it.")
-@click.option("--loaders", default="folder,torch,dali,resident,ffcv", show_default=True,
-              help="Comma-separated loader kinds to time, in this order. `folder` is the baseline (x folder "
-                   "column); `ffcv` is the peer (x ffcv column): skipped with a note when FFCV is not "
-                   "installed, exported from the pack on first use when it has no .beton yet.")
-@click.option("--split", default="train", show_default=True,
-              help="Pack split to read; `train` uses the augmentation preset, others the eval transform.")
-@click.option("--aug", type=click.Choice(["full", "crop-flip", "none"]), default="full", show_default=True,
-              help="Augmentation preset: full (random resized crop, rotation, flips, colour jitter), "
-                   "crop-flip (random resized crop + flips: what FFCV does natively) or none.")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1), help="Images per batch.")
-@click.option("--size", default=224, show_default=True, type=click.IntRange(8), help="Output side S in pixels.")
-@click.option("--batches", default=20, show_default=True, type=click.IntRange(1),
-              help="Timed batches per loader, after the warm-up.")
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0),
-              help="Batches read before timing starts (worker start-up, caches, allocator).")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
-              help="Worker processes / threads per loader; 0 = all cores.")
-@click.option("--device", default="auto", show_default=True, help="Where batches go: auto, cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
-              help="Output image dtype.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None,
-              help="Also write a bar plot of images/s (PNG) to this file.")
-def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: str, batch_size: int, size: int,
-                 batches: int, warmup: int, workers: int, device: str, dtype: str, as_json: bool,
-                 plot: str | None) -> None:
-    """Time each loader over the same pack, same images, same cores: images/s, p50/p99 batch latency,
-    CPU per image, ratios to `folder` and to `ffcv`."""
+@dataclass
+class LoaderBench:
+    """What `bench loader` times: every kind in `kinds` over the same pack, split and options."""
+
+    pack: str
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    source: str | None = None  # the original download: the `folder` baseline reads it
+    split: str = "train"
+    aug: str = "full"
+    batch_size: int = 128
+    size: int = 224
+    batches: int = 20
+    warmup: int = 3
+    workers: int = 0
+    device: str = "auto"
+    dtype: str = "bf16"
+
+
+def run_bench_loader(b: LoaderBench, plot: str | None = None,
+                     log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Time each loader of `b`; returns {"results": [...], ratios, hardware, "notes": [...]}. A
+    loader that cannot run is a BenchError naming it; a missing optional FFCV is a note."""
     from hamengine.config import AugConfig, ConfigError
     from hamengine.engine.environment import hardware
-    from hamengine.loaders.records import PackError
 
-    kinds = [k.strip() for k in loaders.split(",") if k.strip()]
+    kinds = list(b.kinds)
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
-        fail(f"--loaders: unknown kind(s) {', '.join(bad) or '(none)'}; choose from {', '.join(KINDS)}")
-    if "folder" in kinds and not source:
-        fail("--loaders includes folder: pass --source DIR (the HAM10000 folder the pack was built from)")
-    cfg_kw = dict(size=size, batch_size=batch_size, aug=AugConfig(preset=aug), dtype=dtype, workers=workers,
-                  source=source)
+        raise ConfigError(f"--loaders: unknown kind(s) {', '.join(bad) or '(none)'}; choose from {', '.join(KINDS)}")
+    if "folder" in kinds and not b.source:
+        raise ConfigError("--loaders includes folder: pass --source DIR (the HAM10000 folder the pack was built from)")
+    notes = []
     if "ffcv" in kinds and importlib.util.find_spec("ffcv") is None:
         # Optional peer: time the others and say why ffcv is missing rather than failing the run.
-        err_console.print("ffcv is not installed (pip install 'hamengine[ffcv]'); timing the other loaders")
+        notes.append("ffcv is not installed (pip install 'hamengine[ffcv]'); timing the other loaders")
         kinds.remove("ffcv")
+    cfg_kw = dict(size=b.size, batch_size=b.batch_size, aug=AugConfig(preset=b.aug), dtype=b.dtype,
+                  workers=b.workers, source=b.source)
     results: list[dict[str, Any]] = []
     for kind in kinds:
-        if not as_json:
-            console.print(f"[dim]timing {kind} ...[/]")
+        log(f"timing {kind} ...")
         try:
-            results.append(time_loader(kind, pack, split, cfg_kw, device, batches, warmup))
-        except (PackError, ConfigError, ValueError) as e:
-            fail(f"loader {kind}: {e}")
+            results.append(time_loader(kind, b.pack, b.split, cfg_kw, b.device, b.batches, b.warmup))
+        except UserError as e:
+            raise BenchError(f"loader {kind}: {e}", e.exit_code) from e
     ref = next((r for r in results if r["loader"] == "folder"), None)
     peer = next((r for r in results if r["loader"] == "ffcv"), None)
     for r in results:
@@ -185,25 +174,7 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
         r["cpu_ratio_to_folder"] = (ref["cpu_ms_per_img"] / r["cpu_ms_per_img"]
                                     if ref and r["cpu_ms_per_img"] else None)
     hw = hardware()
-    out = {"results": results, "aug": aug, "split": split, "batch_size": batch_size, "size": size,
-           "batches": batches, "warmup": warmup, "hardware": hw,
-           "command": "hamengine " + shlex.join(sys.argv[1:])}
     if plot:
-        plot_results(results, aug, plot, f"{hw.get('cpus')} CPUs" + (f", {hw['gpu']}" if hw.get("gpu") else ""))
-    if as_json:
-        emit_json(out)
-        return
-    from rich.table import Table
-
-    t = Table(title=f"bench loader: --aug {aug}, batch {batch_size}, {size}px, {batches} batches")
-    for col in ("loader", "img/s", "x folder", "x ffcv", "p50 ms", "p99 ms", "CPU ms/img", "x folder (CPU)", "setup s"):
-        t.add_column(col, justify="right" if col != "loader" else "left")
-    for r in results:
-        ratio = f"{r['ratio_to_folder']:.2f}" if r["ratio_to_folder"] is not None else "-"
-        cratio = f"{r['cpu_ratio_to_folder']:.2f}" if r["cpu_ratio_to_folder"] is not None else "-"
-        fratio = f"{r['ratio_to_ffcv']:.2f}" if r["ratio_to_ffcv"] is not None else "-"
-        t.add_row(r["loader"], f"{r['img_per_s']:.0f}", ratio, fratio, f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
-                  f"{r['cpu_ms_per_img']:.2f}", cratio, f"{r['setup_s']:.1f}")
-    console.print(t)
-    console.print(f"[dim]{hw.get('cpus')} CPUs, gpu: {hw.get('gpu')}, torch {hw.get('torch')}, "
-                  f"dali {hw.get('dali')}, commit {hw.get('commit')}[/]")
+        plot_results(results, b.aug, plot, f"{hw.get('cpus')} CPUs" + (f", {hw['gpu']}" if hw.get("gpu") else ""))
+    return {"results": results, "aug": b.aug, "split": b.split, "batch_size": b.batch_size, "size": b.size,
+            "batches": b.batches, "warmup": b.warmup, "hardware": hw, "notes": notes}

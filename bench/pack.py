@@ -10,18 +10,16 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shlex
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
-
-from hamengine.commands.common import console, emit_json, fail
+from hamengine.bench import BenchError
 
 _CHILD = "from hamengine.bench.pack import _child; _child()"
 
@@ -80,7 +78,7 @@ def run_config(source: Path, out: Path, workers: int, size: int, quality: int) -
     sampler.join()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"pack with {workers} worker(s) failed:\n{err_text.strip()[-2000:]}")
+        raise BenchError(f"pack with {workers} worker(s) failed:\n{err_text.strip()[-2000:]}")
     r = json.loads(out_text.strip().splitlines()[-1])
     return {"workers": workers, "images": r["images"], "seconds": round(r["seconds"], 2),
             "images_per_s": round(r["images"] / r["seconds"], 1), "wall_s": round(wall, 2),
@@ -94,58 +92,25 @@ def run_config(source: Path, out: Path, workers: int, size: int, quality: int) -
             "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
-@click.command()
-@click.option("--source", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="HAM10000 folder to pack (e.g. `hamengine synth --out DIR` for the 10,015-image set).")
-@click.option("--workers", "workers_list", default="1,0", show_default=True,
-              help="Comma-separated worker counts to compare; 0 = all cores.")
-@click.option("--size", default=256, show_default=True, type=int, help="Shorter side of packed images.")
-@click.option("--quality", default=90, show_default=True, type=int, help="JPEG quality of packed images.")
-@click.option("--tmp", "tmp_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the temporary packs go (default: the system temp folder); removed afterwards.")
-@click.option("--out", "result_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the results JSON to this file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir: Path | None,
-               result_file: Path | None, as_json: bool) -> None:
-    """Pack SOURCE with each worker count; report images/s, peak RSS and the speedup over the first."""
+def run_bench_pack(source: Path, worker_counts: list[int], size: int = 256, quality: int = 90,
+                   tmp_dir: Path | None = None, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Pack `source` once per worker count (0 = all cores) into a temporary folder, removed
+    afterwards; returns {"results": [...] with speedup over the first count, hardware, ...}."""
+    from hamengine.config import ConfigError
     from hamengine.engine.environment import hardware
     from hamengine.runtime import cpu_count
 
-    try:
-        counts = [int(w) or cpu_count() for w in workers_list.split(",") if w.strip()]
-    except ValueError:
-        fail(f"--workers {workers_list!r}: expected comma-separated integers such as 1,2")
-    if not counts:
-        fail("--workers: give at least one worker count")
+    if not worker_counts or min(worker_counts) < 0:
+        raise ConfigError(f"--workers {','.join(map(str, worker_counts)) or '(none)'}: give worker counts >= 0 "
+                          f"(0 = all cores), e.g. 1,0")
+    counts = [w or cpu_count() for w in worker_counts]
     results = []
     with tempfile.TemporaryDirectory(prefix="hamengine-bench-pack-", dir=tmp_dir) as tmp:
         for w in counts:
-            if not as_json:
-                console.print(f"packing with {w} worker(s) ...", highlight=False)
-            try:
-                results.append(run_config(source, Path(tmp) / f"w{w}", w, size, quality))
-            except RuntimeError as e:
-                fail(str(e))
+            log(f"packing with {w} worker(s) ...")
+            results.append(run_config(source, Path(tmp) / f"w{w}", w, size, quality))
     base = results[0]["images_per_s"]
     for r in results:
         r["speedup"] = round(r["images_per_s"] / base, 2)
-    report = {"bench": "pack", "source_images": results[0]["images"], "size": size, "quality": quality,
-              "results": results, "hardware": hardware(),
-              "command": shlex.join(["hamengine", "bench", "pack", *sys.argv[3:]])}
-    if result_file:
-        result_file.parent.mkdir(parents=True, exist_ok=True)
-        result_file.write_text(json.dumps(report, indent=2) + "\n")
-    if as_json:
-        emit_json(report)
-        return
-    from rich.table import Table
-    t = Table(title=f"hamengine pack, {results[0]['images']} images -> shorter side {size}")
-    for col in ("workers", "seconds", "images/s", "speedup", "peak RSS (MB, max process)",
-                "peak RSS (MB, tree sum)"):
-        t.add_column(col, justify="right")
-    for r in results:
-        t.add_row(str(r["workers"]), f"{r['seconds']:.1f}", f"{r['images_per_s']:.1f}", f"{r['speedup']:.2f}x",
-                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_tree_rss_mb']:.0f}")
-    console.print(t)
-    console.print(f"hardware: {report['hardware']['cpu']}, {report['hardware']['cpus']} cpus", highlight=False)
+    return {"bench": "pack", "source_images": results[0]["images"], "size": size, "quality": quality,
+            "results": results, "hardware": hardware()}

@@ -5,21 +5,20 @@ small machine both still share the cores, so quote results with the hardware the
 from __future__ import annotations
 
 import io
-import shlex
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
-from hamengine.commands.common import console, emit_json, fail
+from hamengine.bench import BenchError
 
 
 def free_port() -> int:
@@ -57,14 +56,14 @@ def running_server(run: Path, port: int, device: str, extra: list[str], timeout:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+                raise BenchError(f"the server exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
             try:
                 if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not answer /api/health within {timeout:.0f} s")
+                raise BenchError(f"the server did not answer /api/health within {timeout:.0f} s")
             time.sleep(0.2)
         yield url
     finally:
@@ -125,62 +124,28 @@ def measure(url: str, image: bytes, requests: int, concurrency: int) -> dict[str
     }
 
 
-@click.command()
-@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--requests", "n_requests", default=200, show_default=True, type=click.IntRange(1, 100_000),
-              help="Requests sent at each concurrency level (after a short warm-up).")
-@click.option("--concurrency", default="1,8", show_default=True,
-              help="Comma-separated numbers of concurrent clients, one measurement each.")
-@click.option("--image", "image_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Image to send (default: a synthetic 600x450 JPEG, HAM10000's size).")
-@click.option("--device", default="auto", show_default=True, help="Server inference device.")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Server micro-batch size (1: no batching), passed to `hamengine serve`.")
-@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0),
-              help="Requests sent before measuring (model warm-up, connection setup).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with hardware).")
-def bench_serve(run: Path, n_requests: int, concurrency: str, image_path: Path | None, device: str,
-                max_batch: int, warmup: int, as_json: bool) -> None:
-    """Requests/s and client latency p50/p99 of POST /api/predict against `hamengine serve RUN`
-    started on a free loopback port (never exposed), at each concurrency level."""
-    try:
-        import httpx
-        levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    except ImportError as exc:
-        fail(f"bench serve needs the 'serve' extra ({exc.name} is missing): pip install 'hamengine[serve]'")
-    except ValueError:
-        fail(f"--concurrency must be comma-separated integers like 1,8 (got {concurrency!r})")
-    if not levels or min(levels) < 1:
-        fail(f"--concurrency levels must be >= 1 (got {concurrency!r})")
-    image = image_path.read_bytes() if image_path else synthetic_jpeg()
+def run_bench_serve(run: Path, image: bytes, levels: list[int], n_requests: int = 200, device: str = "auto",
+                    max_batch: int = 8, warmup: int = 5,
+                    log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Start `hamengine serve RUN` on a free loopback port and measure each concurrency level."""
+    from hamengine.config import ConfigError
     from hamengine.engine.environment import hardware
 
-    results = []
+    if not levels or min(levels) < 1:
+        raise ConfigError(f"--concurrency levels must be >= 1 (got {','.join(map(str, levels)) or 'none'})")
     try:
-        with running_server(run, free_port(), device, ["--max-batch", str(max_batch)]) as url:
-            info = httpx.get(f"{url}/api/model").json()
-            if warmup:
-                measure(url, image, warmup, 1)
-            for c in levels:
-                if not as_json:
-                    console.print(f"concurrency {c}: {n_requests} requests ...")
-                results.append(measure(url, image, n_requests, c))
-    except RuntimeError as exc:
-        fail(str(exc))
-    report = {"run": str(run), "model": info.get("model"), "input_size": info.get("input_size"),
-              "device": info.get("device"), "max_batch": max_batch, "image_bytes": len(image),
-              "image": str(image_path) if image_path else "synthetic 600x450 JPEG",
-              "results": results, "hardware": hardware(),
-              "command": "hamengine bench serve " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])}
-    if as_json:
-        emit_json(report)
-        return
-    from rich.table import Table
-
-    table = Table(title=f"bench serve: {report['model']} on {report['device']} (max batch {max_batch})")
-    for col in ("concurrency", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"):
-        table.add_column(col, justify="right")
-    for r in results:
-        table.add_row(str(r["concurrency"]), str(r["req_per_s"]), str(r["p50_ms"]), str(r["p99_ms"]),
-                      str(r["mean_batch"]), str(r["errors"]))
-    console.print(table)
+        import httpx
+    except ImportError as exc:
+        raise BenchError(f"bench serve needs the 'serve' extra ({exc.name} is missing): "
+                         f"pip install 'hamengine[serve]'") from None
+    results = []
+    with running_server(run, free_port(), device, ["--max-batch", str(max_batch)]) as url:
+        info = httpx.get(f"{url}/api/model").json()
+        if warmup:
+            measure(url, image, warmup, 1)
+        for c in levels:
+            log(f"concurrency {c}: {n_requests} requests ...")
+            results.append(measure(url, image, n_requests, c))
+    return {"run": str(run), "model": info.get("model"), "input_size": info.get("input_size"),
+            "device": info.get("device"), "max_batch": max_batch, "image_bytes": len(image),
+            "results": results, "hardware": hardware()}

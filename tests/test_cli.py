@@ -40,11 +40,43 @@ def test_every_option_is_documented(name, cmd):
             assert param.help, f"`hamengine {name}` option {param.opts} has no help text"
 
 
-def test_registered_commands_exist_or_are_planned():
+def test_every_registered_command_loads():
+    """Each COMMANDS entry imports and names a click command (list_commands hides missing modules,
+    so a typo in COMMANDS would otherwise vanish from --help silently)."""
     ctx = click.Context(cli)
-    listed = cli.list_commands(ctx)
-    assert set(listed) <= set(COMMANDS)
-    assert "doctor" in listed
+    assert cli.list_commands(ctx) == list(COMMANDS)
+    for name in COMMANDS:
+        assert isinstance(cli.get_command(ctx, name), click.Command), name
+
+
+def test_a_user_error_is_one_line_with_its_exit_code(tmp_path):
+    """A UserError raised deep in the library (here: a pack path that is a file) is shown by the
+    command group once, as `error: <message>`, with the error's exit status; no traceback."""
+    afile = tmp_path / "manifest.json"
+    afile.write_text("{}")
+    for command in ("verify", "inspect"):
+        r = CliRunner().invoke(cli, [command, str(afile)], catch_exceptions=False)
+        assert r.exit_code == 1, r.output
+        assert r.stderr.strip().startswith("error: ") and "is a file, not a pack folder" in r.stderr, r.stderr
+        assert "Traceback" not in r.output
+    r = CliRunner().invoke(cli, ["train", "--pack", str(tmp_path), "--epochs", "0"], catch_exceptions=False)
+    assert r.exit_code == 2 and "--epochs 0 must be >= 1" in r.stderr  # ConfigError: exit 2
+
+
+def test_bench_library_does_not_depend_on_the_command_line():
+    """Layers point one way: bench/ returns results; hamengine/commands/bench.py parses and prints."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for path in [*sorted((repo / "bench").glob("*.py")), repo / "hamengine" / "commands" / "bench.py"]:
+        tree = ast.parse(path.read_text(), str(path))
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        forbidden = {"hamengine.cli"} | ({"click", "rich", "hamengine.commands"} if path.parent.name == "bench"
+                                         else set())
+        bad = {m for m in names if any(m == f or m.startswith(f + ".") for f in forbidden)}
+        assert not bad, f"{path.relative_to(repo)} imports {sorted(bad)}"
 
 
 def test_doctor_json_keys():

@@ -1,19 +1,238 @@
-"""`hamengine bench ...`: the benchmarks. Each subcommand lives beside its library code in bench/."""
+"""`hamengine bench pack | loader | train | serve`: parse options, call hamengine.bench, print the
+result (a table, or JSON with --json). The measuring lives in bench/; results carry the hardware,
+versions and commit."""
 from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
-from hamengine.cli import LazyGroup
-
-BENCHES: dict[str, str] = {
-    "pack": "hamengine.bench.pack:bench_pack",
-    "loader": "hamengine.bench.loader:bench_loader",
-    "train": "hamengine.bench.train:bench_train",
-    "serve": "hamengine.bench.serve:bench_serve",
-}
+from hamengine.commands.common import console, emit_json, err_console
+from hamengine.config import TRAIN_LOADERS, CompileMode, Precision
 
 
-@click.group(cls=LazyGroup, lazy=BENCHES)
+@click.group()
 def bench() -> None:
     """Measure packing, loading, training and serving throughput. Results carry the hardware,
     versions and commit; quote ratios measured in the same run (see BENCHMARKS.md)."""
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers such as 1,2",
+                                 param_hint=option) from None
+
+
+def _command_line() -> str:
+    """How this benchmark was started, for its result file."""
+    return "hamengine " + shlex.join(sys.argv[1:])
+
+
+def _say(as_json: bool):
+    return (lambda _m: None) if as_json else (lambda m: console.print(m, highlight=False))
+
+
+def _write(path: Path | str | None, result: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- pack
+
+@bench.command("pack")
+@click.option("--source", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="HAM10000 folder to pack (e.g. `hamengine synth --out DIR` for the 10,015-image set).")
+@click.option("--workers", "workers_list", default="1,0", show_default=True,
+              help="Comma-separated worker counts to compare; 0 = all cores.")
+@click.option("--size", default=256, show_default=True, type=int, help="Shorter side of packed images.")
+@click.option("--quality", default=90, show_default=True, type=int, help="JPEG quality of packed images.")
+@click.option("--tmp", "tmp_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the temporary packs go (default: the system temp folder); removed afterwards.")
+@click.option("--out", "result_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results JSON to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir: Path | None,
+               result_file: Path | None, as_json: bool) -> None:
+    """Pack SOURCE with each worker count; report images/s, peak RSS and the speedup over the first."""
+    from hamengine.bench.pack import run_bench_pack
+
+    report = run_bench_pack(source, _int_list("--workers", workers_list), size, quality, tmp_dir,
+                            log=_say(as_json))
+    report["command"] = _command_line()
+    _write(result_file, report)
+    if as_json:
+        emit_json(report)
+        return
+    from rich.table import Table
+
+    results = report["results"]
+    t = Table(title=f"hamengine pack, {results[0]['images']} images -> shorter side {size}")
+    for col in ("workers", "seconds", "images/s", "speedup", "peak RSS (MB, max process)",
+                "peak RSS (MB, tree sum)"):
+        t.add_column(col, justify="right")
+    for r in results:
+        t.add_row(str(r["workers"]), f"{r['seconds']:.1f}", f"{r['images_per_s']:.1f}", f"{r['speedup']:.2f}x",
+                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_tree_rss_mb']:.0f}")
+    console.print(t)
+    console.print(f"hardware: {report['hardware']['cpu']}, {report['hardware']['cpus']} cpus", highlight=False)
+
+
+# ---------------------------------------------------------------- loader
+
+@bench.command("loader")
+@click.option("--pack", "pack", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Pack folder (from `hamengine pack`) every loader reads.")
+@click.option("--source", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Original HAM10000 folder the pack was built from: the `folder` baseline reads it.")
+@click.option("--loaders", default="folder,torch,dali,resident,ffcv", show_default=True,
+              help="Comma-separated loader kinds to time, in this order. `folder` is the baseline (x folder "
+                   "column); `ffcv` is the peer (x ffcv column): skipped with a note when FFCV is not "
+                   "installed, exported from the pack on first use when it has no .beton yet.")
+@click.option("--split", default="train", show_default=True,
+              help="Pack split to read; `train` uses the augmentation preset, others the eval transform.")
+@click.option("--aug", type=click.Choice(["full", "crop-flip", "none"]), default="full", show_default=True,
+              help="Augmentation preset: full (random resized crop, rotation, flips, colour jitter), "
+                   "crop-flip (random resized crop + flips: what FFCV does natively) or none.")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1), help="Images per batch.")
+@click.option("--size", default=224, show_default=True, type=click.IntRange(8), help="Output side S in pixels.")
+@click.option("--batches", default=20, show_default=True, type=click.IntRange(1),
+              help="Timed batches per loader, after the warm-up.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0),
+              help="Batches read before timing starts (worker start-up, caches, allocator).")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
+              help="Worker processes / threads per loader; 0 = all cores.")
+@click.option("--device", default="auto", show_default=True, help="Where batches go: auto, cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="Output image dtype.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Also write a bar plot of images/s (PNG) to this file.")
+def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: str, batch_size: int, size: int,
+                 batches: int, warmup: int, workers: int, device: str, dtype: str, as_json: bool,
+                 plot: str | None) -> None:
+    """Time each loader over the same pack, same images, same cores: images/s, p50/p99 batch latency,
+    CPU per image, ratios to `folder` and to `ffcv`."""
+    from hamengine.bench.loader import LoaderBench, run_bench_loader
+
+    kinds = [k.strip() for k in loaders.split(",") if k.strip()]
+    out = run_bench_loader(LoaderBench(pack=pack, kinds=kinds, source=source, split=split, aug=aug,
+                                       batch_size=batch_size, size=size, batches=batches, warmup=warmup,
+                                       workers=workers, device=device, dtype=dtype),
+                           plot=plot, log=_say(as_json))
+    for note in out["notes"]:
+        err_console.print(note, highlight=False)
+    out["command"] = _command_line()
+    if as_json:
+        emit_json(out)
+        return
+    from rich.table import Table
+
+    hw = out["hardware"]
+    t = Table(title=f"bench loader: --aug {aug}, batch {batch_size}, {size}px, {batches} batches")
+    for col in ("loader", "img/s", "x folder", "x ffcv", "p50 ms", "p99 ms", "CPU ms/img", "x folder (CPU)", "setup s"):
+        t.add_column(col, justify="right" if col != "loader" else "left")
+
+    def ratio(v: float | None) -> str:
+        return f"{v:.2f}" if v is not None else "-"
+
+    for r in out["results"]:
+        t.add_row(r["loader"], f"{r['img_per_s']:.0f}", ratio(r["ratio_to_folder"]), ratio(r["ratio_to_ffcv"]),
+                  f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['cpu_ms_per_img']:.2f}",
+                  ratio(r["cpu_ratio_to_folder"]), f"{r['setup_s']:.1f}")
+    console.print(t)
+    console.print(f"[dim]{hw.get('cpus')} CPUs, gpu: {hw.get('gpu')}, torch {hw.get('torch')}, "
+                  f"dali {hw.get('dali')}, commit {hw.get('commit')}[/]")
+
+
+# ---------------------------------------------------------------- train
+
+@bench.command("train")
+@click.option("--pack", type=click.Path(), required=True, help="Pack folder to read the train split from.")
+@click.option("--model", default="resnet50", show_default=True, help="Model name (see `hamengine models`).")
+@click.option("--loader", type=click.Choice(list(TRAIN_LOADERS)), default="auto", show_default=True,
+              help="Loader kind.")
+@click.option("--size", type=int, default=224, show_default=True, help="Input side in pixels.")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Batch size.")
+@click.option("--steps", type=click.IntRange(1), default=30, show_default=True, help="Timed steps per measurement.")
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True,
+              help="Untimed warm-up steps (compile).")
+@click.option("--amp-dtype", type=click.Choice([p.value for p in Precision]), default="bf16", show_default=True,
+              help="Autocast dtype (fp32 = no autocast).")
+@click.option("--compile", "compile_mode", type=click.Choice([m.value for m in CompileMode]), default="auto",
+              show_default=True, help="torch.compile: auto = on with CUDA, off on CPU.")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Memory format [default: channels_last on CUDA, NCHW on CPU].")
+@click.option("--prefetch/--no-prefetch", default=None,
+              help="Background-thread prefetch, as `train --prefetch` [default: off].")
+@click.option("--workers", type=int, default=0, show_default=True, help="Loader workers/threads (0 = all cores).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--out", type=click.Path(), default=None, help="Also write the JSON result to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench_train(pack: str, model: str, loader: str, size: int, batch_size: int, steps: int, warmup: int,
+                amp_dtype: str, compile_mode: str, channels_last: bool | None, prefetch: bool | None,
+                workers: int, device: str, out: str | None, as_json: bool) -> None:
+    """Training-step throughput with the real loader vs synthetic on-device batches (stall_ratio)."""
+    from hamengine.bench.train import run_bench_train
+    from hamengine.config import LoaderKind, TrainConfig
+
+    cfg = TrainConfig(pack=pack, model=model, loader=LoaderKind(loader), size=size, batch_size=batch_size,
+                      amp=amp_dtype != "fp32", amp_dtype=Precision(amp_dtype), compile=CompileMode(compile_mode),
+                      channels_last=channels_last, workers=workers, device=device)
+    res = run_bench_train(cfg, steps, warmup, prefetch, log=_say(as_json))
+    _write(out, res)
+    if as_json:
+        emit_json(res)
+        return
+    console.print(f"{res['model']} {res['size']}px batch {res['batch_size']} {res['amp_dtype']} "
+                  f"{'channels_last' if res['channels_last'] else 'NCHW'} compile={res['compile']} "
+                  f"loader={res['loader']} on {res['device']}")
+    console.print(f"  real loader : {res['img_per_s']:8.1f} img/s (data wait {100 * res['data_fraction']:.0f}%)")
+    console.print(f"  synthetic   : {res['synthetic_img_per_s']:8.1f} img/s")
+    console.print(f"  stall_ratio : {res['stall_ratio']:.3f}   warm-up {res['warmup_s']:.1f} s")
+
+
+# ---------------------------------------------------------------- serve
+
+@bench.command("serve")
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--requests", "n_requests", default=200, show_default=True, type=click.IntRange(1, 100_000),
+              help="Requests sent at each concurrency level (after a short warm-up).")
+@click.option("--concurrency", default="1,8", show_default=True,
+              help="Comma-separated numbers of concurrent clients, one measurement each.")
+@click.option("--image", "image_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Image to send (default: a synthetic 600x450 JPEG, HAM10000's size).")
+@click.option("--device", default="auto", show_default=True, help="Server inference device.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Server micro-batch size (1: no batching), passed to `hamengine serve`.")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Requests sent before measuring (model warm-up, connection setup).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with hardware).")
+def bench_serve(run: Path, n_requests: int, concurrency: str, image_path: Path | None, device: str,
+                max_batch: int, warmup: int, as_json: bool) -> None:
+    """Requests/s and client latency p50/p99 of POST /api/predict against `hamengine serve RUN`
+    started on a free loopback port (never exposed), at each concurrency level."""
+    from hamengine.bench.serve import run_bench_serve, synthetic_jpeg
+
+    levels = _int_list("--concurrency", concurrency)
+    image = image_path.read_bytes() if image_path else synthetic_jpeg()
+    report = run_bench_serve(run, image, levels, n_requests, device, max_batch, warmup, log=_say(as_json))
+    report.update(image=str(image_path) if image_path else "synthetic 600x450 JPEG", command=_command_line())
+    if as_json:
+        emit_json(report)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"bench serve: {report['model']} on {report['device']} (max batch {max_batch})")
+    for col in ("concurrency", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"):
+        table.add_column(col, justify="right")
+    for r in report["results"]:
+        table.add_row(str(r["concurrency"]), str(r["req_per_s"]), str(r["p50_ms"]), str(r["p99_ms"]),
+                      str(r["mean_batch"]), str(r["errors"]))
+    console.print(table)
