@@ -1,15 +1,19 @@
 """The `hamengine` command line: one click group whose commands load lazily.
 
 Each command lives in hamengine/commands/<area>.py, only parses its options and delegates to the
-library; loading lazily keeps `hamengine --help` fast (no torch / DALI import).
+library; loading lazily keeps `hamengine --help` fast (no torch / DALI import). Errors a user can
+cause are `hamengine.errors.UserError`s: the group shows them once (LazyGroup.invoke).
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 import sys
 
 import click
+
+from hamengine.errors import UserError
 
 # name -> "module:attribute". Order here is the order in --help.
 COMMANDS: dict[str, str] = {
@@ -55,6 +59,26 @@ class LazyGroup(click.Group):
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
 
+    def invoke(self, ctx: click.Context):
+        """The one place a user's mistake becomes a message: a UserError raised by any command (or
+        the library under it) is printed as `error: <message>` and exits with its exit_code. An
+        OSError (an output folder that cannot be written) is shown the same way. Anything else is a
+        bug and keeps its traceback."""
+        from hamengine.commands.common import print_error
+
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            print_error(str(e))
+            ctx.exit(e.exit_code)
+        except OSError as e:
+            if e.errno == errno.EPIPE:  # `hamengine ... | head`: click handles a closed pipe
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            print_error(f"{where}{e.strerror or e} (check that the path exists, is a folder where one is "
+                        f"expected, and is writable)")
+            ctx.exit(1)
+
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"],
                                                             "max_content_width": 100})
@@ -73,20 +97,8 @@ def cli() -> None:
 
 
 def main() -> None:
-    """Commands turn the errors they expect into messages; these two can come from anywhere (an
-    output folder that cannot be written, a --device that is not here): one line, never a traceback."""
-    from hamengine.config import ConfigError
-
-    try:
-        cli(prog_name="hamengine", standalone_mode=True)
-    except ConfigError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"error: {where}{e.strerror or e} (check that the path exists, is a folder where one "
-                   f"is expected, and is writable)", err=True)
-        sys.exit(1)
+    """The installed entry point. Errors are turned into messages by the group (LazyGroup.invoke)."""
+    cli(prog_name="hamengine", standalone_mode=True)
 
 
 if __name__ == "__main__":

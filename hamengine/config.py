@@ -155,37 +155,85 @@ class PackConfig:
     max_pixels: int = 64_000_000  # decompression-bomb guard
 
 
+class OnResume(StrEnum):
+    """What `train --resume` lets an option change (the saved config.json is the run's recipe)."""
+
+    FIXED = "fixed"  # part of what the run computes: a change is refused
+    EXTEND = "extend"  # may only grow (epochs: extending a run)
+    FREE = "free"  # how or where the run executes (device, workers, loader, compile, memory format)
+    SAME_PACK = "same-pack"  # the pack may have moved, but must be the same pack (fingerprint)
+
+
+def option(default: Any = None, help: str = "", *, flag: str | None = None, default_help: str | None = None,
+           choices: tuple[str, ...] | None = None, path: bool = False, resume: OnResume = OnResume.FIXED,
+           sub: str | None = None, factory: Any = None) -> Any:
+    """A config field that is also a command-line option: the command line is generated from these
+    (hamengine/commands/train.py), so a new option is one line here.
+
+    help: the option's help text; default_help: what [default: ...] says when the default is None
+    or a rule; flag: the option's declaration when not `--<name>` (e.g. "--amp/--no-amp");
+    choices: a subset of the enum's values to offer; path: a file/folder argument; resume: see
+    OnResume; sub: the option sets this key of a nested config (`--aug` -> aug.preset)."""
+    meta = {"help": help, "flag": flag, "default_help": default_help, "choices": choices, "path": path,
+            "resume": resume, "sub": sub}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Train loaders: `folder` reads the original download image by image (the benchmark baseline of
+# `hamengine bench loader --source`); training always reads a pack.
+TRAIN_LOADERS: tuple[str, ...] = tuple(k.value for k in LoaderKind if k != LoaderKind.FOLDER)
+
+
 @dataclass
 class TrainConfig:
-    pack: str = ""
-    model: str = "resnet50"
-    pretrained: bool = False
-    pretrained_path: str | None = None
-    epochs: int = 30
-    batch_size: int = 128
-    size: int = 224
-    lr: float | None = None  # None: per optimizer default scaled by batch size
-    weight_decay: float | None = None  # None: 0.05 for AdamW, 1e-4 for SGD
-    optimizer: Optimizer = Optimizer.ADAMW
-    schedule: Schedule = Schedule.COSINE
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    balance: Balance = Balance.NONE
-    amp: bool = True
-    amp_dtype: Precision = Precision.BF16
-    channels_last: bool | None = None  # None: on with CUDA, off on CPU
-    compile: CompileMode = CompileMode.AUTO
-    ema: float | None = None  # EMA decay, e.g. 0.999
-    grad_clip: float | None = None
-    loader: LoaderKind = LoaderKind.AUTO
-    aug: AugConfig = field(default_factory=AugConfig)
-    workers: int = 0
-    seed: int = 0
-    out: str = "runs/run"
-    resume: bool = False
-    early_stop: int = 0  # epochs without val balanced-accuracy gain; 0 = off
-    device: str = "auto"
-    max_steps_per_epoch: int = 0  # 0 = whole epoch (tests and smoke runs cap it)
+    pack: str = option("", "Pack folder (hamengine pack) to train on.", path=True, resume=OnResume.SAME_PACK,
+                       default_help="required, here or in --config")
+    model: str = option("resnet50", "Model name (see `hamengine models`).")
+    pretrained: bool = option(False, "Start from torchvision ImageNet weights (TORCH_HOME cache).",
+                              flag="--pretrained/--no-pretrained")
+    pretrained_path: str | None = option(None, "Start from a local weights file (state dict or hamengine "
+                                         "checkpoint).", path=True, default_help="none")
+    epochs: int = option(30, "Number of epochs (on --resume: only raised, to extend the run).",
+                         resume=OnResume.EXTEND)
+    batch_size: int = option(128, "Batch size per process.")
+    size: int = option(224, "Input side S in pixels (S x S crops).")
+    lr: float | None = option(None, "Peak learning rate.", default_help="2e-3 x sqrt(batch/128) for AdamW, "
+                              "0.1 x batch/256 for SGD; a quarter of that with pretrained weights")
+    weight_decay: float | None = option(None, "Weight decay (not on norms/biases).",
+                                        default_help="0.05 with adamw, 1e-4 with sgd")
+    optimizer: Optimizer = option(Optimizer.ADAMW, "Optimizer.")
+    schedule: Schedule = option(Schedule.COSINE, "LR schedule after the linear warm-up.")
+    warmup_epochs: float = option(1.0, "Linear LR warm-up epochs.")
+    label_smoothing: float = option(0.1, "Label smoothing.")
+    balance: Balance = option(Balance.NONE, "Class balance: none, class-balanced sampler, or inverse-frequency "
+                              "loss weights.")
+    amp: bool = option(True, "Mixed precision autocast (bf16 by default).", flag="--amp/--no-amp")
+    amp_dtype: Precision = option(Precision.BF16, "Autocast dtype: bf16 (CPU, recent GPUs) or fp16 (with a "
+                                  "GradScaler).")
+    channels_last: bool | None = option(None, "Memory format.", flag="--channels-last/--no-channels-last",
+                                        resume=OnResume.FREE, default_help="channels_last on CUDA, NCHW on CPU "
+                                        "(faster with bf16 there)")
+    compile: CompileMode = option(CompileMode.AUTO, "torch.compile: auto = on with CUDA, off on CPU; failure "
+                                  "falls back to eager.", resume=OnResume.FREE)
+    ema: float | None = option(None, "EMA decay of the weights (e.g. 0.999).", default_help="off")
+    grad_clip: float | None = option(None, "Clip the gradient norm to this value.", default_help="off")
+    loader: LoaderKind = option(LoaderKind.AUTO, "Data loader kind (folder, the per-file baseline, is for "
+                                "`hamengine bench loader`).", choices=TRAIN_LOADERS,
+                                resume=OnResume.FREE)
+    aug: AugConfig = option(help="Train augmentation preset.", factory=AugConfig, sub="preset")
+    workers: int = option(0, "Loader workers/threads (0 = all cores).", resume=OnResume.FREE)
+    seed: int = option(0, "Random seed.")
+    out: str = option("runs/run", "Run directory.", path=True, resume=OnResume.FREE)
+    resume: bool = option(False, "Continue the run in --out from checkpoints/last.pt (its config.json is the "
+                          "base; only --epochs (raised), --early-stop and how it runs (--device, --workers, "
+                          "--loader, --compile, memory format, a moved --pack) may change).", flag="--resume",
+                          resume=OnResume.FREE)
+    early_stop: int = option(0, "Stop after N epochs without a val balanced-accuracy gain (0 = off).",
+                             resume=OnResume.FREE)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resume=OnResume.FREE)
+    max_steps_per_epoch: int = option(0, "Cap the steps of each epoch (smoke tests; 0 = whole epoch).")
 
     def check(self) -> None:
         """Range checks a type cannot express; ConfigError names the option and its allowed range."""
@@ -202,8 +250,43 @@ class TrainConfig:
                  ("max_steps_per_epoch", self.max_steps_per_epoch >= 0, ">= 0 (0 = whole epoch)")]
         bad = [f"--{name.replace('_', '-')} {getattr(self, name)!r} must be {allowed}"
                for name, ok, allowed in rules if not ok]
+        if LoaderKind(self.loader).value not in TRAIN_LOADERS:
+            bad.append(f"--loader {self.loader}: training reads the pack, so use one of {', '.join(TRAIN_LOADERS)} "
+                       f"(folder, the per-file baseline over the original download, is for `hamengine bench "
+                       f"loader --source`)")
         if bad:
             raise ConfigError("; ".join(bad))
+
+
+@dataclass(frozen=True)
+class ResumeConflict:
+    """One setting a resumed run may not take: `key` as the option names it (aug.hue for nested)."""
+
+    key: str
+    saved: Any
+    asked: Any
+    rule: OnResume
+
+    def __str__(self) -> str:
+        flag = self.key if "." in self.key else "--" + self.key.replace("_", "-")
+        return f"{flag} {self.saved} (asked: {self.asked})"
+
+
+def resume_conflicts(saved: TrainConfig, asked: TrainConfig) -> list[ResumeConflict]:
+    """The settings of `asked` that `train --resume` must refuse against the run's saved config
+    (OnResume on each field). A moved pack (SAME_PACK) is left to the caller, which can open it."""
+    old, new = to_dict(saved), to_dict(asked)
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        rule = f.metadata.get("resume", OnResume.FIXED)
+        a, b = old[f.name], new[f.name]
+        if a == b or rule in (OnResume.FREE, OnResume.SAME_PACK) or (rule == OnResume.EXTEND and b > a):
+            continue
+        if isinstance(a, dict):  # nested (aug): name each key that differs
+            out += [ResumeConflict(f"{f.name}.{k}", a[k], b.get(k), rule) for k in a if a[k] != b.get(k)]
+        else:
+            out.append(ResumeConflict(f.name, a, b, rule))
+    return out
 
 
 T = TypeVar("T")

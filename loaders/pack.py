@@ -309,6 +309,9 @@ def _pack_dataset(cfg: PackConfig, progress: bool, log: Callable[[str], None] | 
                         "listed in the manifest). Nothing was packed.")
     if not w.written.any():
         raise PackError(f"{src.root}: every image was skipped as unreadable; nothing to pack")
+    note = _not_resized_note(cfg.size, w.widths, w.heights)
+    if note:
+        say(note)
     manifest = dict(recipe)
     manifest.update({
         "recipe_sha256": recipe_sha,
@@ -360,6 +363,18 @@ def _results(refs: list[str], policy: ImagePolicy, workers: int, progress: bool)
             pool.join()
 
 
+def _not_resized_note(size: int, widths: list[int], heights: list[int]) -> str | None:
+    """Images are never upscaled: say so when --size is above some images' shorter side, since the
+    pack then holds those smaller than it says and a loader at that size would upscale them."""
+    short = [min(wh) for wh in zip(widths, heights, strict=True)]
+    small = [s for s in short if s < size]
+    if not small:
+        return None
+    return (f"warning: --size {size} is larger than the shorter side of {len(small)} of {len(short)} source "
+            f"images ({max(small)} px at most): images are never upscaled, so these are stored at their own "
+            f"size. To have every image resized to one size, pack at --size {min(short)} or less.")
+
+
 def _check_config(cfg: PackConfig) -> None:
     problems = []
     if not cfg.source:
@@ -368,6 +383,8 @@ def _check_config(cfg: PackConfig) -> None:
         problems.append("--out is required")
     if cfg.size < 16:
         problems.append(f"--size {cfg.size}: must be at least 16 pixels")
+    if cfg.workers < 0:
+        problems.append(f"--workers {cfg.workers}: must be >= 0 (0 = all cores)")
     if not 1 <= cfg.quality <= 100:
         problems.append(f"--quality {cfg.quality}: must be between 1 and 100")
     if cfg.shard_size < 64 * 1024:

@@ -86,6 +86,9 @@ class Pack:
     def __init__(self, path: str | Path, check_files: bool = True):
         self.path = Path(path)
         mpath = self.path / MANIFEST
+        if self.path.is_file():
+            raise PackError(f"{self.path} is a file, not a pack folder: give the folder `hamengine pack "
+                            f"--out` wrote (the one holding {MANIFEST})")
         if not self.path.is_dir():
             raise PackError(f"{self.path}: no such pack folder; create one with `hamengine pack`")
         try:

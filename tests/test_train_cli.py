@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 
+import builders
 import pytest
 from click.testing import CliRunner
-from train_data import small_pack
 
 from hamengine.cli import cli
 
 
 @pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return small_pack(tmp_path_factory.getbasetemp() / "train-data")
+def pack(train_pack):
+    return train_pack
+
+
+def _source_of(pack):
+    """The synthetic source `train_pack` was packed from (builders are idempotent: no rebuild)."""
+    return builders.synth_source(pack.parent, 1000, 0, (128, 96))
 
 
 def _train(*args):
@@ -57,6 +62,10 @@ def test_flags_override_file_and_config_is_saved(pack, tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert saved["epochs"] == 2 and saved["size"] == 32 and saved["optimizer"] == "sgd"
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # Fewer epochs would change the LR schedule of the run midway: refused, config.json kept.
+    lowered = _train("--out", out, "--resume", "--epochs", 1)
+    assert lowered.exit_code != 0 and "can only raise --epochs" in lowered.output, lowered.output
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
 
 
 def test_resume_without_checkpoint_is_a_clear_error(pack, tmp_path):
@@ -76,7 +85,7 @@ def test_out_of_range_values_and_empty_val_split_fail_before_training(pack, tmp_
     from hamengine.loaders.pack import pack_dataset
 
     novel = tmp_path / "noval"
-    pack_dataset(PackConfig(source=str(pack.parent / "synth-1000"), out=str(novel), size=48, val=0.0, test=0.2),
+    pack_dataset(PackConfig(source=str(_source_of(pack)), out=str(novel), size=48, val=0.0, test=0.2),
                  progress=False)
     result = _train("--pack", novel, "--model", "hamnet", "--out", tmp_path / "r2", "--device", "cpu", "--epochs", 1)
     assert result.exit_code != 0 and "the val split is empty" in result.output and "--val" in result.output
@@ -105,7 +114,7 @@ def test_device_and_unwritable_paths_are_one_line_errors(pack, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     cases = [(["train", "--pack", str(pack), "--out", str(afile), "--model", "hamnet", "--device", "cpu"], str(afile)),
-             (["pack", "--source", str(pack.parent / "synth-1000"), "--out", str(afile / "sub")], str(afile)),
+             (["pack", "--source", str(_source_of(pack)), "--out", str(afile / "sub")], str(afile)),
              (["train", "--pack", str(pack), "--out", str(tmp_path / "r"), "--device", "tpu"], "--device 'tpu'")]
     if not __import__("torch").cuda.is_available():
         cases.append((["train", "--pack", str(pack), "--out", str(tmp_path / "r"), "--device", "cuda"],
@@ -114,3 +123,87 @@ def test_device_and_unwritable_paths_are_one_line_errors(pack, tmp_path):
         r = subprocess.run([sys.executable, "-c", "from hamengine.cli import main; main()", *args],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode != 0 and named in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1500:])
+
+
+def _fake_run(pack, run, **config):
+    """A run folder as training leaves it, as far as `train --resume` reads it before fit."""
+    from hamengine.config import TrainConfig, to_dict
+    from hamengine.loaders.records import Pack
+
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")  # never opened: the refusals come first
+    saved = TrainConfig(pack=str(pack.resolve()), out=str(run), **config)
+    (run / "config.json").write_text(json.dumps(to_dict(saved), indent=2))
+    (run / "env.json").write_text(json.dumps({"pack_fingerprint": Pack(pack).fingerprint}))
+    return saved
+
+
+def test_resume_refuses_what_would_change_the_run(pack, tmp_path):
+    run = tmp_path / "run"
+    _fake_run(pack, run, model="hamnet", epochs=4, lr=1e-3)
+    before = (run / "config.json").read_bytes()
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps({"label_smoothing": 0.0}))
+    other = tmp_path / "other-pack"  # another pack: same shards, a different split seed
+    other.mkdir()
+    manifest = json.loads((pack / "manifest.json").read_text())
+    manifest["split"]["seed"] += 1
+    (other / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    for flags, named in ((["--epochs", 3], "can only raise --epochs"), (["--lr", 0.1], "--lr 0.001 (asked: 0.1)"),
+                         (["--aug", "none"], "aug.preset full (asked: none)"), (["--seed", 1], "--seed 0"),
+                         (["--config", cfg_file], "--label-smoothing 0.1 (asked: 0.0)"),
+                         (["--pack", other], "is not the pack the run was trained on")):
+        r = _train("--out", run, "--resume", *flags)
+        assert r.exit_code == 2 and named in r.output and "--resume" in r.output, (flags, r.output)
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_resume_may_change_how_and_where_the_run_executes(pack, tmp_path):
+    """Device, workers, loader, compile, early stop, more epochs and a moved pack are not the recipe."""
+    import shutil
+
+    from hamengine.commands.train import check_resume
+    from hamengine.config import TrainConfig
+    from hamengine.engine.run import RunDir
+
+    run = tmp_path / "run"
+    saved = _fake_run(pack, run, model="hamnet", epochs=4)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(pack / "manifest.json", moved / "manifest.json")  # the same pack, somewhere else
+    asked = TrainConfig(pack=str(moved), out=str(run), model="hamnet", epochs=6, device="cpu", workers=1,
+                        loader="torch", compile="off", channels_last=False, early_stop=2, resume=True)
+    check_resume(RunDir(run), saved, asked)  # no error
+
+
+def test_folder_loader_is_not_offered_for_training(pack, tmp_path):
+    """`folder` reads the original download (bench loader --source); train reads packs only."""
+    r = _train("--pack", pack, "--loader", "folder", "--out", tmp_path / "r", "--device", "cpu")
+    assert r.exit_code == 2 and "'folder' is not one of" in r.output, r.output
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"pack": str(pack), "loader": "folder", "device": "cpu"}))
+    r = _train("--config", cfg, "--out", tmp_path / "r")
+    assert r.exit_code == 2 and "--loader folder" in r.output and "bench loader" in r.output, r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_options_are_the_config_fields_with_their_defaults():
+    """Options are declared once (config.py field metadata): every TrainConfig field is an option of
+    `train`, and its help says its default."""
+    import dataclasses
+
+    import click
+
+    from hamengine.commands.train import train
+    from hamengine.config import TrainConfig
+
+    options = {p.name: p for p in train.params if isinstance(p, click.Option)}
+    ctx = click.Context(train)
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in options, f"TrainConfig.{f.name} is not an option of `hamengine train`"
+        decl, text = options[f.name].get_help_record(ctx)
+        assert text.startswith(f.metadata["help"]), (decl, text)
+        if f.name != "resume":  # a plain flag: off unless given
+            assert "[default: " in text, (decl, text)
+    assert list(options["loader"].type.choices) == ["auto", "dali", "resident", "torch", "ffcv"]
+    assert list(options["optimizer"].type.choices) == ["adamw", "sgd"] and options["optimizer"].default == "adamw"

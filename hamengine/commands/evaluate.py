@@ -12,20 +12,6 @@ CKPT_CHOICES = ["best", "last"]
 RUN_ARG = click.Path(file_okay=False, path_type=Path)
 
 
-def _known_errors() -> tuple[type[Exception], ...]:
-    from hamengine.config import ConfigError
-    from hamengine.engine.predict import RunError
-    from hamengine.loaders.records import PackError
-
-    errs: list[type[Exception]] = [RunError, PackError, ConfigError]
-    try:
-        from hamengine.engine.checkpoint import CheckpointError
-        errs.append(CheckpointError)
-    except ImportError:  # pragma: no cover - training area absent
-        pass
-    return tuple(errs)
-
-
 @click.command("eval")
 @click.argument("run", type=RUN_ARG)
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
@@ -64,10 +50,7 @@ def eval_run(run: Path, split: str, checkpoint: str, tta: str, calibrate: bool, 
                        n_boot=n_boot, pack=pack, unchecked_pack=unchecked_pack, loader=LoaderKind(loader),
                        batch_size=batch_size,
                        device=device, plots=not no_plots)
-    try:
-        m = evaluate_run(run, opts, progress=not as_json)
-    except _known_errors() as e:
-        fail(str(e))
+    m = evaluate_run(run, opts, progress=not as_json)
     if as_json:
         emit_json(m)
         return
@@ -99,10 +82,7 @@ def predict(run: Path, images: tuple[Path, ...], checkpoint: str, tta: str, top_
     from hamengine.engine.predict import Predictor
     from hamengine.loaders.imaging import BadImage
 
-    try:
-        predictor = Predictor(run, checkpoint=checkpoint, device=device, tta=tta)
-    except _known_errors() as e:
-        fail(str(e))
+    predictor = Predictor(run, checkpoint=checkpoint, device=device, tta=tta)
     results = predictor.predict_files(list(images))
     out, failed = [], 0
     for path, r in zip(images, results, strict=True):
@@ -147,10 +127,7 @@ def explain(run: Path, images: tuple[Path, ...], out: Path, dx: str | None, chec
     """Grad-CAM overlays of RUN's decision for each IMAGE (the predicted class, or --class)."""
     from hamengine.engine.gradcam import explain_files
 
-    try:
-        res = explain_files(run, list(images), out, dx=dx, checkpoint=checkpoint, device=device)
-    except (ValueError, *_known_errors()) as e:
-        fail(str(e))
+    res = explain_files(run, list(images), out, dx=dx, checkpoint=checkpoint, device=device)
     if as_json:
         emit_json(res)
     else:
@@ -174,10 +151,7 @@ def compare(runs: tuple[Path, ...], split: str, out: Path | None, as_json: bool)
     recall, parameters, training img/s and wall time."""
     from hamengine.engine.compare import compare_runs, compare_table
 
-    try:
-        res = compare_runs(list(runs), split=split, out=out)
-    except _known_errors() as e:
-        fail(str(e))
+    res = compare_runs(list(runs), split=split, out=out)
     if as_json:
         emit_json(res)
     else:
@@ -195,10 +169,7 @@ def report(run: Path, split: str, as_json: bool) -> None:
     environment and a model card."""
     from hamengine.engine.report import write_report
 
-    try:
-        res = write_report(run, split=split)
-    except _known_errors() as e:
-        fail(str(e))
+    res = write_report(run, split=split)
     if as_json:
         emit_json(res)
     else:

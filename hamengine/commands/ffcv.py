@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from hamengine.commands.common import console, emit_json, err_console, fail
-from hamengine.config import ConfigError
 
 
 @click.command("export-ffcv")
@@ -21,15 +20,11 @@ def export_ffcv(pack_dir: Path, force: bool, as_json: bool) -> None:
     fingerprint does not change). Needs the `ffcv` extra."""
     from hamengine.loaders.ffcv_export import DIR_NAME
     from hamengine.loaders.ffcv_export import export_ffcv as run_export
-    from hamengine.loaders.records import PackError
-
     try:
         start = time.perf_counter()
         record = run_export(pack_dir, force=force, progress=not as_json,
                              log=None if as_json else lambda m: err_console.print(m, highlight=False))
         seconds = time.perf_counter() - start
-    except (PackError, ConfigError) as e:
-        fail(str(e))
     except KeyboardInterrupt:
         fail(f"interrupted: the export in {pack_dir / DIR_NAME} is incomplete; run the same command again", 130)
     if as_json:

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from hamengine.commands.common import console, emit_json, err_console, fail
-from hamengine.config import CLASSES, SPLITS, ConfigError, PackConfig, parse_size
+from hamengine.config import CLASSES, SPLITS, PackConfig, parse_size
 
 
 def split_table(splits: dict[str, Any], title: str) -> Table:
@@ -75,9 +75,6 @@ def pack(source: Path, out: Path, size: int, quality: int, keep_original: bool, 
          allow_missing: bool, force: bool, max_pixels: int, formats: tuple[str, ...], as_json: bool) -> None:
     """Pack a HAM10000 folder into tar shards + DALI indexes + manifest (lesion-grouped, stratified split)."""
     from hamengine.loaders.pack import pack_dataset
-    from hamengine.loaders.records import PackError
-    from hamengine.loaders.sources import SourceError
-    from hamengine.loaders.split import SplitError
 
     try:
         cfg = PackConfig(source=str(source), out=str(out), size=size, quality=quality,
@@ -95,8 +92,6 @@ def pack(source: Path, out: Path, size: int, quality: int, keep_original: bool, 
             ffcv_export = export_ffcv(out, force=force, progress=not as_json,
                                       log=lambda m: err_console.print(m, highlight=False))
         seconds = time.perf_counter() - start
-    except (PackError, SourceError, SplitError, ConfigError) as e:
-        fail(str(e))
     except KeyboardInterrupt:
         fail(f"interrupted: {out} is not a complete pack; run the same command again to finish it", 130)
     total = manifest["stats"]["total_bytes"]
@@ -129,15 +124,11 @@ def verify(pack_dir: Path, quick: bool, as_json: bool) -> None:
     """Check every shard's sha256, index and sample (decode, label); exit 1 naming the first bad one."""
     from rich.progress import Progress
 
-    from hamengine.loaders.records import PackError
     from hamengine.loaders.verify import verify_pack
 
-    try:
-        with Progress(console=err_console, disable=as_json, transient=True) as bar:
-            task = bar.add_task("verifying shards", total=None)
-            report = verify_pack(pack_dir, quick=quick, on_shard=lambda _s: bar.advance(task))
-    except PackError as e:
-        fail(str(e))
+    with Progress(console=err_console, disable=as_json, transient=True) as bar:
+        task = bar.add_task("verifying shards", total=None)
+        report = verify_pack(pack_dir, quick=quick, on_shard=lambda _s: bar.advance(task))
     if as_json:
         emit_json(report.to_dict())
     if report.fault:
@@ -156,12 +147,9 @@ def verify(pack_dir: Path, quick: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def inspect_pack(pack_dir: Path, as_json: bool) -> None:
     """Show a pack: class x split table, lesions per split, image sizes, bytes."""
-    from hamengine.loaders.records import Pack, PackError
+    from hamengine.loaders.records import Pack
 
-    try:
-        p = Pack(pack_dir)
-    except PackError as e:
-        fail(str(e))
+    p = Pack(pack_dir)
     m = p.manifest
     per_split = {s: {"shards": len(p.shards(s)), "bytes": sum(x.bytes for x in p.shards(s))} for s in SPLITS}
     info = {"pack": str(pack_dir), "fingerprint": p.fingerprint, "classes": list(p.classes),

@@ -38,7 +38,7 @@ def synth(out: str, n: int, seed: int, size: str, workers: int, masks: bool, for
     """Write a synthetic HAM10000-shaped dataset: HAM10000_metadata.csv plus HAM10000_images_part_1/2,
     with HAM10000's class balance, several images per lesion and JPEGs whose class shows in the
     lesion's shape, border, colour and texture (the classes overlap, like real ones)."""
-    from hamengine.loaders.synth import SynthError, synth_summary, synthesize
+    from hamengine.loaders.synth import synth_summary, synthesize
 
     wh = _parse_wh(size)
     if workers < 0:
@@ -48,8 +48,6 @@ def synth(out: str, n: int, seed: int, size: str, workers: int, masks: bool, for
     try:
         path = synthesize(out, n=n, seed=seed, size=wh, workers=nworkers, progress=True, masks=masks,
                           force=force)
-    except SynthError as e:
-        fail(str(e))
     except OSError as e:  # disk full, permissions: nothing is marked complete, rerun resumes
         fail(f"cannot write the synthetic dataset to {out}: {e.strerror or e} ({e.filename or out}); "
              f"fix that and rerun the same command to resume")

@@ -1,25 +1,20 @@
 """`hamengine models`, `hamengine train`, `hamengine demo`: parse options, delegate to the engine."""
 from __future__ import annotations
 
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from hamengine.commands.common import console, emit_json, err_console, fail
-from hamengine.config import (
-    AugPreset,
-    Balance,
-    CompileMode,
-    LoaderKind,
-    Optimizer,
-    Precision,
-    Schedule,
-    TrainConfig,
-)
-
-_D = TrainConfig()
+from hamengine.commands.common import console, emit_json, err_console
+from hamengine.config import ConfigError, OnResume, TrainConfig, resume_conflicts, to_dict
+from hamengine.engine.run import RunDir
 
 
 @click.command()
@@ -43,105 +38,129 @@ def models(size: int, as_json: bool) -> None:
     console.print(table)
 
 
-# Option name -> TrainConfig key for the flags that map one-to-one.
-_FLAG_KEYS = ("pack", "model", "epochs", "batch_size", "size", "lr", "weight_decay", "optimizer",
-              "schedule", "warmup_epochs", "label_smoothing", "balance", "amp", "amp_dtype",
-              "channels_last", "compile", "ema", "grad_clip", "loader", "seed", "out", "resume",
-              "early_stop", "device", "pretrained", "pretrained_path", "workers", "max_steps_per_epoch")
+def _optional_inner(tp: Any) -> Any:
+    """`float | None` -> float."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
 
 
-def _choice(enum) -> click.Choice:
-    return click.Choice([m.value for m in enum])
+def config_options(cls: type = TrainConfig) -> Callable[[Callable], Callable]:
+    """One click option per field of `cls` declared with hamengine.config.option: help, default,
+    choices (from the enum type) and flag names come from the field, so options are defined once."""
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    decorators = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        tp, default = _optional_inner(hints[f.name]), getattr(defaults, f.name)
+        if meta["sub"]:  # the option sets one key of a nested config
+            tp, default = typing.get_type_hints(tp)[meta["sub"]], getattr(default, meta["sub"])
+        decl = meta["flag"] or "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"default": default, "help": meta["help"], "show_default": True}
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            kw.update(type=click.Choice(list(meta["choices"] or [m.value for m in tp])), default=default.value)
+        elif tp is bool and "/" not in decl:  # `--a/--no-a` is a boolean flag already
+            kw["is_flag"] = True
+        elif meta["path"]:
+            kw["type"] = click.Path()
+        else:
+            kw["type"] = tp
+        if meta["default_help"]:
+            kw.update(help=f"{meta['help']}  [default: {meta['default_help']}]", show_default=False)
+        decorators.append(click.option(decl, f.name, **kw))
+
+    def apply(fn: Callable) -> Callable:
+        for decorate in reversed(decorators):
+            fn = decorate(fn)
+        return fn
+    return apply
+
+
+OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if "help" in f.metadata)
 
 
 def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
     """Saved run config (on --resume) < --config file < flags given on the command line."""
-    import json
+    from hamengine.config import from_dict, load_config_file
 
-    from hamengine.config import ConfigError, from_dict, load_config_file
-
-    data: dict[str, Any] = {}
-    given = {k for k in _FLAG_KEYS + ("aug",)
-             if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
-    out = params["out"] if "out" in given else None
-    if params["config"]:
-        file_data = load_config_file(params["config"])
-        out = out or file_data.get("out")
-    else:
-        file_data = {}
-    if params["resume"]:
-        saved = Path(out or _D.out) / "config.json"
-        if not saved.is_file() and (saved.parent / "checkpoints" / "last.pt").is_file():
-            raise ConfigError(f"--resume: {saved} is missing, so the run's settings are unknown; restore "
-                              f"it, or start a new run in another --out")
-        try:
-            if saved.is_file():  # else: no run here; the run folder check says so
-                data.update(json.loads(saved.read_text(encoding="utf-8")))
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"--resume: {saved} cannot be read ({e}); restore it, or start a new run "
-                              f"in another --out") from None
-        fixed = [k for k in ("model", "optimizer") if k in given and params[k] != data.get(k)]
-        if fixed:
-            raise ConfigError(f"--resume: the run in {saved.parent} was trained with " + ", ".join(
-                f"--{k} {data.get(k)}" for k in fixed) + "; these cannot change on resume (drop the flag, "
-                "or start a new run in another --out)")
-    data.update(file_data)
+    given = [k for k in OPTION_FIELDS
+             if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+    file_data = load_config_file(params["config"]) if params["config"] else {}
+    out = params["out"] if "out" in given else file_data.get("out", TrainConfig.out)
+    saved = _saved_config(out) if params["resume"] else None
+    data: dict[str, Any] = {**(to_dict(saved) if saved else {}), **file_data}
     for k in given:
-        if k == "aug":
-            data["aug"] = {**data.get("aug", {}), "preset": params["aug"]}
-        else:
-            data[k] = params[k]
+        sub = _FIELDS[k].metadata["sub"]
+        data[k] = {**data.get(k, {}), sub: params[k]} if sub else params[k]
     cfg = from_dict(TrainConfig, data, where=params["config"] or "options")
     if not cfg.pack:
-        raise click.UsageError("--pack is required (or `pack` in the --config file)")
+        raise ConfigError("--pack is required (or `pack` in the --config file)")
     cfg.pack = str(Path(cfg.pack).resolve())  # the run is evaluated later from any directory
+    if saved is not None:
+        check_resume(RunDir(out), saved, cfg)
     return cfg
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _saved_config(out: str) -> TrainConfig | None:
+    """The config.json of the run to resume; None when there is no run there (fit says so)."""
+    import json
+
+    from hamengine.config import from_dict
+
+    run = RunDir(out)
+    if not run.config_path.is_file():
+        if run.last.is_file():
+            raise ConfigError(f"--resume: {run.config_path} is missing, so the run's settings are unknown; "
+                              f"restore it, or start a new run in another --out")
+        return None
+    try:
+        data = json.loads(run.config_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--resume: {run.config_path} cannot be read ({e}); restore it, or start a new run "
+                          f"in another --out") from None
+    return from_dict(TrainConfig, data, where=str(run.config_path))
+
+
+def check_resume(run: RunDir, saved: TrainConfig, cfg: TrainConfig) -> None:
+    """Before fit rewrites config.json: a resumed run keeps its recipe. Only what OnResume allows
+    may differ from the saved config (epochs only upwards, a moved pack only if it is the same)."""
+    conflicts = resume_conflicts(saved, cfg)
+    problems = []
+    fixed = [str(c) for c in conflicts if c.rule == OnResume.FIXED]
+    if fixed:
+        problems.append(f"the run in {run.path} was trained with {', '.join(fixed)}; these cannot change on "
+                        f"resume (drop them, or start a new run in another --out)")
+    if any(c.rule == OnResume.EXTEND for c in conflicts):
+        problems.append(f"--epochs {cfg.epochs} is not above the run's {saved.epochs} (config.json): resume "
+                        f"can only raise --epochs to extend a run, since fewer epochs would change its LR "
+                        f"schedule midway; to stop here, use the run's checkpoints as they are (`hamengine eval "
+                        f"{run.path} --checkpoint last`), or start a new run in another --out")
+    if Path(cfg.pack) != Path(saved.pack):
+        problems += _moved_pack_problem(run, saved, cfg)
+    if problems:
+        raise ConfigError("--resume: " + "; ".join(problems))
+
+
+def _moved_pack_problem(run: RunDir, saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """A --pack other than the saved path is fine when it is the same pack, moved (same fingerprint)."""
+    from hamengine.loaders.records import Pack
+
+    recorded = (run.read_env() or {}).get("pack_fingerprint")
+    if recorded is None or Pack(cfg.pack, check_files=False).fingerprint == recorded:
+        return []
+    return [f"--pack {cfg.pack} is not the pack the run was trained on ({saved.pack}, fingerprint "
+            f"{recorded[:12]}); resume with that pack, or start a new run in another --out"]
+
+
 @click.command(context_settings={"show_default": True})
-@click.option("--pack", type=click.Path(), help="Pack folder (hamengine pack) to train on.")
-@click.option("--model", default=_D.model, help="Model name (see `hamengine models`).")
-@click.option("--epochs", type=int, default=_D.epochs, help="Number of epochs.")
-@click.option("--batch-size", type=int, default=_D.batch_size, help="Batch size per process.")
-@click.option("--size", type=int, default=_D.size, help="Input side S in pixels (S x S crops).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 2e-3 x sqrt(batch/128) "
-              "for AdamW, 0.1 x batch/256 for SGD; a quarter of that with pretrained weights].")
-@click.option("--weight-decay", type=float, default=_D.weight_decay,
-              help="Weight decay (not on norms/biases) [default: 0.05 with adamw, 1e-4 with sgd].")
-@click.option("--optimizer", type=_choice(Optimizer), default=_D.optimizer.value, help="Optimizer.")
-@click.option("--schedule", type=_choice(Schedule), default=_D.schedule.value,
-              help="LR schedule after the linear warm-up.")
-@click.option("--warmup-epochs", type=float, default=_D.warmup_epochs, help="Linear LR warm-up epochs.")
-@click.option("--label-smoothing", type=float, default=_D.label_smoothing, help="Label smoothing.")
-@click.option("--balance", type=_choice(Balance), default=_D.balance.value,
-              help="Class balance: none, class-balanced sampler, or inverse-frequency loss weights.")
-@click.option("--amp/--no-amp", default=_D.amp, help="Mixed precision autocast (bf16 by default).")
-@click.option("--amp-dtype", type=_choice(Precision), default=_D.amp_dtype.value,
-              help="Autocast dtype: bf16 (CPU, recent GPUs) or fp16 (with a GradScaler).")
-@click.option("--channels-last/--no-channels-last", default=None,
-              help="Memory format [default: channels_last on CUDA, NCHW on CPU (faster with bf16 there)].")
-@click.option("--compile", type=_choice(CompileMode), default=_D.compile.value,
-              help="torch.compile: auto = on with CUDA, off on CPU; failure falls back to eager.")
-@click.option("--ema", type=float, default=None, help="EMA decay of the weights (e.g. 0.999); off if unset.")
-@click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
-@click.option("--loader", type=_choice(LoaderKind), default=_D.loader.value, help="Data loader kind.")
-@click.option("--aug", type=_choice(AugPreset), default=_D.aug.preset.value, help="Train augmentation preset.")
-@click.option("--workers", type=int, default=_D.workers, help="Loader workers/threads (0 = all cores).")
-@click.option("--seed", type=int, default=_D.seed, help="Random seed.")
-@click.option("--out", type=click.Path(), default=_D.out, help="Run directory.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt "
-              "(its config.json is the base; flags given override it, e.g. --epochs to extend).")
+@config_options(TrainConfig)
 @click.option("--config", type=click.Path(), default=None,
               help="JSON/TOML file of TrainConfig keys; flags given explicitly override it.")
-@click.option("--early-stop", type=int, default=_D.early_stop,
-              help="Stop after N epochs without a val balanced-accuracy gain (0 = off).")
-@click.option("--device", default=_D.device, help="auto, cpu or cuda.")
-@click.option("--pretrained/--no-pretrained", default=_D.pretrained,
-              help="Start from torchvision ImageNet weights (TORCH_HOME cache).")
-@click.option("--pretrained-path", type=click.Path(), default=None,
-              help="Start from a local weights file (state dict or hamengine checkpoint).")
-@click.option("--max-steps-per-epoch", type=int, default=_D.max_steps_per_epoch,
-              help="Cap the steps of each epoch (smoke tests; 0 = whole epoch).")
 @click.option("--deterministic", is_flag=True,
               help="Deterministic algorithms, no prefetch thread: bit-exact reruns and resumes on CPU (slower).")
 @click.option("--prefetch/--no-prefetch", default=None,
@@ -151,36 +170,15 @@ def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
 def train(ctx: click.Context, **params: Any) -> None:
     """Train a model on a pack into a run directory (config.json, metrics.jsonl, checkpoints/,
     plots/, eval-test/). Under torchrun each process trains a shard (DDP)."""
-    from hamengine.config import ConfigError
+    from hamengine.engine.train import FitOptions, fit
 
-    try:
-        cfg = resolve_config(ctx, params)
-    except ConfigError as e:
-        fail(str(e))
+    cfg = resolve_config(ctx, params)
     # With --json, stdout carries only the JSON: progress and epoch lines go to stderr.
-    summary = run_training(cfg, deterministic=params["deterministic"], prefetch=params["prefetch"],
-                           out=err_console if params["as_json"] else console)
+    summary = fit(cfg, FitOptions(deterministic=params["deterministic"], prefetch=params["prefetch"],
+                                  console=err_console if params["as_json"] else console))
     report(summary, params["as_json"])
     if summary.get("interrupted"):
         ctx.exit(130)
-
-
-def run_training(cfg: TrainConfig, deterministic: bool = False, prefetch: bool | None = None,
-                 out=console) -> dict:
-    """fit() with every user-caused error turned into one clear message."""
-    from hamengine.config import ConfigError
-    from hamengine.engine.checkpoint import CheckpointError
-    from hamengine.engine.run import RunError
-    from hamengine.engine.train import FitOptions, fit
-    from hamengine.loaders.records import PackError
-    from hamengine.models import PretrainedError
-
-    try:
-        return fit(cfg, FitOptions(deterministic=deterministic, prefetch=prefetch, console=out))
-    except (PackError, RunError, CheckpointError, PretrainedError, ConfigError) as e:
-        fail(str(e))
-    except ValueError as e:  # unknown model, bad device, batch larger than the split
-        fail(str(e))
 
 
 def report(summary: dict, as_json: bool) -> None:
@@ -222,13 +220,7 @@ def demo(workdir: str, n: int, epochs: int | None, seed: int, as_json: bool) -> 
     cfg = DemoConfig(workdir=workdir, n=n, seed=seed)
     if epochs is not None:
         cfg.epochs = epochs
-    from hamengine.loaders.records import PackError
-    from hamengine.loaders.synth import SynthError
-
-    try:
-        summary = run_demo(cfg, console=err_console if as_json else console)
-    except (SynthError, PackError, OSError, ValueError) as e:  # e.g. a --workdir holding other files
-        fail(f"demo: {e}")
+    summary = run_demo(cfg, console=err_console if as_json else console)
     report(summary["train"], as_json=False) if not as_json else emit_json(summary)
     if not as_json:
         console.print(f"demo done in {summary['seconds']['total']:.0f} s "
