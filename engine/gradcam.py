@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from hamengine.config import CLASS_NAMES
+from hamengine.config import CLASS_NAMES, ConfigError
 
 
 class GradCAM:
@@ -161,7 +161,7 @@ def explain_files(run: str | Path, images: Sequence[str | Path], out: str | Path
     predictor = Predictor(run, checkpoint=checkpoint, device=device)
     classes = tuple(predictor.classes)
     if dx is not None and dx not in classes:
-        raise ValueError(f"--class {dx!r} is not one of {', '.join(classes)}")
+        raise ConfigError(f"--class {dx!r} is not one of {', '.join(classes)}")
     target = classes.index(dx) if dx is not None else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

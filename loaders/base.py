@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hamengine.config import LoaderConfig, MemoryFormat, Precision
+from hamengine.config import ConfigError, LoaderConfig, MemoryFormat, Precision
 from hamengine.loaders.records import Pack, PackError
 
 TRAIN_SPLIT = "train"
@@ -144,7 +144,7 @@ class Loader:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if cfg.batch_size < 1 or cfg.size < 8:
-            raise ValueError(f"batch_size {cfg.batch_size} and size {cfg.size} must be >= 1 and >= 8")
+            raise ConfigError(f"batch_size {cfg.batch_size} and size {cfg.size} must be >= 1 and >= 8")
         self.pack, self.split, self.cfg = pack, split, cfg
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
@@ -159,7 +159,7 @@ class Loader:
         self.labels = pack.labels(split)  # int64[N], storage order
         self.total_samples = len(self.labels)
         if self.train and self.total_samples // world_size < self.batch_size:
-            raise ValueError(f"split {split!r} has {self.total_samples} samples: too few for one batch of "
+            raise ConfigError(f"split {split!r} has {self.total_samples} samples: too few for one batch of "
                              f"{self.batch_size} per rank on {world_size} rank(s); lower --batch-size")
 
     # -- epoch plan ---------------------------------------------------------------------------
