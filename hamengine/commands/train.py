@@ -78,7 +78,8 @@ def config_options(cls: type = TrainConfig) -> Callable[[Callable], Callable]:
     return apply
 
 
-OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if "help" in f.metadata)
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+OPTION_FIELDS = tuple(name for name, f in _FIELDS.items() if "help" in f.metadata)
 
 
 def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
@@ -101,9 +102,6 @@ def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
     if saved is not None:
         check_resume(RunDir(out), saved, cfg)
     return cfg
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def _saved_config(out: str) -> TrainConfig | None:
