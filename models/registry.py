@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hamengine.config import ConfigError
 from hamengine.models.hamnet import HamNet
 from hamengine.models.pretrained import PretrainedError, imagenet_state_dict, load_backbone, read_weights_file
 from hamengine.models.wrappers import unwrap
@@ -44,7 +45,8 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return SPECS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SPECS)}") from None
+        raise ConfigError(f"--model {name!r}: unknown model; choose one of {', '.join(SPECS)} "
+                          f"(`hamengine models` lists them)") from None
 
 
 def create_model(name: str, num_classes: int = 7, pretrained: bool = False,
