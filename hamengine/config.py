@@ -29,6 +29,11 @@ CLASS_NAMES: dict[str, str] = {
 # ISIC 2018 Task 3 column order (not alphabetical).
 ISIC_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# The one pixel limit (width x height) for every image hamengine opens: pack, predict, explain and
+# serve (loaders/imaging.open_image). 64 M pixels (8000 x 8000) is far above any dermatoscope or phone
+# camera, and bounds a decoded RGB image at ~192 MB of memory. It is below PIL's own warning threshold
+# (~89 M), so our check, made from the header before any pixel is decoded, is the one that fires.
+MAX_PIXELS = 64_000_000
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -152,7 +157,7 @@ class PackConfig:
     skip_bad: bool = False
     allow_missing: bool = False
     force: bool = False
-    max_pixels: int = 64_000_000  # decompression-bomb guard
+    max_pixels: int = MAX_PIXELS  # decompression-bomb guard (loaders/imaging.open_image)
 
 
 class OnResume(StrEnum):

@@ -28,15 +28,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hamengine.config import StrEnum
+from hamengine.config import MAX_PIXELS, StrEnum
 from hamengine.errors import UserError
 
 EXIF_ORIENTATION = 0x0112
-# The one pixel limit (width x height) for every image hamengine opens: pack, predict, explain and
-# serve. 64 M pixels (8000 x 8000) is far above any dermatoscope or phone camera, and bounds a
-# decoded RGB image at ~192 MB of memory. It is below PIL's own warning threshold (~89 M), so our
-# check, made from the header before any pixel is decoded, is the one that fires.
-MAX_PIXELS = 64_000_000
+# MAX_PIXELS (hamengine.config, so options can default to it): the one pixel limit for every image
+# hamengine opens; see its comment there.
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from hamengine.commands.common import console, emit_json, err_console, fail
-from hamengine.config import CLASSES, SPLITS, PackConfig, parse_size
+from hamengine.config import CLASSES, MAX_PIXELS, SPLITS, PackConfig, parse_size
 
 
 def split_table(splits: dict[str, Any], title: str) -> Table:
@@ -62,7 +62,7 @@ def _mb(n: int) -> str:
               help="Leave out metadata rows whose image file is missing instead of failing.")
 @click.option("--force", is_flag=True,
               help="Replace an existing pack, or write into a non-empty folder (only pack files are removed).")
-@click.option("--max-pixels", default=64_000_000, show_default=True, type=int,
+@click.option("--max-pixels", default=MAX_PIXELS, show_default=True, type=int,
               help="Reject images with more pixels than this (decompression-bomb guard).")
 @click.option("--format", "formats", type=click.Choice(["webdataset", "ffcv"]), multiple=True,
               default=("webdataset",), show_default=True,
