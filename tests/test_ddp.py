@@ -25,6 +25,7 @@ def _common(pack, out):
             "--max-steps-per-epoch", "12", "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_one_run_dir(pack, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp, single = tmp_path / "ddp", tmp_path / "single"

@@ -253,6 +253,7 @@ def test_eval_ddp_shares_cover_the_split_once(pack_path: Path, exported: dict) -
 
 
 @needs_ffcv
+@pytest.mark.slow
 def test_training_with_ffcv_learns(pack_path: Path, val_loader) -> None:
     """Full augmentation (FFCV crop + flip, rotation / vflip / jitter on the device) with the
     class-balanced sampler (repeated indices through FFCV): a small CNN gets well above chance."""

@@ -47,6 +47,7 @@ def lesion_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.nda
     return (torch.from_numpy(imgs) - 0.5) / 0.25, torch.from_numpy(y), masks
 
 
+@pytest.mark.slow
 def test_heatmap_mass_on_the_lesion() -> None:
     torch.manual_seed(0)
     x, y, _ = lesion_images(288, seed=0)

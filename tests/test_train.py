@@ -18,6 +18,7 @@ def pack(train_pack):
     return train_pack
 
 
+@pytest.mark.slow
 def test_hamnet_learns_well_above_chance(pack, tmp_path):
     out = tmp_path / "run"
     cfg = TrainConfig(pack=str(pack), model="hamnet", epochs=12, batch_size=16, size=64, lr=2e-3,
@@ -76,6 +77,7 @@ def test_torch_compile_path_on_cpu(pack, tmp_path):
     model.load_state_dict(state["model"])  # strict: every key of the eager model, nothing extra
 
 
+@pytest.mark.slow
 def test_fp16_autocast_with_grad_scaler(pack, tmp_path):
     """fp16 on request (GPUs without bf16) trains through a GradScaler whose state is checkpointed."""
     from hamengine.config import Precision
