@@ -434,6 +434,7 @@ def test_repack_waits_for_an_export_in_progress(exporter: str, pack_path: Path, 
 
 
 @needs_ffcv
+@pytest.mark.slow  # times three loaders twice: ~17 s
 def test_bench_loader_puts_ffcv_in_the_same_table(pack_path: Path, exported: dict, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """`hamengine bench loader`: one JSON with every loader timed on the same pack, ratios to the

@@ -34,8 +34,7 @@ def epoch(loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 KINDS = ["resident", "torch", "dali"]
-# dali: order follows the pipeline seed, not set_epoch. resident: three augmented CPU epochs, ~20 s.
-DETERMINISTIC = [pytest.param("resident", marks=pytest.mark.slow), "torch"]
+DETERMINISTIC = ["resident", "torch"]  # dali: order follows the pipeline seed, not set_epoch
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -25,7 +25,11 @@ def test_registry_lists_all_architectures():
     assert set(list_models()) == {"hamnet", *EXPECTED_PARAMS}
 
 
-@pytest.mark.parametrize("name", list_models())
+HEAVY = {"efficientnet_b0", "efficientnet_b2", "resnet50"}  # 10-15 s each on 2 cores: slow
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n
+                                  for n in list_models()])
 def test_forward_backward_channels_last(name):
     torch.manual_seed(0)
     model = create_model(name).to(memory_format=torch.channels_last)

@@ -204,6 +204,7 @@ def test_cli_run_and_errors(tmp_path: Path):
 
 # --- the classes are learnable but overlap ---------------------------------------------------
 
+@pytest.mark.slow  # synthesizes and scores 392 images: ~12 s
 def test_colour_histograms_separate_classes_imperfectly():
     """A colour histogram + logistic regression beats chance (1/7) clearly but is not perfect."""
     from sklearn.linear_model import LogisticRegression
