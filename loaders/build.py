@@ -42,7 +42,11 @@ def dali_available() -> bool:
 def choose_kind(pack: Pack, split: str, cfg: LoaderConfig, device: torch.device) -> LoaderKind:
     """`auto`: resident when the split's cache fits the budget, else dali when importable (and no
     class-balanced sampling is asked: DALI's reader cannot sample by weight), else torch."""
-    kind = LoaderKind(cfg.kind)
+    try:
+        kind = LoaderKind(cfg.kind)
+    except ValueError:
+        raise ConfigError(f"--loader {cfg.kind!r}: unknown loader kind; use one of "
+                          f"{', '.join(k.value for k in LoaderKind)}") from None
     if kind != LoaderKind.AUTO:
         return kind
     from hamengine.loaders.resident import cache_bytes

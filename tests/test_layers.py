@@ -127,7 +127,6 @@ def long_functions(folder: str, limit: int) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(strict=False, reason="engine restructure in progress")
 def test_no_engine_function_over_80_lines():
     problems = long_functions("engine", MAX_FUNCTION_LINES)
     assert not problems, f"functions in engine/ over {MAX_FUNCTION_LINES} lines:\n  " + "\n  ".join(problems)

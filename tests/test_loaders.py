@@ -212,7 +212,7 @@ def test_crop_flip_and_none_presets(loader_pack):
 def test_unknown_split_and_kind(loader_pack):
     with pytest.raises(PackError, match="no split 'holdout'"):
         build_loader(loader_pack, "holdout", cfg_for("resident"), "cpu")
-    with pytest.raises(ValueError, match="'nope'"):  # a ConfigError is a ValueError too
+    with pytest.raises(ConfigError, match="--loader 'nope': unknown loader kind"):
         build_loader(loader_pack, "train", cfg_for("nope"), "cpu")
 
 

@@ -38,6 +38,7 @@ def test_unknown_config_key_is_rejected(pack, tmp_path):
     assert result.exit_code != 0 and "optimizer" in result.output and "adamw" in result.output
 
 
+@pytest.mark.slow
 def test_flags_override_file_and_config_is_saved(pack, tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.json"
@@ -91,6 +92,7 @@ def test_out_of_range_values_and_empty_val_split_fail_before_training(pack, tmp_
     assert result.exit_code != 0 and "the val split is empty" in result.output and "--val" in result.output
 
 
+@pytest.mark.slow
 def test_resume_cannot_change_the_model_or_lose_its_config(pack, tmp_path):
     out = tmp_path / "run"
     ok = _train("--pack", pack, "--model", "hamnet", "--out", out, "--device", "cpu", "--epochs", 1,
