@@ -62,6 +62,7 @@ def test_contract(loader_pack, kind, dtype):
     tr.close()
 
 
+@pytest.mark.slow
 def test_eval_agrees_across_loaders(loader_pack):
     pack = Pack(loader_pack)
     outs = {k: epoch(build_loader(pack, "test", cfg_for(k, dtype="fp32"), "cpu"))[0] for k in KINDS}

@@ -108,6 +108,7 @@ def test_resume_cannot_change_the_model_or_lose_its_config(pack, tmp_path):
     assert gone.exit_code != 0 and "config.json is missing" in gone.output
 
 
+@pytest.mark.slow
 def test_device_and_unwritable_paths_are_one_line_errors(pack, tmp_path):
     """Through the installed entry point (hamengine.cli:main): no traceback."""
     import subprocess
