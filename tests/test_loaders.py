@@ -71,6 +71,7 @@ def test_eval_agrees_across_loaders(loader_pack):
         assert (x - ref).abs().mean() < 0.03, k
 
 
+@pytest.mark.slow  # about 30 s on 2 cores: every loader kind draws several augmented epochs
 def test_train_statistics_agree(loader_pack):
     """Same augmentation meaning: per-channel mean/std over a few epochs agree within 0.1 (normalized
     units; std over the pixels of ~300 augmented 64 px images, measured spread ~0.03-0.05)."""
