@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hamengine.runtime import resolve_device  # noqa: F401  (re-exported for engine callers)
+from hamengine.runtime import resolve_device
 
 
 @dataclass(frozen=True)
