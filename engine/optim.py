@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hamengine.config import Optimizer, Schedule, TrainConfig
+from hamengine.config import Balance, Optimizer, Schedule, TrainConfig
 
 
 def default_lr(cfg: TrainConfig) -> float:
@@ -57,8 +57,48 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, mean 1 over the classes present."""
+def class_weights(labels: np.ndarray, num_classes: int, beta: float | None = None) -> torch.Tensor:
+    """Per-class loss weights, mean 1 over the classes present (absent classes 0).
+
+    beta None: inverse frequency, 1 / n_c. beta in (0, 1): the inverse effective number of samples
+    (1 - beta) / (1 - beta^n_c) (Cui et al., CVPR 2019), which grows slower than 1 / n_c for the
+    large classes: near 1 / n_c while beta * n_c << 1, flattening once n_c passes ~1 / (1 - beta)."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(1, (counts > 0).sum()), 0.0)
-    return torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32)
+    present = counts > 0
+    if beta is None:
+        w = np.where(present, 1.0 / np.maximum(counts, 1), 0.0)
+    else:
+        w = np.where(present, (1.0 - beta) / (1.0 - np.power(beta, counts)), 0.0)
+    return torch.tensor(w / w[present].mean(), dtype=torch.float32)
+
+
+EFFECTIVE_BETA = 0.999  # Cui et al.'s best long-tail CIFAR/iNaturalist setting; 1 / (1 - beta) = 1,000 images
+
+
+class LogitAdjustedLoss(nn.Module):
+    """Cross-entropy on z + tau * log(prior) (Menon et al., ICLR 2021, eq. 10).
+
+    Adding the log prior during training makes the plain logits z estimate the class-balanced
+    posterior, so argmax z targets balanced error with no sampler or weights, and works with every
+    loader kind (DALI's reader cannot sample by weight). Inference uses z unchanged."""
+
+    def __init__(self, labels: np.ndarray, num_classes: int, tau: float = 1.0, label_smoothing: float = 0.0):
+        super().__init__()
+        counts = np.bincount(labels, minlength=num_classes).astype(np.float64) + 1.0  # +1: no log(0)
+        self.register_buffer("offset", torch.tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32))
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits + self.offset, target, label_smoothing=self.label_smoothing)
+
+
+def build_criterion(cfg: TrainConfig, train_labels: np.ndarray, num_classes: int) -> nn.Module:
+    """The training loss for cfg.balance (sampler and none: plain cross-entropy)."""
+    if cfg.balance == Balance.LOGIT_ADJUST:
+        return LogitAdjustedLoss(train_labels, num_classes, label_smoothing=cfg.label_smoothing)
+    weight = None
+    if cfg.balance == Balance.LOSS:
+        weight = class_weights(train_labels, num_classes)
+    elif cfg.balance == Balance.EFFECTIVE:
+        weight = class_weights(train_labels, num_classes, beta=EFFECTIVE_BETA)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)

@@ -18,18 +18,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, StrEnum
+from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, TTA, StrEnum  # noqa: F401 (TTA re-exported)
 from hamengine.engine.calibration import load_temperature
 from hamengine.engine.checkpoint import CheckpointError, load_checkpoint, model_weights
 from hamengine.engine.run import RunDir, RunError
 from hamengine.loaders.imaging import BadImage, open_rgb
 from hamengine.runtime import resolve_device
-
-
-class TTA(StrEnum):
-    NONE = "none"
-    FLIPS = "flips"  # identity, horizontal, vertical, both (4 views)
-    FLIPS_ROT = "flips+rot"  # the 8 symmetries of the square: 90-degree rotations x horizontal flip
 
 
 class CheckpointName(StrEnum):

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from hamengine.config import CLASSES, Balance, ConfigError, TrainConfig, to_dict
+from hamengine.config import CLASSES, ConfigError, TrainConfig, to_dict
 from hamengine.engine import distributed as D
 from hamengine.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from hamengine.engine.data import PackSource
 from hamengine.engine.execution import Execution, configure_backends, resolve_execution
 from hamengine.engine.logger import EpochMeter, LiveDisplay
-from hamengine.engine.optim import build_optimizer, build_scheduler, class_weights
+from hamengine.engine.optim import build_criterion, build_optimizer, build_scheduler
 from hamengine.engine.prefetch import ThreadPrefetcher
 from hamengine.engine.run import RunDir
 from hamengine.engine.signals import StopRequest
@@ -238,9 +238,7 @@ def build_step(t: Trainer) -> TrainStep:
         train_model = nn.parallel.DistributedDataParallel(
             t.model, device_ids=[device.index] if device.type == "cuda" else None)
     compiled = torch.compile(train_model) if t.ex.compile else train_model
-    weight = class_weights(t.source.labels("train"), len(t.classes)).to(t.ex.device) \
-        if t.cfg.balance == Balance.LOSS else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=t.cfg.label_smoothing)
+    criterion = build_criterion(t.cfg, t.source.labels("train"), len(t.classes)).to(t.ex.device)
     return TrainStep(compiled, train_model, t.optimizer, criterion, t.ex.device, t.ex.amp_dtype, t.scheduler,
                      t.scaler, t.cfg.grad_clip, t.ema)
 

@@ -80,6 +80,8 @@ class Balance(StrEnum):
     NONE = "none"
     SAMPLER = "sampler"  # class-balanced sampling of the train split
     LOSS = "loss"  # inverse-frequency class weights in the loss
+    EFFECTIVE = "effective"  # effective-number class weights (Cui et al., CVPR 2019; beta 0.999)
+    LOGIT_ADJUST = "logit-adjust"  # logit-adjusted loss (Menon et al., ICLR 2021; tau 1): CE(z + log prior)
 
 
 class Optimizer(StrEnum):
@@ -90,6 +92,22 @@ class Optimizer(StrEnum):
 class Schedule(StrEnum):
     COSINE = "cosine"
     CONSTANT = "constant"
+
+
+class TTA(StrEnum):
+    """Test-time augmentation: the views whose probabilities are averaged (engine/predict.tta_views)."""
+
+    NONE = "none"
+    FLIPS = "flips"  # identity, horizontal, vertical, both (4 views)
+    FLIPS_ROT = "flips+rot"  # the 8 symmetries of the square: 90-degree rotations x horizontal flip
+
+
+class Decision(StrEnum):
+    """How a run turns probabilities into a predicted class (saved in RUN/calibration.json and
+    applied by eval, predict, serve and the ISIC CSV alike)."""
+
+    ARGMAX = "argmax"  # the most probable class
+    VAL_BIAS = "val-bias"  # per-class biases on log-probabilities, fitted on val for balanced accuracy
 
 
 class CompileMode(StrEnum):
@@ -212,8 +230,9 @@ class TrainConfig:
     schedule: Schedule = option(Schedule.COSINE, "LR schedule after the linear warm-up.")
     warmup_epochs: float = option(1.0, "Linear LR warm-up epochs.")
     label_smoothing: float = option(0.1, "Label smoothing.")
-    balance: Balance = option(Balance.NONE, "Class balance: none, class-balanced sampler, or inverse-frequency "
-                              "loss weights.")
+    balance: Balance = option(Balance.NONE, "Class imbalance: none; sampler (class-balanced sampling); loss "
+                              "(inverse-frequency weights); effective (effective-number weights, beta 0.999); "
+                              "logit-adjust (logit-adjusted loss, tau 1: any loader).")
     amp: bool = option(True, "Mixed precision autocast (bf16 by default).", flag="--amp/--no-amp")
     amp_dtype: Precision = option(Precision.BF16, "Autocast dtype: bf16 (CPU, recent GPUs) or fp16 (with a "
                                   "GradScaler).")
@@ -222,6 +241,10 @@ class TrainConfig:
                                         "(faster with bf16 there)")
     compile: CompileMode = option(CompileMode.AUTO, "torch.compile: auto = on with CUDA, off on CPU; failure "
                                   "falls back to eager.", resume=OnResume.FREE)
+    decision: Decision = option(Decision.ARGMAX, "Decision rule after training: argmax, or val-bias (per-class "
+                                "biases fitted on the val split to maximize val balanced accuracy, stored in the "
+                                "run and applied by eval, predict, serve and the ISIC CSV).")
+    test_tta: TTA = option(TTA.NONE, "Test-time augmentation of the test evaluation that ends training.")
     ema: float | None = option(None, "EMA decay of the weights (e.g. 0.999).", default_help="off")
     grad_clip: float | None = option(None, "Clip the gradient norm to this value.", default_help="off")
     loader: LoaderKind = option(LoaderKind.AUTO, "Data loader kind (folder, the per-file baseline, is for "
