@@ -99,6 +99,14 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
             "setup_s": setup_s, "cpu_ms_per_img": 1000 * cpu_s / images if images else 0.0}
 
 
+def failed_result(kind: str, exc: BaseException) -> dict[str, Any]:
+    """A kind that could not be timed: its error, and None for every figure (JSON null, table '-')."""
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    return {"loader": kind, "error": f"{type(exc).__name__}: {msg}", "img_per_s": None, "p50_ms": None,
+            "p99_ms": None, "batches": 0, "images": 0, "setup_s": None, "cpu_ms_per_img": None,
+            "ratio_to_folder": None, "ratio_to_ffcv": None, "cpu_ratio_to_folder": None, "_exc": exc}
+
+
 def plot_results(results: list[dict[str, Any]], aug: str, path: str, title_extra: str) -> None:
     import matplotlib
 
@@ -164,17 +172,26 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
         log(f"timing {kind} ...")
         try:
             results.append(time_loader(kind, b.pack, b.split, cfg_kw, b.device, b.batches, b.warmup))
-        except UserError as e:
-            raise BenchError(f"loader {kind}: {e}", e.exit_code) from e
-    ref = next((r for r in results if r["loader"] == "folder"), None)
-    peer = next((r for r in results if r["loader"] == "ffcv"), None)
+        except Exception as e:  # noqa: BLE001 -- one broken kind (build or a batch) must not cost the others' numbers
+            log(f"loader {kind} failed: {type(e).__name__}: {e}")
+            results.append(failed_result(kind, e))
+    ok = [r for r in results if r.get("error") is None]
+    if not ok:  # nothing measured: a user error (bad pack, options) is most likely the same for all
+        first = results[0]["_exc"]
+        if isinstance(first, UserError):
+            raise BenchError(f"loader {results[0]['loader']}: {first}", first.exit_code) from first
+        raise BenchError("every loader failed: " + "; ".join(f"{r['loader']}: {r['error']}" for r in results))
     for r in results:
+        r.pop("_exc", None)
+    ref = next((r for r in ok if r["loader"] == "folder"), None)
+    peer = next((r for r in ok if r["loader"] == "ffcv"), None)
+    for r in ok:
         r["ratio_to_folder"] = (r["img_per_s"] / ref["img_per_s"]) if ref and ref["img_per_s"] else None
         r["ratio_to_ffcv"] = (r["img_per_s"] / peer["img_per_s"]) if peer and peer["img_per_s"] else None
         r["cpu_ratio_to_folder"] = (ref["cpu_ms_per_img"] / r["cpu_ms_per_img"]
                                     if ref and r["cpu_ms_per_img"] else None)
     hw = hardware()
     if plot:
-        plot_results(results, b.aug, plot, f"{hw.get('cpus')} CPUs" + (f", {hw['gpu']}" if hw.get("gpu") else ""))
+        plot_results(ok, b.aug, plot, f"{hw.get('cpus')} CPUs" + (f", {hw['gpu']}" if hw.get("gpu") else ""))
     return {"results": results, "aug": b.aug, "split": b.split, "batch_size": b.batch_size, "size": b.size,
             "batches": b.batches, "warmup": b.warmup, "hardware": hw, "notes": notes}

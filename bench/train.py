@@ -40,11 +40,9 @@ def _timed(step, batches: Iterator, n: int, device: torch.device) -> tuple[float
 def run_bench_train(cfg: TrainConfig, steps: int = 30, warmup: int = 5, prefetch: bool | None = None,
                     log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Measure with the engine's own TrainStep, execution choices and loader wiring (engine/train.py)."""
-    from hamengine.engine.data import PackSource
     from hamengine.engine.environment import hardware
     from hamengine.engine.execution import configure_backends, resolve_execution
     from hamengine.engine.optim import build_optimizer
-    from hamengine.engine.prefetch import ThreadPrefetcher
     from hamengine.engine.step import TrainStep
     from hamengine.loaders.base import DTYPES
     from hamengine.models import create_model
@@ -73,17 +71,45 @@ def run_bench_train(cfg: TrainConfig, steps: int = 30, warmup: int = 5, prefetch
     syn_s, _, syn_images = _timed(step, synthetic, steps, device)
 
     # 2. The real loader (train split: shuffled, augmented), through the same prefetch as training.
+    # A loader that fails (build or a batch) is recorded with its error: the synthetic ceiling
+    # measured above is still reported rather than lost.
+    use_prefetch = bool(prefetch)
+    syn_per_s = syn_images / syn_s
+    res = {"model": cfg.model, "loader": getattr(lcfg.kind, "value", lcfg.kind), "img_per_s": None,
+           "synthetic_img_per_s": syn_per_s, "stall_ratio": None, "warmup_s": warm_s, "hardware": hardware(), "device": str(device), "size": s,
+           "batch_size": b, "amp_dtype": ex.amp_name, "channels_last": ex.channels_last,
+           "compile": ex.compile and step.compile_failed is None, "compile_failed": step.compile_failed,
+           "prefetch": use_prefetch, "steps": steps, "warmup_steps": warmup, "data_fraction": None,
+           "loader_setup_s": None, "error": None}
+    try:
+        real_s, data_s, real_images, kind, setup_s = _time_loader(cfg, lcfg, step, device, steps, warmup,
+                                                                  use_prefetch, log)
+    except Exception as e:  # noqa: BLE001 -- see above
+        res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log(f"loader {lcfg.kind}: failed: {res['error']}")
+        return res
+    img_per_s = real_images / real_s
+    res.update(loader=kind, img_per_s=img_per_s, stall_ratio=img_per_s / syn_per_s,
+               data_fraction=data_s / real_s, loader_setup_s=setup_s)
+    return res
+
+
+def _time_loader(cfg: TrainConfig, lcfg, step, device: torch.device, steps: int, warmup: int, prefetch: bool,
+                 log: Callable[[str], None]) -> tuple[float, float, int, str, float]:
+    """(wall s, data-wait s, images, loader kind, set-up s) of the real loader feeding `step`."""
+    from hamengine.engine.data import PackSource
+    from hamengine.engine.prefetch import ThreadPrefetcher
+
     t = time.perf_counter()
     loader = PackSource(cfg.pack).loader("train", lcfg, device, 0, 1)
     setup_s = time.perf_counter() - t
-    use_prefetch = bool(prefetch)
 
     def epochs() -> Iterator:
         for e in itertools.count():
             loader.set_epoch(e)
             yield from loader
 
-    source = iter(ThreadPrefetcher(epochs())) if use_prefetch else epochs()
+    source = iter(ThreadPrefetcher(epochs())) if prefetch else epochs()
     log(f"loader {loader.kind}: {warmup} warm-up + {steps} steps ...")
     try:
         _timed(step, source, max(1, warmup), device)
@@ -92,13 +118,4 @@ def run_bench_train(cfg: TrainConfig, steps: int = 30, warmup: int = 5, prefetch
         if hasattr(source, "close"):
             source.close()
         loader.close()
-
-    img_per_s = real_images / real_s
-    syn_per_s = syn_images / syn_s
-    return {"model": cfg.model, "loader": loader.kind, "img_per_s": img_per_s,
-            "synthetic_img_per_s": syn_per_s, "stall_ratio": img_per_s / syn_per_s, "warmup_s": warm_s,
-            "hardware": hardware(), "device": str(device), "size": s, "batch_size": b,
-            "amp_dtype": ex.amp_name, "channels_last": ex.channels_last,
-            "compile": ex.compile and step.compile_failed is None,
-            "compile_failed": step.compile_failed, "prefetch": use_prefetch, "steps": steps,
-            "warmup_steps": warmup, "data_fraction": data_s / real_s, "loader_setup_s": setup_s}
+    return real_s, data_s, real_images, loader.kind, setup_s

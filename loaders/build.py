@@ -1,7 +1,7 @@
 """build_loader: one entry point for every loader kind, and the `auto` choice."""
 from __future__ import annotations
 
-import importlib.util
+import functools
 from pathlib import Path
 
 import torch
@@ -35,8 +35,35 @@ def memory_budget(cfg: LoaderConfig, device: torch.device) -> int:
     return _available_ram() // 2
 
 
+def _probe_dali() -> None:
+    """Import DALI and build + run a one-sample CPU pipeline: an installed wheel whose native
+    library cannot load (wrong CUDA/glibc, broken install) fails here, not at the first batch."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def probe():
+        return fn.cast(fn.external_source(source=lambda: np.zeros((2,), np.uint8), batch=False),
+                       dtype=types.FLOAT)
+
+    pipe = probe()
+    pipe.build()
+    pipe.run()
+
+
+@functools.lru_cache(maxsize=1)
+def dali_status() -> str:
+    """'' when DALI imports and runs a pipeline, else why not (cached: probed once per process)."""
+    try:
+        _probe_dali()
+    except Exception as e:  # ImportError, RuntimeError from the native library, anything: not usable
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"{type(e).__name__}: {first}"
+    return ""
+
+
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+    return dali_status() == ""
 
 
 def choose_kind(pack: Pack, split: str, cfg: LoaderConfig, device: torch.device) -> LoaderKind:
@@ -98,8 +125,8 @@ def build_loader(pack: Pack | str | Path, split: str, cfg: LoaderConfig, device:
         return TorchLoader(pack, split, cfg, dev, rank, world_size, workers=workers)
     if kind == LoaderKind.DALI:
         if not dali_available():
-            raise ConfigError("loader 'dali' needs NVIDIA DALI (pip install nvidia-dali-cuda130); "
-                              "or use --loader resident/torch")
+            raise ConfigError(f"loader 'dali' needs a working NVIDIA DALI ({dali_status()}); install "
+                              "nvidia-dali-cuda130 or use --loader resident/torch")
         from hamengine.loaders.dali import DaliLoader
 
         return DaliLoader(pack, split, cfg, dev, rank, world_size, workers=workers)

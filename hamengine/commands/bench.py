@@ -143,10 +143,16 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
         return f"{v:.2f}" if v is not None else "-"
 
     for r in out["results"]:
+        if r.get("error"):  # this kind failed; the others were still timed
+            t.add_row(r["loader"], "failed", *["-"] * 7)
+            continue
         t.add_row(r["loader"], f"{r['img_per_s']:.0f}", ratio(r["ratio_to_folder"]), ratio(r["ratio_to_ffcv"]),
                   f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['cpu_ms_per_img']:.2f}",
                   ratio(r["cpu_ratio_to_folder"]), f"{r['setup_s']:.1f}")
     console.print(t)
+    for r in out["results"]:
+        if r.get("error"):
+            err_console.print(f"loader {r['loader']} failed: {r['error']}", highlight=False)
     console.print(f"[dim]{hw.get('cpus')} CPUs, gpu: {hw.get('gpu')}, torch {hw.get('torch')}, "
                   f"dali {hw.get('dali')}, commit {hw.get('commit')}[/]")
 
@@ -193,9 +199,13 @@ def bench_train(pack: str, model: str, loader: str, size: int, batch_size: int, 
     console.print(f"{res['model']} {res['size']}px batch {res['batch_size']} {res['amp_dtype']} "
                   f"{'channels_last' if res['channels_last'] else 'NCHW'} compile={res['compile']} "
                   f"loader={res['loader']} on {res['device']}")
-    console.print(f"  real loader : {res['img_per_s']:8.1f} img/s (data wait {100 * res['data_fraction']:.0f}%)")
+    if res.get("error"):  # the loader failed; the synthetic ceiling was still measured
+        console.print(f"  real loader : failed: {res['error']}", highlight=False)
+    else:
+        console.print(f"  real loader : {res['img_per_s']:8.1f} img/s (data wait {100 * res['data_fraction']:.0f}%)")
     console.print(f"  synthetic   : {res['synthetic_img_per_s']:8.1f} img/s")
-    console.print(f"  stall_ratio : {res['stall_ratio']:.3f}   warm-up {res['warmup_s']:.1f} s")
+    if not res.get("error"):
+        console.print(f"  stall_ratio : {res['stall_ratio']:.3f}   warm-up {res['warmup_s']:.1f} s")
 
 
 # ---------------------------------------------------------------- serve
