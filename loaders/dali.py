@@ -6,7 +6,8 @@ viewed as NCHW is a channels_last tensor without a copy (when the contiguous NCH
 as on CPU, crop_mirror_normalize writes CHW instead). Without CUDA the same graph runs on CPU
 threads (`device_id=None`).
 
-Graph (train): read -> decode a random-resized-crop window (fused) -> resize S x S -> rotate by a
+Graph (train): read -> random-resized-crop (CPU: ROI decode of the window, fused, then resize; GPU:
+whole-image decode on `mixed` then fn.random_resized_crop, see _decode_train) -> S x S -> rotate by a
 whole-degree angle (keep size, black fill) -> flips by random coins -> fn.color_twist (brightness,
 contrast pivoting at mid-gray as in the other loaders, hue in YIQ, saturation) -> normalize to
 HWC float. On CPU with rotation, resize + rotate + flips run as one fn.warp_affine (one resampling
@@ -37,7 +38,34 @@ from hamengine.loaders import augment
 from hamengine.loaders.base import Batch, Loader, eval_batch_sizes, mix_seed
 from hamengine.loaders.records import Pack, PackError
 
-HW_DECODER_LOAD = 0.75  # share of JPEGs sent to the hardware decoder (A100/H100 guidance)
+HW_DECODER_LOAD = 0.9  # share of JPEGs sent to the hardware decoder (NVIDIA's ResNet-50 example value)
+
+
+def _decoder_padding(hint_hw: tuple[int, int]) -> int:
+    """nvJPEG buffer padding in bytes for the pack's images: one decoded RGB image of the hinted
+    size, doubled for larger images in the split, rounded up to 1 MiB. Buffers grow by at least
+    this much when an image does not fit, so reallocation (a device sync) happens about once,
+    not per batch. NVIDIA's ImageNet values (211 MB device / 140 MB host) would be waste here."""
+    need = 2 * hint_hw[0] * hint_hw[1] * 3
+    mib = 1 << 20
+    return max(mib, -(-need // mib) * mib)
+
+
+def _decode_train(jpg, aug: AugConfig, size: int, decode_kw: dict, *, whole_then_crop: bool):
+    """The train decode + random-resized-crop step. CPU: ROI decode of the crop window (fused,
+    decodes only the window). GPU (`whole_then_crop`): decode the whole image on `mixed`, then
+    fn.random_resized_crop on the GPU, as NVIDIA's ResNet-50 example does -- ROI decode on
+    `mixed` goes through nvImageCodec 0.9 (pinned by DALI 2.4), which fails with
+    NVIMGCODEC_STATUS_INTERNAL_ERROR / SIGSEGV on ROI decodes (NVIDIA/nvImageCodec#55).
+    The result is size x size in both cases."""
+    from nvidia.dali import fn, types
+
+    window = {"random_area": list(aug.scale), "random_aspect_ratio": list(aug.ratio), "num_attempts": 10}
+    if whole_then_crop:
+        images = fn.decoders.image(jpg, **decode_kw)
+        return fn.random_resized_crop(images, size=[size, size], antialias=True,
+                                      interp_type=types.INTERP_LINEAR, **window)
+    return fn.decoders.image_random_crop(jpg, **window, **decode_kw)  # crop only; resized after
 
 
 def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bool, size: int,
@@ -51,10 +79,14 @@ def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bo
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=not train, name="reader")
     decode_kw: dict = {"device": "mixed" if cuda else "cpu", "output_type": types.RGB}
     if cuda:
+        pad = _decoder_padding(hint_hw)
         decode_kw.update(hw_decoder_load=HW_DECODER_LOAD, preallocate_height_hint=hint_hw[0],
-                         preallocate_width_hint=hint_hw[1])
+                         preallocate_width_hint=hint_hw[1], device_memory_padding=pad, host_memory_padding=pad)
     mean = [m * 255 for m in IMAGENET_MEAN]
     std = [s * 255 for s in IMAGENET_STD]
+    # fp16: the engine trains in fp16 or bf16. DALI has no bfloat16 type; FP16 out halves the bytes
+    # written and read, and finish() casts fp16 -> bf16 on the GPU (fp16 carries more mantissa bits
+    # than bf16 and normalized pixels are far inside its range: nothing is lost vs an FP32 output).
     out_dtype = types.FLOAT16 if fp16 else types.FLOAT
     # On GPUs colour jitter and crop_mirror_normalize end the graph (float out, hflip inside cmn for
     # free). On CPU the graph ends after the geometry, in uint8 HWC, and torch applies jitter +
@@ -62,9 +94,7 @@ def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bo
     # loader's maths) and casts: ~0.4 ms/img instead of ~2 ms/img for color_twist + cmn on CPU.
     normalize = cuda
     if augment:
-        images = fn.decoders.image_random_crop(jpg, random_area=list(aug.scale),
-                                               random_aspect_ratio=list(aug.ratio), num_attempts=10,
-                                               **decode_kw)
+        images = _decode_train(jpg, aug, size, decode_kw, whole_then_crop=cuda)
         hcoin = fn.random.coin_flip(probability=0.5) if aug.hflip else None
         vcoin = fn.random.coin_flip(probability=0.5) if aug.vflip else None
         mirror = None
@@ -74,7 +104,8 @@ def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bo
             images = fn.warp_affine(images, matrix=_crop_rotate_flip_matrix(images, size, hcoin, vcoin),
                                     size=[size, size], fill_value=0, interp_type=types.INTERP_LINEAR)
         else:
-            images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
+            if not cuda:  # the GPU path's random_resized_crop already output S x S
+                images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
             if aug.rotation:
                 images = fn.rotate(images, angle=_whole_degrees(), keep_size=True, fill_value=0,
                                    interp_type=types.INTERP_LINEAR)
@@ -194,7 +225,7 @@ class DaliLoader(Loader):
             [str(s.path) for s in shards], [str(s.idx_path) for s in shards], train=self.train,
             augment=self.augment, size=self.size, aug=self.aug, cuda=cuda, shard_id=rank,
             num_shards=world_size, initial_fill=max(self.batch_size, min(1024, self.total_samples)),
-            fp16=self.dtype == torch.float16, hint_hw=hint, layout=self.layout,
+            fp16=cuda and self.dtype in (torch.float16, torch.bfloat16), hint_hw=hint, layout=self.layout,
             batch_size=self.batch_size, num_threads=max(1, workers),
             device_id=(self.device.index or 0) if cuda else None, seed=seed, prefetch_queue_depth=2)
         try:

@@ -71,3 +71,42 @@ def test_bench_loader_isolates_a_failing_kind(monkeypatch, loader_pack):
     import json
 
     json.dumps(out["results"])  # the failure record is JSON (no exception object left in it)
+
+
+def _run_train_decode(pack_dir, whole_then_crop: bool, size: int = 48):
+    """The train decode step of the DALI graph, on CPU threads; whole_then_crop=True is the GPU
+    graph's operator sequence (whole decode + fn.random_resized_crop) with device='cpu'."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from hamengine.config import AugConfig
+    from hamengine.loaders.dali import _decode_train
+
+    shards = Pack(pack_dir).shards("train")
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=None, seed=5)
+    def pipe():
+        jpg, _cls = fn.readers.webdataset(paths=[str(s.path) for s in shards],
+                                          index_paths=[str(s.idx_path) for s in shards], ext=["jpg", "cls"],
+                                          dtypes=[types.UINT8, types.UINT8])
+        return _decode_train(jpg, AugConfig(preset="full"), size, {"device": "cpu", "output_type": types.RGB},
+                             whole_then_crop=whole_then_crop)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return [out.at(i).shape for i in range(len(out))]
+
+
+def test_dali_gpu_decode_sequence_on_cpu(loader_pack):
+    pytest.importorskip("nvidia.dali")
+    assert all(shape == (48, 48, 3) for shape in _run_train_decode(loader_pack, True))
+    # the CPU graph's ROI decode yields the crop window only (resized later in the graph)
+    assert all(len(shape) == 3 and shape[2] == 3 for shape in _run_train_decode(loader_pack, False))
+
+
+def test_decoder_padding_fits_the_pack_images():
+    from hamengine.loaders.dali import _decoder_padding
+
+    assert _decoder_padding((450, 600)) >= 2 * 450 * 600 * 3
+    assert _decoder_padding((450, 600)) % (1 << 20) == 0
+    assert _decoder_padding((8, 8)) == 1 << 20
