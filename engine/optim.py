@@ -38,8 +38,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Per-step multiplier: linear warm-up over warmup_epochs, then cosine to 0 (or constant)."""
-    warm = max(0, round(cfg.warmup_epochs * steps_per_epoch))
+    """Per-step multiplier: linear warm-up over warmup_epochs, then cosine to 0 (or constant).
+
+    onecycle: warm-up over max(warmup_epochs, 20% of the epochs), then a straight line to 0 at the
+    last step (the triangular one-cycle of fast-training recipes such as airbench: a long peak phase
+    for a short run, and no long tail at a tiny LR)."""
+    onecycle = cfg.schedule == Schedule.ONECYCLE
+    warm_epochs = max(cfg.warmup_epochs, 0.2 * cfg.epochs) if onecycle else cfg.warmup_epochs
+    warm = max(0, round(warm_epochs * steps_per_epoch))
     total = max(1, cfg.epochs * steps_per_epoch)
 
     def f(step: int) -> float:
@@ -47,6 +53,8 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
             return (step + 1) / warm
         if cfg.schedule == Schedule.CONSTANT:
             return 1.0
+        if onecycle:
+            return max(0.0, (total - step) / max(1, total - warm))
         progress = min(1.0, (step - warm) / max(1, total - warm))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return f
@@ -68,7 +76,7 @@ def class_weights(labels: np.ndarray, num_classes: int, beta: float | None = Non
     if beta is None:
         w = np.where(present, 1.0 / np.maximum(counts, 1), 0.0)
     else:
-        w = np.where(present, (1.0 - beta) / (1.0 - np.power(beta, counts)), 0.0)
+        w = np.where(present, (1.0 - beta) / (1.0 - np.power(beta, np.maximum(counts, 1))), 0.0)
     return torch.tensor(w / w[present].mean(), dtype=torch.float32)
 
 

@@ -31,6 +31,7 @@ from hamengine.engine.execution import Execution, configure_backends, resolve_ex
 from hamengine.engine.logger import EpochMeter, LiveDisplay
 from hamengine.engine.optim import build_criterion, build_optimizer, build_scheduler
 from hamengine.engine.prefetch import ThreadPrefetcher
+from hamengine.engine.resize import resize_batch, size_for_epoch
 from hamengine.engine.run import RunDir
 from hamengine.engine.signals import StopRequest
 from hamengine.engine.step import EMA, TrainStep, autocast
@@ -72,6 +73,8 @@ class EpochResult:
     steps: int
     interrupted: bool
     timing: dict[str, float]
+    train_size: int = 0  # the side the train batches were resized to (progressive resizing)
+    budget_stop: bool = False  # stopped at the --budget deadline (the test evaluation still runs)
 
 
 @dataclass
@@ -96,6 +99,8 @@ class Trainer:
     step: TrainStep | None = None
     progress: Progress = field(default_factory=Progress)
     warmup_s: float | None = None  # this process's first steps (compile, allocator, cache warm-up)
+    started: float = 0.0  # perf_counter when fit began: metrics rows' elapsed_s
+    budget: Any = None  # engine/budget.BudgetPlan with --budget
 
     @property
     def eval_model(self) -> nn.Module:
@@ -113,7 +118,11 @@ def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
     info, device = D.init_distributed(cfg.device)
     loaders: list[Any] = []  # closed whatever happens: worker processes, DALI pipelines
     try:
+        started = time.perf_counter()
         t = setup(cfg, opts, info, device, loaders)
+        t.started = started
+        if cfg.budget:
+            apply_budget(t)
         interrupted = False
         with StopRequest() as stop, LiveDisplay(opts.console, enabled=info.is_main) as display:
             for epoch in range(t.progress.epoch, cfg.epochs):
@@ -121,9 +130,16 @@ def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
                 if res.interrupted:
                     interrupted = True
                     break
+                if res.budget_stop:
+                    t.say(f"budget: training stopped in epoch {epoch + 1} to leave time for the test evaluation")
+                    break
                 t.val_loader.set_epoch(0)
+                v0 = time.perf_counter()
                 val = evaluate(t.eval_model, t.val_loader, t.ex, info, t.classes)
+                val["seconds"] = time.perf_counter() - v0
                 save(t, epoch, res, val, display)
+                if t.budget is not None and epoch == 0 and not cfg.resume:
+                    replan_budget(t)
                 if cfg.early_stop and t.progress.since_best >= cfg.early_stop:
                     t.say(f"early stop: no balanced-accuracy gain for {t.progress.since_best} epochs")
                     break
@@ -190,6 +206,32 @@ def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.de
           f"x {cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.size}px, loader "
           f"{getattr(train_loader, 'kind', cfg.loader)} -> {run.path}")
     return t
+
+
+def apply_budget(t: Trainer) -> None:
+    """--budget: plan the epochs (a new run) and rebuild the LR schedule and step for them."""
+    from hamengine.engine.budget import plan_budget
+
+    t.budget = plan_budget(t, t.started, replan=not t.cfg.resume)
+    if not t.cfg.resume:
+        t.scheduler = build_scheduler(t.optimizer, t.cfg, t.steps_per_epoch)
+        t.step = build_step(t)
+        if t.info.is_main:
+            t.run.write_config(t.cfg)  # config.json: the planned epochs (what a resume continues)
+
+
+def replan_budget(t: Trainer) -> None:
+    """After epoch 1 of a --budget run: re-choose the epochs from its real cost and re-target the LR
+    schedule (same step count so far; the remaining steps follow the new length)."""
+    from hamengine.engine.budget import replan
+    from hamengine.engine.optim import lr_factor
+
+    # The same measurement on every rank (averaged), so all ranks choose the same epochs.
+    (elapsed,) = D.all_reduce_sum([time.perf_counter() - t.started], t.info, t.ex.device)
+    if replan(t, t.budget, {"elapsed_s": elapsed / t.info.world_size}):
+        t.scheduler.lr_lambdas = [lr_factor(t.cfg, t.steps_per_epoch) for _ in t.scheduler.lr_lambdas]
+        if t.info.is_main:
+            t.run.write_config(t.cfg)
 
 
 def check_splits(cfg: TrainConfig, source: Any) -> None:
@@ -263,7 +305,8 @@ def train_one_epoch(t: Trainer, epoch: int, display: LiveDisplay, stop: StopRequ
     display.start_epoch(f"epoch {epoch + 1}/{cfg.epochs}", total)
     t.step.model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n, last_loss, interrupted = 0, None, False
+    n, last_loss, interrupted, budget_stop = 0, None, False, False
+    side = size_for_epoch(epoch, cfg.epochs, cfg.progressive_min_size, cfg.size, cfg.progressive_end)
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
     it = iter(batches)
@@ -286,6 +329,7 @@ def train_one_epoch(t: Trainer, epoch: int, display: LiveDisplay, stop: StopRequ
             # per process with persistent workers), which a resumed process does at a different epoch
             # than an uninterrupted one. Seeding after that draw makes resume exact.
             seed_all((cfg.seed + 1) * 1_000_003 + epoch * 1009 + info.rank)
+        images = resize_batch(images, side)  # progressive resizing (a no-op at the loader's size)
         loss_sum += t.step(images, labels)
         n += 1
         fire("train.step", epoch=epoch + 1, step=n)
@@ -297,15 +341,18 @@ def train_one_epoch(t: Trainer, epoch: int, display: LiveDisplay, stop: StopRequ
             last_loss = float(loss_sum) / n  # one host sync per sync_every steps
         display.update(n, meter, last_loss)
         # Stop requests are checked together on all ranks so that DDP never waits on a rank that left.
-        if (not info.enabled or n % 10 == 0) and D.any_rank(stop(), info, device):
-            interrupted = n < total
+        # Never in the first epoch: without a finished epoch there is no checkpoint to test.
+        over = t.budget is not None and epoch > 0 and t.budget.expired()
+        if (not info.enabled or n % 10 == 0) and D.any_rank(stop() or over, info, device):
+            budget_stop = not stop()
+            interrupted = n < total and not budget_stop
             break
         t0 = time.perf_counter()
     if cuda:
         torch.cuda.synchronize(device)
     loss_total, count = D.all_reduce_sum([float(loss_sum), float(n)], info, device)
     return EpochResult(loss=loss_total / max(1.0, count), steps=n, interrupted=interrupted,
-                       timing=meter.summary())
+                       timing=meter.summary(), train_size=side, budget_stop=budget_stop)
 
 
 # ---------------------------------------------------------------- validation
@@ -362,7 +409,8 @@ def save(t: Trainer, epoch: int, res: EpochResult, val: dict[str, Any], display:
            "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_auc": val["macro_auc"],
            "val_n": val["n"], "img_per_s": timing["img_per_s"], "data_ms": timing["data_ms"],
            "step_ms": timing["step_ms"], "data_fraction": timing["data_fraction"], "epoch_s": timing["wall_s"],
-           "warmup_s": timing["warmup_s"] if first else 0.0, "best": improved}
+           "warmup_s": timing["warmup_s"] if first else 0.0, "best": improved, "train_size": res.train_size,
+           "val_s": val.get("seconds", 0.0), "elapsed_s": time.perf_counter() - t.started}
     rngs = D.gather_objects(rng_state(), t.info)  # every rank's RNG, for an exact resume
     if t.info.is_main:
         p, cfg = t.progress, t.cfg
@@ -411,7 +459,8 @@ def test_evaluation(t: Trainer) -> dict[str, Any]:
     from hamengine.engine.evaluate import EvalOptions, evaluate_run
 
     start = time.perf_counter()
-    m = evaluate_run(t.run.path, EvalOptions(split="test", loader=t.cfg.loader, batch_size=t.cfg.batch_size,
+    m = evaluate_run(t.run.path, EvalOptions(split="test", loader=t.cfg.loader,
+                                             batch_size=t.cfg.batch_size,
                                              workers=t.cfg.workers, device=str(t.ex.device)),
                      progress=t.opts.console.is_terminal)
     test = {k: m[k] for k in ("balanced_accuracy", "accuracy", "macro_auc", "n")}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hamengine.errors import UserError
+from hamengine.recipes import RECIPES, recipe_help
 
 # Class order is the label index order everywhere (packs, models, metrics).
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -92,6 +93,9 @@ class Optimizer(StrEnum):
 class Schedule(StrEnum):
     COSINE = "cosine"
     CONSTANT = "constant"
+    # Linear warm-up over max(warmup_epochs, 20% of the epochs), then linear decay to 0 at the last
+    # step (a one-cycle / airbench-style triangle; engine/optim.lr_factor).
+    ONECYCLE = "onecycle"
 
 
 class TTA(StrEnum):
@@ -211,6 +215,8 @@ TRAIN_LOADERS: tuple[str, ...] = tuple(k.value for k in LoaderKind if k != Loade
 
 @dataclass
 class TrainConfig:
+    recipe: str = option("default", "Named set of options applied under --config and the flags "
+                         f"({recipe_help()}).", choices=tuple(RECIPES))
     pack: str = option("", "Pack folder (hamengine pack) to train on.", path=True, resume=OnResume.SAME_PACK,
                        default_help="required, here or in --config")
     model: str = option("resnet50", "Model name (see `hamengine models`).")
@@ -227,7 +233,8 @@ class TrainConfig:
     weight_decay: float | None = option(None, "Weight decay (not on norms/biases).",
                                         default_help="0.05 with adamw, 1e-4 with sgd")
     optimizer: Optimizer = option(Optimizer.ADAMW, "Optimizer.")
-    schedule: Schedule = option(Schedule.COSINE, "LR schedule after the linear warm-up.")
+    schedule: Schedule = option(Schedule.COSINE, "LR schedule after the linear warm-up (onecycle: warm-up "
+                                "over max(--warmup-epochs, 20% of the epochs), then linear to 0).")
     warmup_epochs: float = option(1.0, "Linear LR warm-up epochs.")
     label_smoothing: float = option(0.1, "Label smoothing.")
     balance: Balance = option(Balance.NONE, "Class imbalance: none; sampler (class-balanced sampling); loss "
@@ -262,6 +269,12 @@ class TrainConfig:
                              resume=OnResume.FREE)
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", resume=OnResume.FREE)
     max_steps_per_epoch: int = option(0, "Cap the steps of each epoch (smoke tests; 0 = whole epoch).")
+    progressive_min_size: int = option(0, "Progressive resizing: train batches start at this side and grow "
+                                       "linearly to --size, in steps of 32 px (0 = off; val/test at --size).")
+    progressive_end: float = option(0.75, "Fraction of the epochs by which progressive resizing reaches --size.")
+    budget: str | None = option(None, "Wall-clock budget for the whole run (setup, training, validation and "
+                                "the test evaluation), e.g. 20m, 90s, 1h: --epochs is planned from measured "
+                                "step times to fit it.", default_help="none")
 
     def check(self) -> None:
         """Range checks a type cannot express; ConfigError names the option and its allowed range."""
@@ -275,13 +288,23 @@ class TrainConfig:
                  ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0"),
                  ("workers", self.workers >= 0, ">= 0 (0 = all cores)"),
                  ("early_stop", self.early_stop >= 0, ">= 0 (0 = off)"),
-                 ("max_steps_per_epoch", self.max_steps_per_epoch >= 0, ">= 0 (0 = whole epoch)")]
+                 ("max_steps_per_epoch", self.max_steps_per_epoch >= 0, ">= 0 (0 = whole epoch)"),
+                 ("progressive_min_size", self.progressive_min_size == 0 or 32 <= self.progressive_min_size
+                  <= self.size, f"0 (off) or in [32, --size {self.size}]"),
+                 ("progressive_end", 0 < self.progressive_end <= 1, "in (0, 1]")]
         bad = [f"--{name.replace('_', '-')} {getattr(self, name)!r} must be {allowed}"
                for name, ok, allowed in rules if not ok]
         if LoaderKind(self.loader).value not in TRAIN_LOADERS:
             bad.append(f"--loader {self.loader}: training reads the pack, so use one of {', '.join(TRAIN_LOADERS)} "
                        f"(folder, the per-file baseline over the original download, is for `hamengine bench "
                        f"loader --source`)")
+        if self.recipe not in RECIPES:
+            bad.append(f"--recipe {self.recipe!r} is not a known recipe; known: {', '.join(RECIPES)}")
+        if self.budget is not None:
+            try:
+                parse_duration(self.budget)
+            except ConfigError as e:
+                bad.append(str(e))
         if bad:
             raise ConfigError("; ".join(bad))
 
@@ -423,3 +446,20 @@ def parse_size(text: str) -> int:
     if val <= 0:
         raise ConfigError(f"size {text!r} must be positive")
     return int(val * mult)
+
+
+def parse_duration(text: str) -> float:
+    """'90s' / '20m' / '1.5h' / '1h30m' / '600' (seconds) -> seconds (--budget)."""
+    import re
+
+    t = str(text).strip().lower().replace(" ", "")
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        seconds = float(t)
+    elif t and re.fullmatch(r"(\d+(\.\d+)?[hms])+", t):
+        seconds = sum(float(num) * units[unit] for num, _, unit in re.findall(r"(\d+(\.\d+)?)([hms])", t))
+    else:
+        raise ConfigError(f"--budget {text!r}: cannot read a duration; use e.g. 90s, 20m, 1h or 1h30m")
+    if seconds <= 0:
+        raise ConfigError(f"--budget {text!r} must be positive")
+    return seconds

@@ -83,8 +83,10 @@ OPTION_FIELDS = tuple(name for name, f in _FIELDS.items() if "help" in f.metadat
 
 
 def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
-    """Saved run config (on --resume) < --config file < flags given on the command line."""
+    """TrainConfig defaults < recipe (--recipe, or `recipe` in the file) < saved run config (on
+    --resume: it holds every resolved value) < --config file < flags given on the command line."""
     from hamengine.config import from_dict, load_config_file
+    from hamengine.recipes import apply_recipe
 
     given = [k for k in OPTION_FIELDS
              if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
@@ -95,6 +97,8 @@ def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
     for k in given:
         sub = _FIELDS[k].metadata["sub"]
         data[k] = {**data.get(k, {}), sub: params[k]} if sub else params[k]
+    recipe = params["recipe"] if "recipe" in given else data.get("recipe", TrainConfig.recipe)
+    data = apply_recipe(recipe, data)
     cfg = from_dict(TrainConfig, data, where=params["config"] or "options")
     if not cfg.pack:
         raise ConfigError("--pack is required (or `pack` in the --config file)")

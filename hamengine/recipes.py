@@ -1,0 +1,49 @@
+"""Named recipes: sets of TrainConfig keys applied under the --config file and the flags.
+
+Resolution (hamengine/commands/train.py resolve_config): TrainConfig defaults < recipe < --config
+file < flags given on the command line. Values are plain JSON values (as in a config file), so this
+module needs nothing from the rest of hamengine and any layer may read it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# Each recipe: a one-line description (shown by `hamengine train --help`) and its TrainConfig keys.
+RECIPE_HELP: dict[str, str] = {
+    "default": "the TrainConfig defaults",
+    "fast": "time-to-accuracy: resnet18 at 128 px with progressive resizing 96->128, one-cycle LR, "
+            "EMA, flip TTA and val-fitted decision biases",
+    "baseline": "what a typical HAM10000 project does: weighted loss, batch 32, fp32 eager, full "
+                "augmentation, cosine LR, no label smoothing",
+}
+
+FAST: dict[str, Any] = {
+    "model": "resnet18", "size": 128, "batch_size": 32, "balance": "sampler", "schedule": "onecycle",
+    "label_smoothing": 0.1, "ema": 0.999, "test_tta": "flips", "progressive_min_size": 96, "epochs": 12,
+    "decision": "val-bias",
+}
+
+BASELINE: dict[str, Any] = {
+    "balance": "loss", "batch_size": 32, "amp": False, "compile": "off", "aug": {"preset": "full"},
+    "label_smoothing": 0.0, "schedule": "cosine",
+}
+
+RECIPES: dict[str, dict[str, Any]] = {"default": {}, "fast": FAST, "baseline": BASELINE}
+
+
+def recipe_help() -> str:
+    """'name: description' for each recipe, for the --recipe option's help."""
+    return "; ".join(f"{name}: {RECIPE_HELP[name]}" for name in RECIPES)
+
+
+def apply_recipe(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's keys overlaid by `data` (the file/flag values win); nested dicts (aug) merge."""
+    if name not in RECIPES:
+        from hamengine.config import ConfigError  # here: config imports this module for its help text
+
+        raise ConfigError(f"--recipe {name!r} is not a known recipe; known: {', '.join(RECIPES)}")
+    out: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in RECIPES[name].items()}
+    for k, v in data.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    out["recipe"] = name
+    return out

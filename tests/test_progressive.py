@@ -1,0 +1,108 @@
+"""Progressive resizing, the one-cycle LR schedule and --budget, on the real training loop."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from hamengine.config import ConfigError, Schedule, TrainConfig, parse_duration
+from hamengine.engine import train as train_mod
+from hamengine.engine.optim import lr_factor
+from hamengine.engine.resize import resize_batch, size_for_epoch
+from hamengine.engine.train import FitOptions, fit
+
+
+def test_size_schedule_ramps_in_multiples_of_32_and_ends_at_size():
+    sizes = [size_for_epoch(e, 20, 64, 224, 0.75) for e in range(20)]
+    assert sizes[0] == 64 and sizes[-1] == 224
+    assert sizes[15:] == [224] * 5  # from 0.75 x 20 epochs on: exactly the target
+    assert sizes == sorted(sizes) and all(s % 32 == 0 for s in sizes)
+    assert len(set(sizes)) <= (224 - 64) // 32 + 1
+    # A size that is no multiple of 32 is still reached exactly at the end; min_size 0 is off.
+    assert size_for_epoch(11, 12, 96, 120, 0.75) == 120 and size_for_epoch(0, 12, 96, 120, 0.75) == 96
+    assert {size_for_epoch(e, 5, 0, 128, 0.75) for e in range(5)} == {128}
+    with pytest.raises(ConfigError, match="progressive-min-size"):
+        TrainConfig(size=64, progressive_min_size=16).check()
+    with pytest.raises(ConfigError, match="progressive-min-size"):
+        TrainConfig(size=64, progressive_min_size=96).check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resize_batch_keeps_dtype_and_memory_format(dtype):
+    x = torch.rand(2, 3, 64, 64).to(dtype).contiguous(memory_format=torch.channels_last)
+    y = resize_batch(x, 32)
+    assert y.shape == (2, 3, 32, 32) and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y.float().mean(), x.float().mean(), atol=0.02)  # bilinear: the mean is kept
+    assert resize_batch(x, 64) is x
+
+
+def test_onecycle_rises_then_falls_linearly_to_zero():
+    cfg = TrainConfig(epochs=10, schedule=Schedule.ONECYCLE, warmup_epochs=1.0)
+    f = lr_factor(cfg, 10)  # 100 steps, warm-up max(1, 0.2 x 10) = 2 epochs = 20 steps
+    vals = [f(i) for i in range(100)]
+    peak = vals.index(max(vals))
+    assert peak == 19 and vals[19] == 1.0
+    assert all(a < b for a, b in zip(vals[:20], vals[1:20], strict=False))
+    assert all(a > b for a, b in zip(vals[20:], vals[21:], strict=False))
+    assert vals[-1] < 0.02
+    assert abs((vals[40] - vals[60]) - (vals[60] - vals[80])) < 1e-9  # linear decay
+
+
+def test_parse_duration():
+    assert parse_duration("90s") == 90 and parse_duration("20m") == 1200 and parse_duration("1h30m") == 5400
+    assert parse_duration("45") == 45
+    for bad in ("soon", "10 minutes", "0s", ""):
+        with pytest.raises(ConfigError, match="--budget"):
+            parse_duration(bad)
+    with pytest.raises(ConfigError, match="--budget"):
+        TrainConfig(budget="ten minutes").check()
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_progressive_training_resizes_train_batches(train_pack, tmp_path, monkeypatch):
+    seen: list[tuple[int, ...]] = []
+    real = train_mod.resize_batch
+
+    def spy(images, side):
+        out = real(images, side)
+        seen.append(tuple(out.shape[-2:]))
+        return out
+    monkeypatch.setattr(train_mod, "resize_batch", spy)
+    out = tmp_path / "run"
+    cfg = TrainConfig(pack=str(train_pack), model="hamnet", epochs=3, batch_size=16, size=64,
+                      progressive_min_size=32, progressive_end=0.5, max_steps_per_epoch=2, device="cpu",
+                      out=str(out))
+    summary = fit(cfg, FitOptions(console=Console(file=io.StringIO()), test_eval=False))
+    assert summary["epochs"] == 3
+    rows = _rows(out)
+    expected = [size_for_epoch(e, 3, 32, 64, 0.5) for e in range(3)]
+    assert expected == [32, 32, 64]
+    assert [r["train_size"] for r in rows] == expected
+    assert seen == [(s, s) for s in expected for _ in range(2)]  # what the model was given
+    elapsed = [r["elapsed_s"] for r in rows]
+    assert elapsed == sorted(elapsed) and all(r["val_s"] > 0 for r in rows)
+    assert elapsed[-1] >= sum(r["epoch_s"] + r["val_s"] for r in rows)
+
+
+@pytest.mark.slow  # about 40 s: it spends its budget
+def test_budget_plans_epochs_and_ends_with_the_test_evaluation(train_pack, tmp_path):
+    out = tmp_path / "run"
+    cfg = TrainConfig(pack=str(train_pack), model="hamnet", epochs=1, batch_size=16, size=64,
+                      max_steps_per_epoch=3, device="cpu", out=str(out), budget="40s")
+    summary = fit(cfg, FitOptions(console=Console(file=io.StringIO())))
+    plan = json.loads((out / "budget.json").read_text())
+    assert plan["budget_s"] == 40 and plan["epochs"] >= 1 and "64" in plan["train_img_per_s"]
+    assert plan["epoch_scale"] >= 1.0  # re-planned after epoch 1 from its measured cost
+    assert plan["deadline_s"] <= 40 - plan["test_s"]  # the test evaluation's time is reserved
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == plan["epochs"] and saved["budget"] == "40s"
+    rows = _rows(out)
+    assert 1 <= len(rows) <= plan["epochs"]
+    assert summary["test"]["n"] > 0  # the test evaluation ran after the (possibly cut) training
