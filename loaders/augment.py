@@ -88,6 +88,31 @@ def sample_crop_boxes(gen: torch.Generator, n: int, height: int, width: int,
     return torch.stack((x0, y0, w, h), dim=1)
 
 
+def params_to(p: AugParams, device: torch.device) -> AugParams:
+    """p (drawn on the CPU) on `device` with ONE host -> device copy: the float fields packed into
+    one pinned row block, copied non_blocking (no host sync per batch), then viewed apart. Drawing
+    on the CPU makes the values device-independent: a CUDA run augments as a CPU run does."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return p
+    host = pack_params(p)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return unpack_params(host.to(device, non_blocking=True))
+
+
+def pack_params(p: AugParams) -> torch.Tensor:
+    """float32[11, N]: every field of p as rows (box x0, y0, w, h; angle; hflip; vflip; jitter)."""
+    x0, y0, w, h = p.box.to(torch.float32).unbind(1)
+    return torch.stack((x0, y0, w, h, p.angle, p.hflip.to(torch.float32), p.vflip.to(torch.float32),
+                        p.brightness, p.contrast, p.saturation, p.hue), 0)
+
+
+def unpack_params(d: torch.Tensor) -> AugParams:
+    """pack_params' inverse, on d's device (views of d, no copies)."""
+    return AugParams(d[0:4].t(), d[4], d[5] > 0.5, d[6] > 0.5, d[7], d[8], d[9], d[10])
+
+
 def sample_params(gen: torch.Generator, n: int, height: int, width: int, aug: AugConfig) -> AugParams:
     """Draw n samples' parameters for images of height x width (aug must be `.effective()`)."""
     dev = gen.device
@@ -182,10 +207,32 @@ def angle_degrees(p: AugParams) -> torch.Tensor:
 
 
 # -- colour ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Consts:
+    """Colour constants of one device, made once: torch.tensor(list, device=cuda) and
+    torch.linalg.inv on a GPU each cost a host sync, per batch when made in the batch path.
+    Callers never write into these tensors."""
+
+    std: torch.Tensor  # float[3]
+    mean: torch.Tensor
+    gray: torch.Tensor
+    eye: torch.Tensor  # float[3, 3]
+    yiq: torch.Tensor  # RGB -> YIQ
+    yiq_inv: torch.Tensor  # computed on the CPU (the values a CPU run uses), then moved
+
+
+@functools.lru_cache(maxsize=8)
+def _consts(device: torch.device) -> _Consts:
+    t = torch.tensor(_RGB2YIQ)
+    cpu = (torch.tensor(IMAGENET_STD), torch.tensor(IMAGENET_MEAN), torch.tensor(GRAY), torch.eye(3), t,
+           torch.linalg.inv(t))
+    return _Consts(*(c.to(device) for c in cpu))
+
+
 def _hue_matrix(turns: torch.Tensor) -> torch.Tensor:
     """float[N, 3, 3]: RGB -> RGB rotation of the chroma plane (YIQ) by `turns` of a full circle."""
-    t = torch.tensor(_RGB2YIQ, device=turns.device)
-    ti = torch.linalg.inv(t)
+    k = _consts(turns.device)
+    t, ti = k.yiq, k.yiq_inv
     a = turns * 2 * math.pi
     c, s = torch.cos(a), torch.sin(a)
     r = torch.zeros(turns.shape[0], 3, 3, device=turns.device)
@@ -199,15 +246,15 @@ def colour_affine(p: AugParams | None, mean_gray: torch.Tensor | None, n: int,
     """(M float[N,3,3], t float[N,3]): y = M x + t maps pixels x (in [0, 1/in_scale]) to jittered,
     ImageNet-normalized values. `mean_gray` float[N]: the mean gray level of each image in [0, 1]
     (contrast blends towards it). Without `p`: normalization only."""
-    std = torch.tensor(IMAGENET_STD, device=device)
-    mean = torch.tensor(IMAGENET_MEAN, device=device)
-    eye = torch.eye(3, device=device).expand(n, 3, 3)
+    k = _consts(torch.device(device))
+    std, mean = k.std, k.mean
+    eye = k.eye.expand(n, 3, 3)
     if p is None:
         m = eye * in_scale
         off = torch.zeros(n, 3, device=device)
     else:
         b, c, s = p.brightness, p.contrast, p.saturation
-        w = torch.tensor(GRAY, device=device)
+        w = k.gray
         sat = s[:, None, None] * eye + (1 - s)[:, None, None] * w.expand(3, 3)  # rows: s e_i + (1-s) w
         # hue and saturation keep gray (1,1,1) fixed, so the contrast offset passes through them.
         m = (c * b)[:, None, None] * (_hue_matrix(p.hue) @ sat) * in_scale
@@ -220,14 +267,14 @@ def colour_affine(p: AugParams | None, mean_gray: torch.Tensor | None, n: int,
 
 def normalized_bounds(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (lo, hi) of pixel values 0 and 1 after normalization, shaped [1, 3, 1, 1]."""
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    k = _consts(torch.device(device))
+    std, mean = k.std.view(1, 3, 1, 1), k.mean.view(1, 3, 1, 1)
     return (0 - mean) / std, (1 - mean) / std
 
 
 def mean_gray(x: torch.Tensor, scale: float = 1 / 255) -> torch.Tensor:
     """float[N]: mean luma of each image of x [N, 3, H, W] (in [0, 1] after `scale`)."""
-    w = torch.tensor(GRAY, device=x.device, dtype=torch.float32)
+    w = _consts(x.device).gray
     return (x.float().mean(dim=(2, 3)) @ w) * scale
 
 
@@ -247,8 +294,8 @@ def apply_colour(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, clamp: bool,
 
 def normalize_coefficients(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b) shaped [1, 3, 1, 1]: x * a + b normalizes pixel values x in [0, 255]."""
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    k = _consts(torch.device(device))
+    std, mean = k.std.view(1, 3, 1, 1), k.mean.view(1, 3, 1, 1)
     return (1 / (255 * std)).to(dtype), (-mean / std).to(dtype)
 
 

@@ -47,6 +47,16 @@ from hamengine.loaders.records import Pack
 _COMPILED_PIPELINES: list[object] = []
 
 
+def ffcv_params(gen: torch.Generator, n: int, size: int, aug, fused: bool) -> augment.AugParams:
+    """Rotation / vflip / jitter draws of one batch, on the generator's device (the loader passes
+    a CPU one): the crop box is the whole S x S output (FFCV cropped), hflip is off (FFCV flipped),
+    and so is vflip when the pipeline flipped."""
+    p = augment.sample_params(gen, n, size, size, aug)
+    box = torch.tensor([0.0, 0.0, size, size]).expand(n, 4)
+    vflip = torch.zeros_like(p.vflip) if fused else p.vflip
+    return dataclasses.replace(p, box=box, hflip=torch.zeros_like(p.hflip), vflip=vflip)
+
+
 class _PlanOrder:
     """FFCV TraversalOrder stand-in: sample ids of an epoch = this loader's epoch plan."""
 
@@ -117,13 +127,8 @@ class FFCVLoader(Loader):
 
     # -- after FFCV ---------------------------------------------------------------------------
     def _params(self, n: int, gen: torch.Generator) -> augment.AugParams:
-        """Rotation / vflip / jitter draws; the crop box is the whole S x S output (FFCV cropped),
-        hflip is off (FFCV flipped), and so is vflip when the pipeline flipped."""
-        s = self.size
-        p = augment.sample_params(gen, n, s, s, self.aug)
-        box = torch.tensor([0.0, 0.0, s, s], device=self.device).expand(n, 4)
-        vflip = torch.zeros_like(p.vflip) if self.fused else p.vflip
-        return dataclasses.replace(p, box=box, hflip=torch.zeros_like(p.hflip), vflip=vflip)
+        """ffcv_params drawn on the CPU, copied to the loader's device once."""
+        return augment.params_to(ffcv_params(gen, n, self.size, self.aug, self.fused), self.device)
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A work buffer reused batch to batch: fresh ~100 MB tensors cost more in page faults than
@@ -180,7 +185,7 @@ class FFCVLoader(Loader):
             for _ in sizes:
                 yield self._empty()
             return
-        gen = torch.Generator(device=self.device)
+        gen = torch.Generator()  # CPU: the draws do not depend on the device (augment.params_to)
         gen.manual_seed(mix_seed(self.cfg.seed, self.epoch, self.rank, 0xFFC7))
         self._ffcv.next_epoch = self.epoch  # read by _PlanOrder through FFCV's __iter__
         pending = list(sizes)

@@ -110,3 +110,43 @@ def test_decoder_padding_fits_the_pack_images():
     assert _decoder_padding((450, 600)) >= 2 * 450 * 600 * 3
     assert _decoder_padding((450, 600)) % (1 << 20) == 0
     assert _decoder_padding((8, 8)) == 1 << 20
+
+
+def _fields(p) -> list[torch.Tensor]:
+    return [p.box, p.angle, p.hflip, p.vflip, p.brightness, p.contrast, p.saturation, p.hue]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_ffcv_params_are_device_independent(fused):
+    """The loader draws on a CPU generator seeded by (seed, epoch, rank) whatever its device; the
+    CUDA path then moves one packed tensor (pack -> copy -> unpack), which must round-trip exactly."""
+    from hamengine.config import AugConfig
+    from hamengine.loaders import augment
+    from hamengine.loaders.base import mix_seed
+    from hamengine.loaders.ffcv_loader import ffcv_params
+
+    aug = AugConfig(preset="full").effective()
+
+    def draw(seed, epoch, rank):
+        gen = torch.Generator().manual_seed(mix_seed(seed, epoch, rank, 0xFFC7))
+        return ffcv_params(gen, 12, 64, aug, fused)
+
+    a, b = draw(3, 1, 0), draw(3, 1, 0)
+    for x, y in zip(_fields(a), _fields(b), strict=True):
+        assert torch.equal(x, y) and x.device.type == "cpu"
+    assert not torch.equal(draw(3, 2, 0).angle, a.angle)  # the epoch changes the draws
+    sim = augment.unpack_params(augment.pack_params(a).clone())  # what params_to does on CUDA
+    for x, y in zip(_fields(a), _fields(sim), strict=True):
+        assert x.dtype == y.dtype and torch.equal(x.to(y.dtype), y)
+    assert augment.params_to(a, torch.device("cpu")) is a
+    assert not bool(a.hflip.any())
+    assert bool(a.box[:, 2].eq(64).all())
+
+
+def test_colour_constants_made_once_per_device():
+    from hamengine.loaders import augment
+
+    dev = torch.device("cpu")
+    assert augment._consts(dev) is augment._consts(dev)
+    k = augment._consts(dev)
+    assert torch.allclose(k.yiq @ k.yiq_inv, torch.eye(3), atol=1e-5)
