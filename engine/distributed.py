@@ -36,11 +36,31 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_pref, local)
     if world > 1 and not dist.is_initialized():
+        kw: dict[str, Any] = {}
         if device.type == "cuda":
+            device = torch.device("cuda", device.index if device.index is not None else local)
             torch.cuda.set_device(device)
+            # device_id binds the NCCL communicator to this rank's GPU at init (eager connect):
+            # no guessing from the current device at the first collective, no "devices used by this
+            # process are currently unknown" warning, and barrier() uses the right GPU.
+            kw["device_id"] = device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+                                timeout=datetime.timedelta(minutes=30), **kw)
     return DistInfo(rank, world, local), device
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel over `model` when several ranks run, else `model` itself.
+
+    device_ids=[index] on CUDA (one GPU per process; None on CPU, as DDP requires).
+    gradient_as_bucket_view=True: .grad tensors are views into DDP's all-reduce buckets, saving one
+    gradient-sized copy per step and the memory of a second gradient copy. Optimizers that keep
+    .grad references or call zero_grad(set_to_none=False) work unchanged; detaching .grad (e.g.
+    grad.detach_()) is not allowed in this mode."""
+    if not info.enabled:
+        return model
+    ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def shutdown() -> None:

@@ -150,3 +150,44 @@ def test_colour_constants_made_once_per_device():
     assert augment._consts(dev) is augment._consts(dev)
     k = augment._consts(dev)
     assert torch.allclose(k.yiq @ k.yiq_inv, torch.eye(3), atol=1e-5)
+
+
+def test_wrap_ddp_single_process_and_cuda_arguments(monkeypatch):
+    from hamengine.engine.distributed import DistInfo, wrap_ddp
+
+    model = torch.nn.Linear(4, 2)
+    assert wrap_ddp(model, DistInfo(), torch.device("cpu")) is model  # one rank: no wrapper
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, module, **kw):
+            super().__init__()
+            seen.update(kw)
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", Recorder)
+    wrap_ddp(model, DistInfo(1, 2, 1), torch.device("cuda", 1))
+    assert seen == {"device_ids": [1], "gradient_as_bucket_view": True}
+    seen.clear()
+    wrap_ddp(model, DistInfo(1, 2, 1), torch.device("cpu"))
+    assert seen == {"device_ids": None, "gradient_as_bucket_view": True}
+
+
+def test_wrap_ddp_trains_on_gloo():
+    import socket
+
+    import torch.distributed as dist
+
+    from hamengine.engine.distributed import DistInfo, wrap_ddp
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 2)
+        ddp = wrap_ddp(model, DistInfo(0, 2, 0), torch.device("cpu"))  # enabled: wraps
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        ddp(torch.randn(3, 4)).sum().backward()
+        assert model.weight.grad is not None and model.weight.grad.abs().sum() > 0
+    finally:
+        dist.destroy_process_group()
