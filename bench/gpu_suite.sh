@@ -2,6 +2,9 @@
 # hamengine GPU suite: one script for a CUDA host (x86-64, PyTorch already installed, no package index).
 #
 #   bash bench/gpu_suite.sh [OUT]          # results in OUT (default ./gpu-results)
+#   bash bench/gpu_suite.sh --dry-run [OUT] # every step on the CPU with tiny sizes (~minutes): checks
+#                                           # the script itself (options, paths, summary) before a GPU run;
+#                                           # installs nothing (the PYTHONPATH shim stands in for pip -e)
 #
 # Steps (each one timed and bounded; a failing step is recorded in OUT/status.tsv and the rest goes on):
 #   1. environment record (nvidia-smi, torch, CUDA)           -> OUT/env.txt
@@ -19,6 +22,12 @@
 # 256), SUITE_BUDGET (seconds for the whole suite, default 470: under 8 minutes on one H100).
 set -euo pipefail
 
+DRY_RUN=
+if [[ ${1:-} == --dry-run ]]; then
+    DRY_RUN=1
+    shift
+fi
+
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
 OUT=${1:-${OUT:-./gpu-results}}
@@ -31,6 +40,14 @@ PY=${PY:-python3}
 N_IMAGES=${N_IMAGES:-3000}
 BATCH=${BATCH:-256}
 SUITE_BUDGET=${SUITE_BUDGET:-470}
+# Sizes and device of the measured steps; --dry-run shrinks them so the whole script runs on a CPU.
+DEVICE=cuda SIZE=224 PACK_SIZE=256 LBATCH=128 STEPS=60 WARMUP=15 EPOCHS=2 COMPILE=on AMP=bf16 IMG=600x450
+LBATCHES=20 LWARMUP=3  # bench loader's own defaults
+if [[ -n $DRY_RUN ]]; then
+    N_IMAGES=${DRY_N_IMAGES:-60} BATCH=8 SUITE_BUDGET=${DRY_BUDGET:-900}
+    DEVICE=cpu SIZE=32 PACK_SIZE=40 LBATCH=8 STEPS=2 WARMUP=1 EPOCHS=1 COMPILE=off AMP=fp32 IMG=80x60
+    LBATCHES=2 LWARMUP=1
+fi
 STATUS=$OUT/status.tsv
 START=$(date +%s)
 printf 'step\texit\tseconds\n' > "$STATUS"
@@ -99,6 +116,9 @@ install_shim() {  # hamengine.<part> from the repo folders without installing (p
 }
 if [[ -n ${SKIP_INSTALL:-} ]]; then
     printf 'install\tskipped\t0\n' >> "$STATUS"
+elif [[ -n $DRY_RUN ]]; then  # never pip-install into the caller's environment: exercise the shim
+    export PYTHONPATH="$(install_shim)${PYTHONPATH:+:$PYTHONPATH}"
+    printf 'install\tshim\t0\n' >> "$STATUS"
 elif ! (cd "$REPO" && "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT/logs/install.log" 2>&1); then
     log "pip install -e failed (logs/install.log): using a PYTHONPATH shim"
     export PYTHONPATH="$(install_shim)${PYTHONPATH:+:$PYTHONPATH}"
@@ -112,27 +132,27 @@ HAM=("$PY" -m hamengine)
 step pytest_gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest-gpu.xml" "$REPO/tests"
 
 # 5. data
-step synth 120 "${HAM[@]}" synth --out "$WORK/synth" --n "$N_IMAGES" --size 600x450 --json
-step pack 90 "${HAM[@]}" pack --source "$WORK/synth" --out "$WORK/pack" --size 256 --json
+step synth 120 "${HAM[@]}" synth --out "$WORK/synth" --n "$N_IMAGES" --size "$IMG" --json
+step pack 90 "${HAM[@]}" pack --source "$WORK/synth" --out "$WORK/pack" --size "$PACK_SIZE" --json
 PACK="$WORK/pack"
 
 # 6. loaders
 step bench_loader 150 bash -c "$(printf '%q ' "${HAM[@]}") bench loader --pack $(printf '%q' "$PACK") \
-    --source $(printf '%q' "$WORK/synth") --loaders dali,resident,torch,folder --size 224 --batch-size 128 \
-    --device cuda --json > $(printf '%q' "$OUT/bench_loader.json")"
+    --source $(printf '%q' "$WORK/synth") --loaders dali,resident,torch,folder --size $SIZE --batch-size $LBATCH \
+    --batches $LBATCHES --warmup $LWARMUP --device $DEVICE --json > $(printf '%q' "$OUT/bench_loader.json")"
 
 # 7. training step throughput (resnet50 first: the inductor cache then serves the second loader)
 for model in resnet50 resnet18; do
     for loader in dali resident; do
         step "bench_train_${model}_${loader}" 150 "${HAM[@]}" bench train --pack "$PACK" --model "$model" \
-            --loader "$loader" --size 224 --batch-size "$BATCH" --amp-dtype bf16 --channels-last --compile on \
-            --device cuda --steps 60 --warmup 15 --out "$OUT/bench_train_${model}_${loader}.json"
+            --loader "$loader" --size "$SIZE" --batch-size "$BATCH" --amp-dtype "$AMP" --channels-last \
+            --compile "$COMPILE" --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" --out "$OUT/bench_train_${model}_${loader}.json"
     done
 done
 
 # 8. end to end: train (compiled, bf16, channels_last by default on CUDA) + test evaluation
 step train_smoke 120 bash -c "$(printf '%q ' "${HAM[@]}") train --pack $(printf '%q' "$PACK") --model resnet18 \
-    --epochs 2 --batch-size 128 --size 224 --out $(printf '%q' "$WORK/run-smoke") --json \
+    --epochs $EPOCHS --batch-size $LBATCH --size $SIZE --device $DEVICE $([[ -n $DRY_RUN ]] && echo --no-pretrained) --out $(printf '%q' "$WORK/run-smoke") --json \
     > $(printf '%q' "$OUT/train_smoke.json")"
 
 # 9. summary
@@ -155,6 +175,10 @@ for p in sorted(out.glob("bench_train_*.json")):
     r = load(p)
     if r:
         summary["bench_train"].append(r)
+        if r.get("error"):  # the loader failed; the synthetic ceiling was still measured
+            lines.append(f"| {r['model']} | {r['loader']} | failed: {r['error']} | "
+                         f"{r['synthetic_img_per_s']:.0f} | - | {r['warmup_s']:.1f} |")
+            continue
         lines.append(f"| {r['model']} | {r['loader']} | {r['img_per_s']:.0f} | {r['synthetic_img_per_s']:.0f} | "
                      f"{r['stall_ratio']:.3f} | {r['warmup_s']:.1f} |")
 bl = load(out / "bench_loader.json")
@@ -163,6 +187,9 @@ if bl:
     lines += ["", "## bench loader (224 px)", "", "| loader | img/s | x folder |", "|---|---|---|"]
     for r in bl.get("results", []):
         ratio = r.get("ratio_to_folder")
+        if r.get("error"):
+            lines.append(f"| {r.get('loader')} | failed: {r['error']} | |")
+            continue
         lines.append(f"| {r.get('loader')} | {r.get('img_per_s', 0):.0f} | {'' if ratio is None else f'{ratio:.1f}'} |")
 smoke = load(out / "train_smoke.json")
 if smoke:

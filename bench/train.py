@@ -5,6 +5,7 @@ makes the step wait). warmup_s (first steps: torch.compile, allocator, cudnn aut
 apart and excluded from both rates."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hamengine.config import TrainConfig
+from hamengine.config import LoaderKind, TrainConfig
 
 
 def _sync(device: torch.device) -> None:
@@ -53,6 +54,12 @@ def run_bench_train(cfg: TrainConfig, steps: int = 30, warmup: int = 5, prefetch
     configure_backends(device)
     torch.manual_seed(cfg.seed)
     lcfg = ex.loader_config(cfg)
+    notes: list[str] = []
+    if lcfg.balance_sampler and lcfg.kind == LoaderKind.DALI:
+        # The default --balance sampler is refused by DALI's reader (no weighted sampler). A
+        # throughput bench does not depend on which samples are drawn: time DALI unweighted, say so.
+        lcfg = dataclasses.replace(lcfg, balance_sampler=False)
+        notes.append("dali: class-balanced sampling is off (its reader cannot weight samples)")
     model = ex.place(create_model(cfg.model))
     opt = build_optimizer(model, cfg)
     compiled = torch.compile(model) if ex.compile else model
@@ -80,7 +87,7 @@ def run_bench_train(cfg: TrainConfig, steps: int = 30, warmup: int = 5, prefetch
            "batch_size": b, "amp_dtype": ex.amp_name, "channels_last": ex.channels_last,
            "compile": ex.compile and step.compile_failed is None, "compile_failed": step.compile_failed,
            "prefetch": use_prefetch, "steps": steps, "warmup_steps": warmup, "data_fraction": None,
-           "loader_setup_s": None, "error": None}
+           "loader_setup_s": None, "error": None, "notes": notes}
     try:
         real_s, data_s, real_images, kind, setup_s = _time_loader(cfg, lcfg, step, device, steps, warmup,
                                                                   use_prefetch, log)

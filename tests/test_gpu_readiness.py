@@ -191,3 +191,29 @@ def test_wrap_ddp_trains_on_gloo():
         assert model.weight.grad is not None and model.weight.grad.abs().sum() > 0
     finally:
         dist.destroy_process_group()
+
+
+def test_bench_train_dali_and_a_failing_loader(monkeypatch, loader_pack):
+    pytest.importorskip("nvidia.dali")
+    from hamengine.bench.train import run_bench_train
+    from hamengine.config import Balance, CompileMode, LoaderKind, Precision, TrainConfig
+
+    def cfg(kind):
+        return TrainConfig(pack=str(loader_pack), model="resnet18", loader=kind, size=32, batch_size=8,
+                           amp=False, amp_dtype=Precision("fp32"), compile=CompileMode("off"), workers=1,
+                           device="cpu", balance=Balance.SAMPLER, pretrained=False)
+
+    res = run_bench_train(cfg(LoaderKind.DALI), steps=1, warmup=1)
+    assert res["error"] is None and res["loader"] == "dali" and res["img_per_s"] > 0
+    assert any("balanced" in n for n in res["notes"])  # dali cannot sample by weight: timed unweighted
+
+    from hamengine.loaders.resident import ResidentLoader
+
+    def boom(self):
+        raise RuntimeError("simulated loader failure")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(ResidentLoader, "__iter__", boom)
+    res = run_bench_train(cfg(LoaderKind.RESIDENT), steps=1, warmup=1)
+    assert res["error"] == "RuntimeError: simulated loader failure"
+    assert res["img_per_s"] is None and res["synthetic_img_per_s"] > 0
