@@ -35,6 +35,7 @@ class EvalOptions:
     checkpoint: CheckpointName = CheckpointName.BEST
     tta: TTA = TTA.NONE
     calibrate: bool = False  # fit a temperature on val, save RUN/calibration.json
+    fit_bias: bool = False  # fit per-class decision biases on val (balanced accuracy), save them there too
     n_boot: int = 1000  # lesion bootstrap replicates for the 95% intervals (0 = none)
     pack: str | None = None  # pack folder; default: the run's config.json "pack"
     unchecked_pack: bool = False  # evaluate on another pack even when it cannot be checked for leaks
@@ -227,11 +228,12 @@ def make_plots(out: Path, sp: SplitPredictions, probs: np.ndarray, m: dict[str, 
 
 # ---------------------------------------------------------------- the whole evaluation
 
-def score(sp: SplitPredictions, temperature: float, n_boot: int, seed: int = 0
+def score(sp: SplitPredictions, adjustment: calibration.Adjustment | float, n_boot: int, seed: int = 0
           ) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics of the (calibrated) probabilities; reliability bins added for the diagram."""
-    probs = sp.probs if temperature == 1.0 else calibration.softmax_t(calibration.log_probs(sp.probs),
-                                                                        temperature)
+    """Metrics of the adjusted (temperature, class bias) probabilities; reliability bins added."""
+    if not isinstance(adjustment, calibration.Adjustment):  # a bare temperature (older callers)
+        adjustment = calibration.Adjustment(float(adjustment))
+    probs = adjustment.apply(sp.probs)
     m = metrics.classification_metrics(sp.y, probs, sp.classes, lesion_ids=sp.lesion_ids, n_boot=n_boot,
                                        seed=seed)
     m["reliability"] = metrics.reliability_bins(probs, sp.y)
@@ -248,6 +250,29 @@ def fit_calibration(run: LoadedRun, pack, opts: EvalOptions, val: SplitPredictio
     return {"temperature": t, **info}
 
 
+def fit_bias_on(run: LoadedRun, opts: EvalOptions, val: SplitPredictions) -> dict[str, Any]:
+    """Per-class decision biases on val log-probabilities (after the stored temperature), saved in
+    RUN/calibration.json; every later eval, predict and serve applies them."""
+    t = calibration.load_adjustment(run.run).temperature
+    logits = calibration.log_probs(val.probs) / t
+    bias = calibration.fit_class_bias(logits, val.y)
+    info = {"fitted_on": "val", "n": len(val.y), "checkpoint": run.checkpoint.name, "tta": str(opts.tta),
+            "objective": "val balanced accuracy",
+            "val_balanced_accuracy_before": calibration.balanced_accuracy_of(logits.argmax(1), val.y),
+            "val_balanced_accuracy_after": calibration.balanced_accuracy_of((logits + bias).argmax(1), val.y)}
+    calibration.save_class_bias(run.run, bias, info)
+    return {"class_bias": dict(zip(val.classes, map(float, bias), strict=True)), **info}
+
+
+def fit_decision(run_dir: str | Path, opts: EvalOptions, progress: bool = False) -> dict[str, Any]:
+    """Fit (or refit) the run's per-class decision biases on val predictions of opts.checkpoint with
+    opts.tta and store them in RUN/calibration.json (the temperature there is kept). The end of
+    training calls this when cfg.decision is val-bias; `hamengine eval --fit-bias` does it too."""
+    run = load_run(run_dir, opts.checkpoint, opts.device)
+    pack = resolve_pack(run, opts.pack)
+    return fit_bias_on(run, opts, collect(run, pack, "val", opts, progress))
+
+
 def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     """Evaluate one run; returns metrics.json's content (plus `outputs`: the written paths).
     `hamengine eval` and the end of training both come here: one schema, one precision (fp32)."""
@@ -257,18 +282,23 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) 
     provenance = check_no_training_images(run, pack, opts.split, opts.unchecked_pack)
     sp = collect(run, pack, opts.split, opts, progress)
     cal: dict[str, Any] | None = None
-    if opts.calibrate:
+    bias_fit: dict[str, Any] | None = None
+    if opts.calibrate or opts.fit_bias:
         val = sp if opts.split == "val" else collect(run, pack, "val", opts, progress)
-        cal = fit_calibration(run, pack, opts, val)
-        temperature = cal["temperature"]
-    else:
-        try:
-            temperature = calibration.load_temperature(run.run)
-        except ValueError as e:
-            raise RunError(str(e)) from None
-        if temperature != 1.0:
-            cal = {"temperature": temperature, "source": calibration.CALIBRATION_FILE}
-    m, probs = score(sp, temperature, opts.n_boot, opts.seed)
+        if opts.calibrate:
+            cal = fit_calibration(run, pack, opts, val)
+        if opts.fit_bias:  # after the temperature: the bias is fitted on calibrated log-probabilities
+            bias_fit = fit_bias_on(run, opts, val)
+    try:
+        adj = calibration.load_adjustment(run.run, len(run.classes))
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    temperature = adj.temperature
+    if cal is None and temperature != 1.0:
+        cal = {"temperature": temperature, "source": calibration.CALIBRATION_FILE}
+    m, probs = score(sp, adj, opts.n_boot, opts.seed)
+    if bias_fit is not None:
+        m["decision_fit"] = bias_fit
     if cal is not None:
         raw = metrics.classification_metrics(sp.y, sp.probs, sp.classes)
         cal.update(ece_before=raw["ece"], ece_after=m["ece"], nll_before=raw["nll"], nll_after=m["nll"],
@@ -276,7 +306,10 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) 
         m["calibration"] = cal
     m["eval"] = {"run": run.run.name, "model": run.model_name, "split": opts.split,
                  "checkpoint": run.checkpoint.name, "epoch": run.epoch, "tta": str(opts.tta),
-                 "temperature": temperature, "input_size": run.size, "pack": str(pack.path),
+                 "temperature": temperature, "decision": adj.decision,
+                 "class_bias": None if adj.class_bias is None else dict(zip(run.classes, adj.class_bias,
+                                                                            strict=True)),
+                 "input_size": run.size, "pack": str(pack.path),
                  "pack_fingerprint": pack.fingerprint, "pack_check": provenance, "device": str(run.device)}
     out = RunDir(run.run).eval_dir(opts.split)
     paths = write_predictions(out, sp, probs)

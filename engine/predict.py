@@ -3,8 +3,8 @@ and `serve`.
 
 Preprocessing equals the eval loader's: an image is opened and made RGB by the rule packing uses
 (loaders/imaging.py: one pixel limit, EXIF orientation, 16-bit / palette / alpha handling), its
-shorter side resized to the run's input size S, center cropped S x S, ImageNet-normalized. Probabilities are softmax(logits / T)
-with T from RUN/calibration.json when the run was calibrated (`hamengine eval --calibrate`), else T=1.
+shorter side resized to the run's input size S, center cropped S x S, ImageNet-normalized. Probabilities are
+softmax(log(p) / T + b) with T and the class bias b from RUN/calibration.json when present, else p.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, TTA, StrEnum  # noqa: F401 (TTA re-exported)
-from hamengine.engine.calibration import load_temperature
+from hamengine.engine.calibration import Adjustment, load_adjustment
 from hamengine.engine.checkpoint import CheckpointError, load_checkpoint, model_weights
 from hamengine.engine.run import RunDir, RunError
 from hamengine.loaders.imaging import BadImage, open_rgb
@@ -149,26 +149,25 @@ class Predictor:
         self.tta = TTA(tta)
         self.batch_size = batch_size
         try:
-            self.temperature = float(temperature) if temperature is not None else load_temperature(self.run)
+            adj = load_adjustment(self.run, len(self.classes))  # temperature and class bias of the run
         except ValueError as e:
             raise RunError(str(e)) from None
+        self.adjustment = adj if temperature is None else Adjustment(float(temperature), adj.class_bias)
+        self.temperature = self.adjustment.temperature
 
     def preprocess(self, image: bytes | Image.Image | str | Path) -> tuple[Image.Image, torch.Tensor]:
         """-> (the S x S RGB crop the model sees, its normalized tensor [3, S, S])."""
         crop = eval_crop(open_rgb(image), self.size)  # uint8 3 x S x S; BadImage if unreadable
         return Image.fromarray(crop.permute(1, 2, 0).numpy()), normalize(crop)
 
-    def calibrate(self, probs: torch.Tensor) -> torch.Tensor:
-        """softmax(log(p) / T): temperature applied AFTER averaging the TTA views, the same order
-        `hamengine eval --calibrate` fits T in."""
-        if self.temperature == 1.0:
-            return probs
-        return torch.softmax(torch.log(probs.clamp_min(1e-12)) / self.temperature, dim=1)
+    def calibrate(self, probs: torch.Tensor) -> np.ndarray:
+        """softmax(log(p) / T + b) (engine/calibration.Adjustment.apply, which eval uses too),
+        applied AFTER averaging the TTA views, the order `hamengine eval` fits T and b in."""
+        return self.adjustment.apply(probs.double().cpu().numpy())
 
     def predict_tensor(self, x: torch.Tensor) -> np.ndarray:
-        """x [N, 3, S, S] normalized -> probabilities float64 [N, C] (TTA averaged, calibrated)."""
-        probs = predict_batch(self.model, x.to(self.device), self.tta)
-        return self.calibrate(probs).double().cpu().numpy()
+        """x [N, 3, S, S] normalized -> probabilities float64 [N, C] (TTA averaged, adjusted)."""
+        return self.calibrate(predict_batch(self.model, x.to(self.device), self.tta))
 
     def predict(self, images: Sequence[bytes | Image.Image | str | Path]) -> np.ndarray:
         """Images (decoded or not) -> float64 [N, C]; raises BadImage on the first unreadable one

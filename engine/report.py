@@ -52,7 +52,8 @@ def metrics_table(m: dict[str, Any]) -> Group:
     """Per-class table and summary table (95% CIs by lesion bootstrap when computed)."""
     ev = m.get("eval", {})
     title = (f"{ev.get('run', '')} {ev.get('model', '')} on {ev.get('split', '')} "
-             f"({ev.get('checkpoint', '')}, TTA {ev.get('tta', 'none')}, T={ev.get('temperature', 1.0):.3g})")
+             f"({ev.get('checkpoint', '')}, TTA {ev.get('tta', 'none')}, T={ev.get('temperature', 1.0):.3g}"
+             f"{', decision ' + ev['decision'] if ev.get('decision') == 'val-bias' else ''})")
     per = Table(title=title.strip())
     for h in PER_CLASS_HEADER:
         per.add_column(h, justify="left" if h == "class" else "right")
@@ -209,6 +210,11 @@ def build_blocks(run: Path, split: str = "test") -> tuple[list[Block], list[str]
             b.append(Block("p", f"Temperature scaling (fitted on val): T = {cal['temperature']:.3f}; ECE "
                                 f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} "
                                 f"-> {cal['nll_after']:.4f}."))
+        bias = ev.get("class_bias")
+        if bias:  # stated next to T: the decision is no longer the plain argmax
+            b.append(Block("p", "Per-class decision biases fitted on val (maximizing val balanced accuracy) "
+                                "are applied: softmax(log(p) / T + b) with b = " +
+                                ", ".join(f"{k} {float(v):+.2f}" for k, v in bias.items()) + "."))
         for key, caption in (("confusion_matrix", "Confusion matrix (counts, row-normalized)"),
                              ("roc", "ROC curves, one vs rest"), ("reliability", "Reliability diagram"),
                              ("confidence_hist", "Confidence of correct vs wrong predictions"),

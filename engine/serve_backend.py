@@ -65,7 +65,9 @@ class PredictorBackend:
     def describe(self) -> dict[str, Any]:
         p = self.predictor
         return {"model": p.model_name, "run": self.run_dir.resolve().name, "input_size": int(p.size),
-                "temperature": float(p.temperature), "device": str(p.device),
+                "temperature": float(p.temperature), "decision": p.adjustment.decision,
+                "class_bias": None if p.adjustment.class_bias is None else list(p.adjustment.class_bias),
+                "device": str(p.device),
                 "checkpoint": p.checkpoint_name, "epoch": p.loaded.epoch}
 
     def prepare(self, image: Image.Image):

@@ -146,7 +146,8 @@ async function loadModel() {
     const m = await (await fetch("api/model")).json();
     $("model-info").textContent = "model " + m.model + " \u00b7 run " + m.run + " \u00b7 " +
       m.input_size + " px \u00b7 " + m.device + (m.temperature && m.temperature !== 1 ?
-      " \u00b7 T=" + m.temperature.toFixed(2) : "");
+      " \u00b7 T=" + m.temperature.toFixed(2) : "") +
+      (m.decision === "val-bias" ? " \u00b7 decision: val-bias" : "");
     const t = m.test_metrics;
     if (t) {
       const parts = [];

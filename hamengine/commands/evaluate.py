@@ -20,6 +20,9 @@ RUN_ARG = click.Path(file_okay=False, path_type=Path)
               help="Which checkpoint of the run: best (validation balanced accuracy) or last.")
 @click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
               help="Test-time augmentation: average probabilities over flips, or flips and 90-degree rotations.")
+@click.option("--fit-bias", is_flag=True,
+              help="Fit per-class decision biases on val (maximizing val balanced accuracy), save them in "
+                   "RUN/calibration.json and apply them here and in predict, serve and the ISIC CSV.")
 @click.option("--calibrate", is_flag=True,
               help="Fit temperature scaling on val, report ECE before/after, save RUN/calibration.json "
                    "(used by predict and serve).")
@@ -36,7 +39,7 @@ RUN_ARG = click.Path(file_okay=False, path_type=Path)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-plots", is_flag=True, help="Skip the figures (metrics and CSV files only).")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of a table.")
-def eval_run(run: Path, split: str, checkpoint: str, tta: str, calibrate: bool, n_boot: int,
+def eval_run(run: Path, split: str, checkpoint: str, tta: str, fit_bias: bool, calibrate: bool, n_boot: int,
              pack: str | None, unchecked_pack: bool, loader: str, batch_size: int, device: str,
              no_plots: bool, as_json: bool) -> None:
     """Evaluate RUN on a pack split: metrics with lesion-bootstrap CIs, predictions.csv, an ISIC 2018
@@ -47,7 +50,7 @@ def eval_run(run: Path, split: str, checkpoint: str, tta: str, calibrate: bool, 
     from hamengine.engine.report import metrics_table
 
     opts = EvalOptions(split=split, checkpoint=CheckpointName(checkpoint), tta=TTA(tta), calibrate=calibrate,
-                       n_boot=n_boot, pack=pack, unchecked_pack=unchecked_pack, loader=LoaderKind(loader),
+                       fit_bias=fit_bias, n_boot=n_boot, pack=pack, unchecked_pack=unchecked_pack, loader=LoaderKind(loader),
                        batch_size=batch_size,
                        device=device, plots=not no_plots)
     m = evaluate_run(run, opts, progress=not as_json)
@@ -59,6 +62,13 @@ def eval_run(run: Path, split: str, checkpoint: str, tta: str, calibrate: bool, 
     if cal and "ece_before" in cal:
         console.print(f"temperature {cal['temperature']:.3f}: ECE {cal['ece_before']:.4f} -> "
                       f"{cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}")
+    bias = m["eval"].get("class_bias")
+    if bias:
+        fit = m.get("decision_fit") or {}
+        gain = (f" (val balanced accuracy {fit['val_balanced_accuracy_before']:.3f} -> "
+                f"{fit['val_balanced_accuracy_after']:.3f})") if fit else ""
+        console.print("decision: per-class biases fitted on val " +
+                      " ".join(f"{k} {v:+.2f}" for k, v in bias.items()) + gain)
     console.print(f"outputs: {Path(m['outputs']['metrics']).parent}")
 
 
@@ -94,6 +104,7 @@ def predict(run: Path, images: tuple[Path, ...], checkpoint: str, tta: str, top_
                         "probabilities": dict(zip(predictor.classes, map(float, r), strict=True))})
     if as_json:
         emit_json({"run": str(run), "model": predictor.model_name, "temperature": predictor.temperature,
+                   "decision": predictor.adjustment.decision, "class_bias": predictor.adjustment.class_bias,
                    "tta": str(predictor.tta), "results": out, "failed": failed})
     else:
         table = Table(title=f"{run.name} ({predictor.model_name}, T={predictor.temperature:.3g})")
