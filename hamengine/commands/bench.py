@@ -246,3 +246,5 @@ def bench_serve(run: Path, n_requests: int, concurrency: str, image_path: Path |
         table.add_row(str(r["concurrency"]), str(r["req_per_s"]), str(r["p50_ms"]), str(r["p99_ms"]),
                       str(r["mean_batch"]), str(r["errors"]))
     console.print(table)
+
+from hamengine.commands import bench_tta  # noqa: E402,F401 -- registers `bench tta` on the group above

@@ -1,0 +1,265 @@
+"""`hamengine bench tta`: time to a validation balanced accuracy (the DAWNBench / airbench figure).
+
+For each recipe x seed, one real `fit` under the same --budget into OUT/<recipe>-s<seed>; then, from
+its metrics.jsonl, the train-clock second at which val balanced accuracy first reached each target.
+
+The clock: `elapsed_s` (wall seconds since fit started: setup, the budget probe and training) minus
+the cumulative `val_s` of the epochs so far, so per-epoch validation is EXCLUDED (its total is
+reported as eval_s). An accuracy is reached at the end of the epoch whose validation measured it.
+The test score is the run's own end-of-training evaluation (RUN/eval-test/metrics.json, the same
+`evaluate_run` path for every recipe), with its lesion-bootstrap 95% interval.
+
+The `baseline` recipe trains through the per-file `folder` loader (PIL decode of the ORIGINAL
+download, torchvision transforms): what a typical HAM10000 project does. Its test evaluation reads
+the pack like every other recipe, so only the training pipeline differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hamengine.config import ConfigError, LoaderKind, parse_duration
+from hamengine.recipes import RECIPES
+
+CLOCK = "train time, evaluation excluded"
+FOLDER_RECIPES = ("baseline",)  # recipes that train through the per-file folder loader
+DEFAULT_TARGETS = (0.5, 0.6, 0.7)
+
+
+@dataclass
+class TTASpec:
+    """What `hamengine bench tta` was asked (checked by `check_spec`)."""
+
+    pack: str
+    out: str
+    budget: str
+    recipes: list[str] = field(default_factory=lambda: ["baseline", "fast"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    targets: list[float] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    source: str | None = None  # the original HAM10000 folder (the baseline's input)
+    device: str = "auto"
+    overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys over every recipe
+
+
+def target_key(target: float) -> str:
+    """'0.5', '0.65': the JSON key of a target."""
+    return f"{target:g}"
+
+
+def check_spec(spec: TTASpec) -> float:
+    """Refuse what cannot run before any training starts; returns the budget in seconds."""
+    budget_s = parse_duration(spec.budget)  # ConfigError naming --budget
+    unknown = [r for r in spec.recipes if r not in RECIPES]
+    if unknown or not spec.recipes:
+        raise ConfigError(f"--recipes {','.join(spec.recipes)!r}: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"known: {', '.join(RECIPES)}")
+    if not spec.seeds:
+        raise ConfigError("--seeds: give at least one seed, e.g. 0 or 0,1,2")
+    bad = [t for t in spec.targets if not 0.0 < t <= 1.0]
+    if bad or not spec.targets:
+        raise ConfigError(f"--targets: balanced-accuracy targets are in (0, 1], e.g. 0.5,0.6,0.7 (got {spec.targets})")
+    if not (Path(spec.pack) / "manifest.json").is_file():
+        raise ConfigError(f"--pack {spec.pack}: not a pack (no manifest.json); make one with `hamengine pack`")
+    if any(r in FOLDER_RECIPES for r in spec.recipes):
+        if not spec.source:
+            raise ConfigError("the baseline recipe trains from the ORIGINAL HAM10000 download (one JPEG per image, "
+                              "read by the per-file `folder` loader): pass --source DIR, the folder the pack was "
+                              "built from (a pack records no paths), or leave baseline out of --recipes")
+        if not Path(spec.source).is_dir():
+            raise ConfigError(f"--source {spec.source}: not a folder (the original HAM10000 download)")
+    for recipe in spec.recipes:
+        for seed in spec.seeds:
+            run = run_path(spec, recipe, seed)
+            if (run / "metrics.jsonl").exists() or (run / "checkpoints" / "last.pt").exists():
+                raise ConfigError(f"--out {spec.out}: {run} already holds a run; choose another --out")
+    return budget_s
+
+
+def run_path(spec: TTASpec, recipe: str, seed: int) -> Path:
+    return Path(spec.out) / f"{recipe}-s{seed}"
+
+
+# ---------------------------------------------------------------- metrics -> time to target
+
+def time_to_targets(rows: Sequence[dict[str, Any]], targets: Sequence[float]) -> dict[str, Any]:
+    """From metrics.jsonl rows: the curve on the train clock, time to each target, totals.
+
+    Train clock of an epoch = elapsed_s - (val_s of this and every earlier epoch); a target never
+    reached is None. Rows without elapsed_s (older runs) fall back to the sum of epoch_s."""
+    curve: list[list[float]] = []
+    eval_s = 0.0
+    fallback = 0.0
+    for r in rows:
+        eval_s += float(r.get("val_s") or 0.0)
+        fallback += float(r.get("epoch_s") or 0.0)
+        elapsed = r.get("elapsed_s")
+        clock = float(elapsed) - eval_s if elapsed is not None else fallback
+        curve.append([clock, float(r["val_balanced_accuracy"])])
+    reached: dict[str, float | None] = {}
+    for target in targets:
+        reached[target_key(target)] = next((t for t, acc in curve if acc >= target), None)
+    rates = [float(r["img_per_s"]) for r in rows if r.get("img_per_s")]
+    return {"epochs": len(rows), "curve": curve, "time_to_target": reached, "eval_s": eval_s,
+            "train_s": curve[-1][0] if curve else None,
+            "best_val_balanced_accuracy": max((acc for _, acc in curve), default=None),
+            "img_per_s": sum(rates) / len(rates) if rates else None}
+
+
+def held_out_scores(eval_metrics: dict[str, Any] | None) -> tuple[float | None, list[float | None] | None]:
+    """(balanced accuracy, its 95% lesion-bootstrap interval) from eval-test/metrics.json."""
+    if not eval_metrics:
+        return None, None
+    ci = (eval_metrics.get("ci") or {}).get("balanced_accuracy")
+    return eval_metrics.get("balanced_accuracy"), ci
+
+
+# ---------------------------------------------------------------- the baseline's data source
+
+class RecordingSource:
+    """PackSource that records which loader kind fed each split; with `originals`, train and val
+    come from the per-file `folder` loader over the original download (the baseline)."""
+
+    def __init__(self, pack: str, originals: str | None = None):
+        from hamengine.engine.data import PackSource
+
+        self.inner = PackSource(pack)
+        self.originals = originals
+        self.classes = self.inner.classes
+        self.kinds: dict[str, str] = {}
+
+    @property
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint
+
+    def labels(self, split: str):
+        return self.inner.labels(split)
+
+    def loader(self, split: str, cfg, device, rank: int = 0, world_size: int = 1):
+        if self.originals:
+            cfg = dataclasses.replace(cfg, kind=LoaderKind.FOLDER, source=self.originals)
+        loader = self.inner.loader(split, cfg, device, rank, world_size)
+        self.kinds[split] = str(getattr(loader, "kind", cfg.kind))
+        return loader
+
+
+# ---------------------------------------------------------------- runs
+
+def build_config(spec: TTASpec, recipe: str, seed: int):
+    from hamengine.config import TrainConfig, from_dict
+    from hamengine.recipes import apply_recipe
+
+    data = {**spec.overrides, "pack": str(spec.pack), "out": str(run_path(spec, recipe, seed)),
+            "budget": spec.budget, "seed": seed, "device": spec.device}
+    return from_dict(TrainConfig, apply_recipe(recipe, data), where=f"recipe {recipe}")
+
+
+def run_one(spec: TTASpec, recipe: str, seed: int, console=None) -> dict[str, Any]:
+    """One fit; its TTA record. A failure is recorded (error) rather than raised."""
+    from rich.console import Console
+
+    from hamengine.engine.run import RunDir
+    from hamengine.engine.train import FitOptions, fit
+
+    run = RunDir(run_path(spec, recipe, seed))
+    record: dict[str, Any] = {"recipe": recipe, "seed": seed, "run": str(run.path), "loader": None, "error": None}
+    source = None
+    start = time.perf_counter()
+    try:
+        cfg = build_config(spec, recipe, seed)
+        source = RecordingSource(cfg.pack, spec.source if recipe in FOLDER_RECIPES else None)
+        fit(cfg, FitOptions(console=console or Console(file=io.StringIO()), source=source))
+    except Exception as e:  # noqa: BLE001 -- one failed recipe must not lose the others
+        record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    record["wall_s"] = time.perf_counter() - start
+    if source is not None:
+        record["loader"] = source.kinds.get("train")
+    record.update(time_to_targets(run.read_metrics(), spec.targets))
+    try:
+        test = run.read_eval("test")
+    except Exception:  # noqa: BLE001 -- no test evaluation (failed or interrupted run): scores are null
+        test = None
+    record["test_balanced_accuracy"], record["test_balanced_accuracy_ci"] = held_out_scores(test)
+    return record
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize(runs: list[dict[str, Any]], targets: Sequence[float]) -> dict[str, dict[str, Any]]:
+    """Per recipe: means over its successful seeds; a target's mean time only over the seeds that
+    reached it (`reached` says how many did)."""
+    out: dict[str, dict[str, Any]] = {}
+    for recipe in dict.fromkeys(r["recipe"] for r in runs):
+        ok = [r for r in runs if r["recipe"] == recipe and not r["error"]]
+        tta, reached = {}, {}
+        for target in targets:
+            k = target_key(target)
+            times = [r["time_to_target"][k] for r in ok if r["time_to_target"].get(k) is not None]
+            tta[k], reached[k] = _mean(times), len(times)
+        out[recipe] = {"seeds": len(ok), "failed": sum(1 for r in runs if r["recipe"] == recipe and r["error"]),
+                       "time_to_target": tta, "reached": reached,
+                       **{key: _mean([r[key] for r in ok]) for key in
+                          ("best_val_balanced_accuracy", "test_balanced_accuracy", "img_per_s", "epochs",
+                           "eval_s", "train_s")}}
+    return out
+
+
+def run_bench_tta(spec: TTASpec, log: Callable[[str], None] = lambda _m: None, console=None,
+                  command: str = "") -> dict[str, Any]:
+    """Every recipe x seed; the result dict, also written to OUT/tta.json and plotted in OUT/tta.png."""
+    from hamengine.engine.environment import hardware
+    from hamengine.fileio import atomic_write_text
+
+    budget_s = check_spec(spec)
+    runs = []
+    for recipe in spec.recipes:
+        for seed in spec.seeds:
+            log(f"{recipe} seed {seed}: training for {spec.budget} into {run_path(spec, recipe, seed)} ...")
+            rec = run_one(spec, recipe, seed, console)
+            log(f"{recipe} seed {seed}: " + (f"failed: {rec['error']}" if rec["error"] else
+                                              f"{rec['epochs']} epochs, best val bal acc "
+                                              f"{rec['best_val_balanced_accuracy']:.3f}"))
+            runs.append(rec)
+    result = {"budget_s": budget_s, "clock": CLOCK, "targets": [float(t) for t in spec.targets], "runs": runs,
+              "recipes": summarize(runs, spec.targets), "hardware": hardware(), "device": spec.device,
+              "overrides": spec.overrides, "command": command}
+    out = Path(spec.out)
+    result["plot"] = str(plot_tta(result, out / "tta.png"))
+    atomic_write_text(out / "tta.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def plot_tta(result: dict[str, Any], path: str | Path) -> Path:
+    """Val balanced accuracy against the train clock, a line per recipe x seed, targets dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hamengine.engine.plots_eval import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = {name: f"C{i}" for i, name in enumerate(result["recipes"])}
+    for r in result["runs"]:
+        if r["curve"]:
+            t, acc = zip(*r["curve"], strict=True)
+            ax.plot(t, acc, "o-", ms=3, color=colors[r["recipe"]], label=f"{r['recipe']} s{r['seed']}")
+    for target in result["targets"]:
+        ax.axhline(target, ls="--", lw=0.8, color="grey")
+    ax.set_xlabel(f"seconds ({result['clock']})")
+    ax.set_ylabel("val balanced accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    if result["runs"]:
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"time to balanced accuracy, budget {result['budget_s']:.0f} s")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,123 @@
+"""`hamengine bench tta`: the metrics -> time-to-target computation, the result file, errors, and one
+real end-to-end run (baseline through the folder loader, fast through the pack)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hamengine.bench.tta import CLOCK, TTASpec, run_bench_tta, summarize, time_to_targets
+from hamengine.cli import cli
+from hamengine.config import ConfigError
+
+RUN_KEYS = {"recipe", "seed", "run", "epochs", "img_per_s", "eval_s", "best_val_balanced_accuracy",
+            "test_balanced_accuracy", "test_balanced_accuracy_ci", "time_to_target", "curve", "error", "loader"}
+
+
+def _row(epoch: int, acc: float, elapsed: float, val_s: float, img_per_s: float = 100.0) -> dict:
+    return {"epoch": epoch, "val_balanced_accuracy": acc, "elapsed_s": elapsed, "val_s": val_s,
+            "img_per_s": img_per_s, "epoch_s": 1.0}
+
+
+def test_time_to_target_excludes_validation_and_is_null_when_never_reached():
+    # epoch 1: 10 s wall of which 2 s val -> train clock 8; epoch 2: 25 s wall, 2 + 3 s val -> 20.
+    rows = [_row(1, 0.40, 10.0, 2.0, 100.0), _row(2, 0.62, 25.0, 3.0, 300.0), _row(3, 0.55, 40.0, 5.0)]
+    got = time_to_targets(rows, [0.5, 0.6, 0.7])
+    assert got["curve"] == [[8.0, 0.40], [20.0, 0.62], [30.0, 0.55]]
+    assert got["time_to_target"] == {"0.5": 20.0, "0.6": 20.0, "0.7": None}
+    assert got["eval_s"] == pytest.approx(10.0)
+    assert got["best_val_balanced_accuracy"] == 0.62
+    assert got["epochs"] == 3
+    assert got["img_per_s"] == pytest.approx(500.0 / 3)
+
+
+def test_time_to_target_first_crossing_and_empty_run():
+    rows = [_row(1, 0.51, 5.0, 1.0), _row(2, 0.49, 9.0, 1.0), _row(3, 0.71, 13.0, 1.0)]
+    assert time_to_targets(rows, [0.5, 0.7])["time_to_target"] == {"0.5": 4.0, "0.7": 10.0}
+    empty = time_to_targets([], [0.5])
+    assert empty["time_to_target"] == {"0.5": None} and empty["curve"] == [] and empty["epochs"] == 0
+
+
+def test_summarize_means_over_seeds_that_reached_and_skips_failures():
+    def run(recipe, seed, t, test, error=None):
+        return {"recipe": recipe, "seed": seed, "error": error, "time_to_target": {"0.5": t},
+                "best_val_balanced_accuracy": 0.6, "test_balanced_accuracy": test, "img_per_s": 10.0,
+                "epochs": 2, "eval_s": 1.0, "train_s": 5.0}
+
+    runs = [run("fast", 0, 10.0, 0.5), run("fast", 1, None, 0.7), run("fast", 2, 99.0, 0.0, error="boom")]
+    m = summarize(runs, [0.5])["fast"]
+    assert m["time_to_target"] == {"0.5": 10.0} and m["reached"] == {"0.5": 1}
+    assert m["seeds"] == 2 and m["failed"] == 1
+    assert m["test_balanced_accuracy"] == pytest.approx(0.6)
+
+
+def test_failed_recipe_is_recorded_and_the_others_still_run(loader_pack, tmp_path, monkeypatch):
+    """fit replaced by a stand-in that writes the run files (or fails for `default`)."""
+    import hamengine.engine.train as train
+
+    def fake_fit(cfg, opts):
+        if cfg.recipe == "default":
+            raise RuntimeError("out of memory")
+        run = Path(cfg.out)
+        (run / "eval-test").mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(_row(e, 0.3 * e, 4.0 * e, 1.0)) + "\n"
+                                                   for e in (1, 2)))
+        (run / "eval-test" / "metrics.json").write_text(json.dumps(
+            {"balanced_accuracy": 0.55, "ci": {"balanced_accuracy": [0.4, 0.7]}}))
+        return {}
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    spec = TTASpec(pack=str(loader_pack), out=str(tmp_path / "tta"), budget="1m", recipes=["default", "fast"],
+                   seeds=[0], targets=[0.5])
+    result = run_bench_tta(spec)
+    failed, ok = result["runs"]
+    assert failed["error"] == "RuntimeError: out of memory" and failed["test_balanced_accuracy"] is None
+    assert ok["error"] is None and ok["time_to_target"] == {"0.5": 6.0}
+    assert ok["test_balanced_accuracy"] == 0.55 and ok["test_balanced_accuracy_ci"] == [0.4, 0.7]
+    assert json.loads((tmp_path / "tta" / "tta.json").read_text())["budget_s"] == 60.0
+    assert (tmp_path / "tta" / "tta.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--recipes", "fast,turbo"], "unknown turbo"),
+    (["--budget", "soon"], "--budget 'soon'"),
+    (["--recipes", "baseline"], "pass --source DIR"),
+    (["--targets", "0.5,1.5"], "--targets"),
+])
+def test_cli_errors_name_the_option(loader_pack, tmp_path, args, message):
+    res = CliRunner().invoke(cli, ["bench", "tta", "--pack", str(loader_pack), "--out", str(tmp_path / "o"),
+                                    "--budget", "1m", *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_pack_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not a pack"):
+        run_bench_tta(TTASpec(pack=str(tmp_path), out=str(tmp_path / "o"), budget="1m", recipes=["fast"]))
+
+
+@pytest.mark.slow
+def test_end_to_end_baseline_reads_the_originals(loader_pack, synth_source, tmp_path):
+    out = tmp_path / "tta"
+    res = CliRunner().invoke(cli, ["bench", "tta", "--pack", str(loader_pack), "--source", str(synth_source),
+                                    "--recipes", "baseline,fast", "--budget", "15s", "--seeds", "0",
+                                    "--out", str(out), "--model", "hamnet", "--size", "64", "--device", "cpu",
+                                    "--targets", "0.1,0.99", "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "tta.json").read_text())
+    assert {"budget_s", "clock", "targets", "runs", "recipes", "hardware", "command"} <= set(result)
+    assert result["clock"] == CLOCK and result["budget_s"] == 15.0
+    by_recipe = {r["recipe"]: r for r in result["runs"]}
+    for r in by_recipe.values():
+        assert RUN_KEYS <= set(r) and r["error"] is None, r["error"]
+        assert r["epochs"] >= 1 and len(r["curve"]) == r["epochs"]
+        assert set(r["time_to_target"]) == {"0.1", "0.99"}
+        assert 0.0 <= r["test_balanced_accuracy"] <= 1.0 and len(r["test_balanced_accuracy_ci"]) == 2
+        assert (Path(r["run"]) / "eval-test" / "metrics.json").is_file()
+    assert by_recipe["baseline"]["loader"] == "folder"  # per-file PIL decode of the originals
+    assert by_recipe["fast"]["loader"] != "folder"
+    assert set(result["recipes"]) == {"baseline", "fast"}
+    assert (out / "tta.png").stat().st_size > 0
