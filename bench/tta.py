@@ -167,18 +167,21 @@ def run_one(spec: TTASpec, recipe: str, seed: int, console=None) -> dict[str, An
     from hamengine.engine.train import FitOptions, fit
 
     run = RunDir(run_path(spec, recipe, seed))
-    record: dict[str, Any] = {"recipe": recipe, "seed": seed, "run": str(run.path), "loader": None, "error": None}
+    record: dict[str, Any] = {"recipe": recipe, "seed": seed, "run": str(run.path), "loader": None, "error": None,
+                              "test_eval_s": None}
     source = None
     start = time.perf_counter()
     try:
         cfg = build_config(spec, recipe, seed)
         source = RecordingSource(cfg.pack, spec.source if recipe in FOLDER_RECIPES else None)
-        fit(cfg, FitOptions(console=console or Console(file=io.StringIO()), source=source))
+        summary = fit(cfg, FitOptions(console=console or Console(file=io.StringIO()), source=source)) or {}
+        record["test_eval_s"] = summary.get("test_eval_s")
     except Exception as e:  # noqa: BLE001 -- one failed recipe must not lose the others
         record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     record["wall_s"] = time.perf_counter() - start
     if source is not None:
         record["loader"] = source.kinds.get("train")
+    record["device"] = (run.read_env() or {}).get("device")  # what --device auto resolved to
     record.update(time_to_targets(run.read_metrics(), spec.targets))
     try:
         test = run.read_eval("test")

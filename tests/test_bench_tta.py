@@ -53,22 +53,22 @@ def test_summarize_means_over_seeds_that_reached_and_skips_failures():
     assert m["test_balanced_accuracy"] == pytest.approx(0.6)
 
 
+def _fake_fit(cfg, opts):
+    """Stands in for engine.train.fit: writes the run files a real run leaves (fails for `default`)."""
+    if cfg.recipe == "default":
+        raise RuntimeError("out of memory")
+    run = Path(cfg.out)
+    (run / "eval-test").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(_row(e, 0.3 * e, 4.0 * e, 1.0)) + "\n" for e in (1, 2)))
+    (run / "eval-test" / "metrics.json").write_text(json.dumps(
+        {"balanced_accuracy": 0.55, "ci": {"balanced_accuracy": [0.4, 0.7]}}))
+    return {"test_eval_s": 1.5}
+
+
 def test_failed_recipe_is_recorded_and_the_others_still_run(loader_pack, tmp_path, monkeypatch):
-    """fit replaced by a stand-in that writes the run files (or fails for `default`)."""
     import hamengine.engine.train as train
 
-    def fake_fit(cfg, opts):
-        if cfg.recipe == "default":
-            raise RuntimeError("out of memory")
-        run = Path(cfg.out)
-        (run / "eval-test").mkdir(parents=True)
-        (run / "metrics.jsonl").write_text("".join(json.dumps(_row(e, 0.3 * e, 4.0 * e, 1.0)) + "\n"
-                                                   for e in (1, 2)))
-        (run / "eval-test" / "metrics.json").write_text(json.dumps(
-            {"balanced_accuracy": 0.55, "ci": {"balanced_accuracy": [0.4, 0.7]}}))
-        return {}
-
-    monkeypatch.setattr(train, "fit", fake_fit)
+    monkeypatch.setattr(train, "fit", _fake_fit)
     spec = TTASpec(pack=str(loader_pack), out=str(tmp_path / "tta"), budget="1m", recipes=["default", "fast"],
                    seeds=[0], targets=[0.5])
     result = run_bench_tta(spec)
@@ -76,8 +76,49 @@ def test_failed_recipe_is_recorded_and_the_others_still_run(loader_pack, tmp_pat
     assert failed["error"] == "RuntimeError: out of memory" and failed["test_balanced_accuracy"] is None
     assert ok["error"] is None and ok["time_to_target"] == {"0.5": 6.0}
     assert ok["test_balanced_accuracy"] == 0.55 and ok["test_balanced_accuracy_ci"] == [0.4, 0.7]
+    assert ok["test_eval_s"] == 1.5
     assert json.loads((tmp_path / "tta" / "tta.json").read_text())["budget_s"] == 60.0
     assert (tmp_path / "tta" / "tta.png").stat().st_size > 0
+
+
+def test_table_shows_runs_failures_and_means(loader_pack, tmp_path, monkeypatch):
+    import hamengine.engine.train as train
+    from hamengine.commands.common import console
+
+    monkeypatch.setattr(train, "fit", _fake_fit)
+    monkeypatch.setattr(console, "width", 200)  # one line per table row, whatever the terminal
+    res = CliRunner().invoke(cli, ["bench", "tta", "--pack", str(loader_pack), "--out", str(tmp_path / "o"),
+                                   "--recipes", "default,fast", "--budget", "1m", "--targets", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "default seed 0 failed: RuntimeError: out of memory" in res.output
+    assert "6.0 (1/1)" in res.output  # fast's mean time to 0.5, reached by 1 of 1 seeds
+    assert "0.550 (0.400-0.700)" in res.output
+    assert (tmp_path / "o" / "tta.json").is_file()
+
+
+def test_baseline_source_reads_the_original_folder(loader_pack, synth_source, tmp_path):
+    """The baseline's loaders are the folder loader over --source, so a folder without the pack's
+    images cannot feed it; the other recipes read the pack."""
+    import shutil
+
+    import torch
+
+    from hamengine.bench.tta import RecordingSource
+    from hamengine.config import LoaderConfig
+
+    cfg = LoaderConfig(size=64, batch_size=8, workers=1)
+    cpu = torch.device("cpu")
+    folder = RecordingSource(str(loader_pack), str(synth_source))
+    folder.loader("val", cfg, cpu).close()
+    pack = RecordingSource(str(loader_pack))
+    pack.loader("val", cfg, cpu).close()
+    assert folder.kinds == {"val": "folder"} and pack.kinds["val"] != "folder"
+    stripped = Path(shutil.copytree(synth_source, tmp_path / "without-val"))
+    val_ids = set(folder.inner.pack.keys("val"))
+    removed = [f.unlink() for f in stripped.rglob("*.jpg") if f.stem in val_ids]
+    assert removed
+    with pytest.raises(ConfigError, match="not in"):
+        RecordingSource(str(loader_pack), str(stripped)).loader("val", cfg, cpu)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -116,7 +157,7 @@ def test_end_to_end_baseline_reads_the_originals(loader_pack, synth_source, tmp_
         assert r["epochs"] >= 1 and len(r["curve"]) == r["epochs"]
         assert set(r["time_to_target"]) == {"0.1", "0.99"}
         assert 0.0 <= r["test_balanced_accuracy"] <= 1.0 and len(r["test_balanced_accuracy_ci"]) == 2
-        assert (Path(r["run"]) / "eval-test" / "metrics.json").is_file()
+        assert (Path(r["run"]) / "eval-test" / "metrics.json").is_file() and r["device"] == "cpu"
     assert by_recipe["baseline"]["loader"] == "folder"  # per-file PIL decode of the originals
     assert by_recipe["fast"]["loader"] != "folder"
     assert set(result["recipes"]) == {"baseline", "fast"}

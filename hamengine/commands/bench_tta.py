@@ -82,7 +82,7 @@ def _table(result: dict[str, Any]) -> None:
         t.add_column(col, justify="right")
     for r in result["runs"]:
         if r["error"]:
-            t.add_row(r["recipe"], str(r["seed"]), r["loader"] or "-", f"[red]failed: {r['error']}[/]")
+            t.add_row(r["recipe"], str(r["seed"]), r["loader"] or "-", "[red]failed[/] (below)")
             continue
         ci = r["test_balanced_accuracy_ci"]
         test = _fraction(r["test_balanced_accuracy"]) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci else "")
@@ -96,3 +96,7 @@ def _table(result: dict[str, Any]) -> None:
                   *[f"{_seconds(m['time_to_target'][k])} ({m['reached'][k]}/{m['seeds']})" for k in keys],
                   _fraction(m["best_val_balanced_accuracy"]), _fraction(m["test_balanced_accuracy"]))
     console.print(t)
+    for r in result["runs"]:  # whole messages, below the table where they are not wrapped
+        if r["error"]:
+            console.print(f"[red]{r['recipe']} seed {r['seed']} failed:[/] {r['error']} (run folder {r['run']})",
+                          highlight=False)
