@@ -260,9 +260,10 @@ def plot_tta(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel(f"seconds ({result['clock']})")
     ax.set_ylabel("val balanced accuracy")
     ax.set_ylim(0, 1)
+    ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
-    if result["runs"]:
-        ax.legend(loc="lower right", fontsize=8)
+    if any(r["curve"] for r in result["runs"]):
+        ax.legend(loc="best", fontsize=8)
     ax.set_title(f"time to balanced accuracy, budget {result['budget_s']:.0f} s")
     fig.tight_layout()
     return save_figure(fig, path)
