@@ -459,7 +459,7 @@ def test_evaluation(t: Trainer) -> dict[str, Any]:
     from hamengine.engine.evaluate import EvalOptions, evaluate_run
 
     start = time.perf_counter()
-    m = evaluate_run(t.run.path, EvalOptions(split="test", loader=t.cfg.loader,
+    m = evaluate_run(t.run.path, EvalOptions(split="test", tta=t.cfg.test_tta, loader=t.cfg.loader,
                                              batch_size=t.cfg.batch_size,
                                              workers=t.cfg.workers, device=str(t.ex.device)),
                      progress=t.opts.console.is_terminal)

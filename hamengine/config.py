@@ -226,7 +226,8 @@ class TrainConfig:
                                          "checkpoint).", path=True, default_help="none")
     epochs: int = option(30, "Number of epochs (on --resume: only raised, to extend the run).",
                          resume=OnResume.EXTEND)
-    batch_size: int = option(128, "Batch size per process.")
+    batch_size: int = option(32, "Batch size per process (32: enough optimizer steps on HAM10000's ~7,000 train "
+                             "images; see BENCHMARKS.md).")
     size: int = option(224, "Input side S in pixels (S x S crops).")
     lr: float | None = option(None, "Peak learning rate.", default_help="2e-3 x sqrt(batch/128) for AdamW, "
                               "0.1 x batch/256 for SGD; a quarter of that with pretrained weights")
@@ -237,7 +238,7 @@ class TrainConfig:
                                 "over max(--warmup-epochs, 20% of the epochs), then linear to 0).")
     warmup_epochs: float = option(1.0, "Linear LR warm-up epochs.")
     label_smoothing: float = option(0.1, "Label smoothing.")
-    balance: Balance = option(Balance.NONE, "Class imbalance: none; sampler (class-balanced sampling); loss "
+    balance: Balance = option(Balance.SAMPLER, "Class imbalance: none; sampler (class-balanced sampling); loss "
                               "(inverse-frequency weights); effective (effective-number weights, beta 0.999); "
                               "logit-adjust (logit-adjusted loss, tau 1: any loader).")
     amp: bool = option(True, "Mixed precision autocast (bf16 by default).", flag="--amp/--no-amp")
