@@ -201,3 +201,12 @@ if smoke:
 print("\n".join(lines))
 PYEOF
 log "done in $(( $(date +%s) - START )) s; results in $OUT"
+# The dry run is CI's check of this script: any failed step fails it (the GPU run always ends 0 so
+# that its partial results come back; the table says what failed).
+if [[ -n $DRY_RUN ]]; then
+    failed=$(awk -F'\t' 'NR > 1 && $2 != "0" && $2 != "shim" && $2 != "skipped" {print $1}' "$STATUS" | tr '\n' ' ')
+    if [[ -n $failed ]]; then
+        log "dry run FAILED: $failed"
+        exit 1
+    fi
+fi

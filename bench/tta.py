@@ -16,7 +16,6 @@ the pack like every other recipe, so only the training pipeline differs.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -161,8 +160,6 @@ def build_config(spec: TTASpec, recipe: str, seed: int):
 
 def run_one(spec: TTASpec, recipe: str, seed: int, console=None) -> dict[str, Any]:
     """One fit; its TTA record. A failure is recorded (error) rather than raised."""
-    from rich.console import Console
-
     from hamengine.engine.run import RunDir
     from hamengine.engine.train import FitOptions, fit
 
@@ -174,7 +171,9 @@ def run_one(spec: TTASpec, recipe: str, seed: int, console=None) -> dict[str, An
     try:
         cfg = build_config(spec, recipe, seed)
         source = RecordingSource(cfg.pack, spec.source if recipe in FOLDER_RECIPES else None)
-        summary = fit(cfg, FitOptions(console=console or Console(file=io.StringIO()), source=source)) or {}
+        # The command passes its console (stderr under --json); bench/ itself never builds one.
+        opts = FitOptions(source=source) if console is None else FitOptions(console=console, source=source)
+        summary = fit(cfg, opts) or {}
         record["test_eval_s"] = summary.get("test_eval_s")
     except Exception as e:  # noqa: BLE001 -- one failed recipe must not lose the others
         record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from hamengine.config import CLASSES, ConfigError, TrainConfig, to_dict
+from hamengine.config import CLASSES, ConfigError, Decision, TrainConfig, to_dict
 from hamengine.engine import distributed as D
 from hamengine.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from hamengine.engine.data import PackSource
@@ -125,7 +125,8 @@ def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
             apply_budget(t)
         interrupted = False
         with StopRequest() as stop, LiveDisplay(opts.console, enabled=info.is_main) as display:
-            for epoch in range(t.progress.epoch, cfg.epochs):
+            epoch = t.progress.epoch
+            while epoch < cfg.epochs:  # not range(): a --budget re-plan after epoch 1 changes cfg.epochs
                 res = train_one_epoch(t, epoch, display, stop)
                 if res.interrupted:
                     interrupted = True
@@ -143,6 +144,7 @@ def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
                 if cfg.early_stop and t.progress.since_best >= cfg.early_stop:
                     t.say(f"early stop: no balanced-accuracy gain for {t.progress.since_best} epochs")
                     break
+                epoch += 1
         summary = summarize(t, interrupted)
         if interrupted:
             explain_interrupt(t, stop.signum)
@@ -274,11 +276,7 @@ def write_run_files(t: Trainer) -> None:
 
 def build_step(t: Trainer) -> TrainStep:
     """DDP wrapper (gradients all-reduced in buckets during backward), then torch.compile."""
-    train_model: nn.Module = t.model
-    if t.info.enabled:
-        device = t.ex.device
-        train_model = nn.parallel.DistributedDataParallel(
-            t.model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model: nn.Module = D.wrap_ddp(t.model, t.info, t.ex.device)  # t.model itself on one process
     compiled = torch.compile(train_model) if t.ex.compile else train_model
     criterion = build_criterion(t.cfg, t.source.labels("train"), len(t.classes)).to(t.ex.device)
     return TrainStep(compiled, train_model, t.optimizer, criterion, t.ex.device, t.ex.amp_dtype, t.scheduler,
@@ -459,7 +457,10 @@ def test_evaluation(t: Trainer) -> dict[str, Any]:
     from hamengine.engine.evaluate import EvalOptions, evaluate_run
 
     start = time.perf_counter()
-    m = evaluate_run(t.run.path, EvalOptions(split="test", tta=t.cfg.test_tta, loader=t.cfg.loader,
+    # --decision val-bias: per-class biases are fitted on val predictions of the best checkpoint (same
+    # TTA), saved in RUN/calibration.json, then applied to the test predictions (eval --fit-bias).
+    fit_bias = Decision(t.cfg.decision) == Decision.VAL_BIAS
+    m = evaluate_run(t.run.path, EvalOptions(split="test", tta=t.cfg.test_tta, loader=t.cfg.loader, fit_bias=fit_bias,
                                              batch_size=t.cfg.batch_size,
                                              workers=t.cfg.workers, device=str(t.ex.device)),
                      progress=t.opts.console.is_terminal)

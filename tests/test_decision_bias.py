@@ -179,3 +179,22 @@ def test_serve_applies_the_bias(serve_run, tmp_path) -> None:
     np.testing.assert_allclose(got, Predictor(run, device="cpu").predict([Image.open(io.BytesIO(jpeg))])[0],
                                atol=1e-6)
     assert info.get("decision") == "val-bias" or "val-bias" in json.dumps(info)
+
+
+def test_train_with_decision_val_bias_fits_and_applies_it(train_pack, tmp_path) -> None:
+    """--decision val-bias is not a no-op at train time: the end of training fits the biases on val
+    (best checkpoint), stores them, and the test evaluation applies them."""
+    from rich.console import Console
+
+    from hamengine.config import TrainConfig
+    from hamengine.engine.train import FitOptions, fit
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(pack=str(train_pack), model="hamnet", epochs=1, batch_size=16, size=64,
+                      max_steps_per_epoch=4, device="cpu", out=str(out), decision="val-bias")
+    fit(cfg, FitOptions(console=Console(file=io.StringIO())))
+    stored = json.loads((out / "calibration.json").read_text())
+    assert len(stored["class_bias"]) == len(CLASSES) and stored["bias_info"]["fitted_on"] == "val"
+    m = json.loads((out / "eval-test" / "metrics.json").read_text())
+    assert m["eval"]["decision"] == "val-bias"
+    assert list(m["eval"]["class_bias"].values()) == pytest.approx(stored["class_bias"])

@@ -63,7 +63,7 @@ def bench_tta(pack: str, recipes: str, budget: str, seeds: str, out: str, source
                    device=device, overrides=overrides)
     # Progress lines go to stderr with --json (stdout is the JSON); fit's own display only without it.
     result = run_bench_tta(spec, log=(lambda m: err_console.print(m, highlight=False)) if as_json else _say(False),
-                           console=None if as_json else console, command=_command_line())
+                           console=err_console if as_json else console, command=_command_line())
     if as_json:
         emit_json(result)
         return
