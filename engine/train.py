@@ -341,7 +341,8 @@ def train_one_epoch(t: Trainer, epoch: int, display: LiveDisplay, stop: StopRequ
         # Stop requests are checked together on all ranks so that DDP never waits on a rank that left.
         # Never in the first epoch: without a finished epoch there is no checkpoint to test.
         over = t.budget is not None and epoch > 0 and t.budget.expired()
-        if (not info.enabled or n % 10 == 0) and D.any_rank(stop() or over, info, device):
+        # Under DDP any_rank is an all-reduce read on the host: a sync, so only every sync_every steps.
+        if (not info.enabled or n % sync_every == 0) and D.any_rank(stop() or over, info, device):
             budget_stop = not stop()
             interrupted = n < total and not budget_stop
             break

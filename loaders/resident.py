@@ -9,7 +9,8 @@ eval is then an exact slice (identical to the torch loader's resize + center cro
 the smallest that still holds the whole eval view, and a batch gathers the fewest bytes; train
 crops (area >= 35%) are upsampled at most ~1.7x from it.
 
-Disk cache: PACK/cache/ (or cfg.cache_dir) `resident-<split>-<pack fingerprint>-<H>x<W>.npy`,
+Disk cache: PACK/cache/ (or cfg.cache_dir) `resident-v<N>-<split>-<pack fingerprint>-<H>x<W>-<decoder>.npy`
+(decoder: libjpeg on CPU threads, nvjpeg on CUDA; caches from different decoders are never mixed),
 written through a temp file + fsync + os.replace, so a second run starts without decoding and a
 half-written cache is never read. Building it from a pack verifies the split's shard hashes first.
 
@@ -18,7 +19,9 @@ rotation + flips (augment.warp_*) -> colour jitter + normalize as one batched 3x
 Crop-flip on CPU (no rotation, no jitter) skips grid_sample: bilinear resampling of an axis-aligned
 box is separable, so augment.crop_flip_separable gathers + blends the 2 source rows of each output
 row straight from the uint8 cache, then the 2 columns of each output column (~2x cheaper).
-On a GPU the parameters are drawn by a CUDA generator: only the batch's indices cross to the device.
+Augmentation parameters are drawn on the CPU (one generator per batch, seeded from (seed, epoch, rank,
+k)) and cross to a GPU in one pinned non_blocking copy, with the batch's indices: no host sync per
+batch, and a CUDA run augments exactly as a CPU run does.
 """
 from __future__ import annotations
 
@@ -78,9 +81,15 @@ def fit_to_cache(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return img
 
 
-def cache_path(pack: Pack, split: str, h: int, w: int, cache_dir: str | None) -> Path:
+def decoder_name(device: torch.device) -> str:
+    """Which JPEG decoder fills the cache: decoders differ within JPEG tolerance, so caches built by
+    different decoders are never mixed (the name is part of the cache file's name)."""
+    return "nvjpeg" if torch.device(device).type == "cuda" else "libjpeg"
+
+
+def cache_path(pack: Pack, split: str, h: int, w: int, cache_dir: str | None, decoder: str = "libjpeg") -> Path:
     root = Path(cache_dir) if cache_dir else pack.path / "cache"
-    return root / f"resident-v{CACHE_VERSION}-{split}-{pack.fingerprint[:20]}-{h}x{w}.npy"
+    return root / f"resident-v{CACHE_VERSION}-{split}-{pack.fingerprint[:20]}-{h}x{w}-{decoder}.npy"
 
 
 def _progress(total: int, label: str):
@@ -106,6 +115,11 @@ def decode_split(pack: Pack, split: str, h: int, w: int, device: torch.device, w
             imgs = decode_jpeg(bufs, mode=ImageReadMode.RGB, device=device)
             for i, img in zip(range(start, stop), imgs, strict=True):
                 out[i] = fit_to_cache(img, h, w)
+            # torchvision's CUDA decode_jpeg runs on its own stream, unordered with ours
+            # (pytorch/vision#9606): before the chunk's decoded tensors are freed (and their memory
+            # reused by the next chunk while our resizes may still be queued), wait for both streams.
+            # One sync per 64 images, at cache build only: never in the training loop.
+            torch.cuda.synchronize(device)
         else:  # torch ops release the GIL: threads decode in parallel
             for i in range(start, stop):
                 out[i] = fit_to_cache(_decode(pack.jpeg(split, i)), h, w)
@@ -132,7 +146,7 @@ def load_or_build_cache(pack: Pack, split: str, size: int, device: torch.device,
                         workers: int, verify: bool = True) -> torch.Tensor:
     """The split's uint8 cache on `device`, from disk when present, else decoded (and saved)."""
     h, w = cache_shape(pack, split, size)
-    path = cache_path(pack, split, h, w, cfg.cache_dir)
+    path = cache_path(pack, split, h, w, cfg.cache_dir, decoder_name(device))
     n = pack.num_samples(split)
     if path.is_file():
         try:
@@ -193,7 +207,8 @@ class BatchMaker:
         n = idx.shape[0]
         h, w = self.hw
         aug, s = self.aug, self.size
-        p = augment_mod.sample_params(gen, n, h, w, aug)
+        # Drawn on the CPU, then ONE pinned non_blocking copy to the cache's device: no host sync per batch.
+        p = augment_mod.params_to(augment_mod.sample_params(gen, n, h, w, aug), self.cache.device)
         if not aug.rotation and not aug.has_jitter and self.cache.device.type == "cpu":
             # crop + resize + flips only: two separable 1-D lerp passes straight from the uint8
             # cache (several times cheaper than index_select + float copy + grid_sample on CPU).
@@ -219,7 +234,7 @@ class BatchMaker:
             out.share_memory_()
         with torch.no_grad():
             if self.augment:
-                gen = torch.Generator(device=self.cache.device)
+                gen = torch.Generator()  # CPU draws: the same values on every device (augment.params_to)
                 gen.manual_seed(mix_seed(self.seed, epoch, self.rank, k, 0xA06))
                 images = self.train_batch(idx, gen, out)
             else:

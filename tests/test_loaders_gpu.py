@@ -75,3 +75,16 @@ def test_resident_gpu_cache_and_determinism(pack_path, tmp_path):
     xb = torch.cat([x.float() for x, _ in b])
     assert torch.equal(xa, xb)
     assert len(list(tmp_path.glob("*.npy"))) == 1
+
+
+def test_resident_cache_gpu_decoded_equals_cpu_decoded(pack_path, tmp_path):
+    """nvJPEG on CUDA (ordered with our stream, pytorch/vision#9606) vs libjpeg on CPU threads: the
+    same pixels within decoder tolerance, in two cache files named by their decoder."""
+    pack = Pack(pack_path)
+    c = cfg("resident", cache_dir=str(tmp_path), dtype="fp32")
+    gpu = build_loader(pack, "val", c, "cuda").cache.cpu().float()
+    cpu = build_loader(pack, "val", c, "cpu").cache.float()
+    assert gpu.shape == cpu.shape
+    assert (gpu - cpu).abs().mean() < 2.0  # uint8 levels: a few at most, from decoder rounding
+    names = sorted(p.name for p in tmp_path.glob("*.npy"))
+    assert len(names) == 2 and names[0].endswith("-libjpeg.npy") and names[1].endswith("-nvjpeg.npy")

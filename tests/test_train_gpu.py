@@ -40,3 +40,32 @@ def test_bench_train_on_gpu(pack):
                       loader=LoaderKind.RESIDENT, compile=CompileMode.OFF)
     res = run_bench_train(cfg, steps=5, warmup=2, log=lambda m: None)
     assert res["img_per_s"] > 0 and 0 < res["stall_ratio"] and res["channels_last"] is True
+
+
+@pytest.mark.parametrize("loader", ["resident", "dali"])
+def test_no_host_sync_inside_training_steps(pack, tmp_path, loader):
+    """Between logging steps the loop makes no host sync: batches from the loader and the whole step
+    (forward, backward, AdamW, scheduler, EMA) run under torch.cuda.set_sync_debug_mode("error")."""
+    from hamengine.engine import train as T
+    from hamengine.engine.data import PackSource
+    from hamengine.engine.distributed import DistInfo
+
+    cfg = TrainConfig(pack=str(pack), model="resnet18", epochs=1, batch_size=16, size=64, device="cuda",
+                      loader=LoaderKind(loader), compile=CompileMode.OFF, ema=0.999, out=str(tmp_path / "run"))
+    from hamengine.engine.train import FitOptions
+
+    loaders: list = []
+    t = T.setup(cfg, FitOptions(console=Console(file=io.StringIO()), source=PackSource(cfg.pack)),
+                DistInfo(), torch.device("cuda"), loaders)
+    it = iter(t.train_loader)
+    for _ in range(3):  # warm-up: allocator, cuDNN autotuning, lazy optimizer state
+        t.step(*next(it))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [t.step(*next(it)) for _ in range(4)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(x).item() for x in losses)
+    for ld in loaders:
+        ld.close()
