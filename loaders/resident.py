@@ -48,6 +48,7 @@ from hamengine.loaders.base import (
     verify_shards,
 )
 from hamengine.loaders.records import Pack, PackError
+from hamengine.loaders.stream import StreamPrefetcher
 
 CACHE_VERSION = 1
 
@@ -306,6 +307,9 @@ class ResidentLoader(Loader):
             for images, labels in self._dl:
                 yield self.finish(images), labels
             return
+        yield from StreamPrefetcher(self._in_process, self.device)  # GPU: batch k+1 built while step k runs
+
+    def _in_process(self) -> Iterator[Batch]:
         for k, b in enumerate(self.plan().batches()):
             images, labels = self.maker(self.epoch, k, b)
             yield self.finish(images), labels

@@ -217,3 +217,42 @@ def test_bench_train_dali_and_a_failing_loader(monkeypatch, loader_pack):
     res = run_bench_train(cfg(LoaderKind.RESIDENT), steps=1, warmup=1)
     assert res["error"] == "RuntimeError: simulated loader failure"
     assert res["img_per_s"] is None and res["synthetic_img_per_s"] > 0
+
+
+def test_stream_prefetcher_same_items_same_order_one_ahead():
+    """The wrapper runs one item ahead (item k+1 is produced before item k is handed over) and still
+    yields every item once, in order; an early break leaves the source unfinished."""
+    from hamengine.loaders.stream import StreamPrefetcher
+
+    produced: list[int] = []
+
+    def source():
+        for k in range(5):
+            produced.append(k)
+            yield torch.full((2,), k), k
+
+    seen = []
+    for x, k in StreamPrefetcher(source, torch.device("cpu")):
+        seen.append(k)
+        assert torch.equal(x, torch.full((2,), k))
+        assert produced[-1] == min(k + 1, 4)  # the next one is already built
+    assert seen == list(range(5))
+    produced.clear()
+    for _x, k in StreamPrefetcher(source, torch.device("cpu")):
+        if k == 1:
+            break
+    assert produced == [0, 1, 2]
+
+
+def test_resident_in_process_batches_unchanged_by_the_prefetcher(loader_pack):
+    from hamengine.loaders import build_loader
+
+    ld = build_loader(Pack(loader_pack), "train", LoaderConfig(kind="resident", size=32, batch_size=8, workers=1,
+                                                               dtype="fp32", seed=2), "cpu")
+    ld.set_epoch(1)
+    direct = [(x.clone(), y.clone()) for x, y in ld._in_process()]
+    wrapped = list(ld)
+    assert len(direct) == len(wrapped) == len(ld)
+    for (a, ya), (b, yb) in zip(direct, wrapped, strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    ld.close()

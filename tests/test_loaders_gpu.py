@@ -88,3 +88,17 @@ def test_resident_cache_gpu_decoded_equals_cpu_decoded(pack_path, tmp_path):
     assert (gpu - cpu).abs().mean() < 2.0  # uint8 levels: a few at most, from decoder rounding
     names = sorted(p.name for p in tmp_path.glob("*.npy"))
     assert len(names) == 2 and names[0].endswith("-libjpeg.npy") and names[1].endswith("-nvjpeg.npy")
+
+
+def test_resident_side_stream_prefetch_matches_in_order_building(pack_path, tmp_path):
+    """Batch k+1 built on a side stream while batch k is consumed: the same batches as building each
+    one on the main stream when asked."""
+    pack = Pack(pack_path)
+    ld = build_loader(pack, "train", cfg("resident", cache_dir=str(tmp_path), seed=5), "cuda")
+    ld.set_epoch(2)
+    direct = [(x.float().cpu(), y.cpu()) for x, y in ld._in_process()]
+    wrapped = [(x.float() * 1, y) for x, y in ld]  # consumed on the main stream, as a step does
+    wrapped = [(x.cpu(), y.cpu()) for x, y in wrapped]
+    assert len(direct) == len(wrapped)
+    for (a, ya), (b, yb) in zip(direct, wrapped, strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
