@@ -46,8 +46,10 @@ def tree_cpu_seconds(pid: int | None = None) -> float:
 
 
 def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device: str, batches: int,
-                warmup: int) -> dict[str, Any]:
-    """Build one loader, skip `warmup` batches, time the next `batches` (epochs wrap as needed)."""
+                warmup: int, min_seconds: float = 0.0) -> dict[str, Any]:
+    """Build one loader, skip `warmup` batches, time the next `batches` and then more until the timed
+    batches add up to `min_seconds` (epochs wrap as needed): at 20,000+ img/s, 20 batches last well
+    under a second, too short to measure a rate rather than guess it."""
     import torch
 
     from hamengine.config import LoaderConfig
@@ -64,7 +66,10 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
     epoch = 0
     cpu0 = tree_cpu_seconds() if warmup == 0 else None
     try:
-        while len(lat) < batches:
+        def done() -> bool:
+            return len(lat) >= batches and sum(lat) >= min_seconds
+
+        while not done():
             loader.set_epoch(epoch)
             last = time.perf_counter()
             seen = 0
@@ -80,7 +85,7 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
                 else:
                     lat.append(now - last)
                     images += int(x.shape[0])
-                    if len(lat) >= batches:
+                    if done():
                         cpu_s = tree_cpu_seconds() - (cpu0 or 0.0)
                         break
                 last = time.perf_counter()
@@ -142,6 +147,7 @@ class LoaderBench:
     size: int = 224
     batches: int = 20
     warmup: int = 3
+    min_seconds: float = 0.0  # keep timing batches until they add up to this
     workers: int = 0
     device: str = "auto"
     dtype: str = "bf16"
@@ -171,7 +177,8 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
     for kind in kinds:
         log(f"timing {kind} ...")
         try:
-            results.append(time_loader(kind, b.pack, b.split, cfg_kw, b.device, b.batches, b.warmup))
+            results.append(time_loader(kind, b.pack, b.split, cfg_kw, b.device, b.batches, b.warmup,
+                                       b.min_seconds))
         except Exception as e:  # noqa: BLE001 -- one broken kind (build or a batch) must not cost the others' numbers
             log(f"loader {kind} failed: {type(e).__name__}: {e}")
             results.append(failed_result(kind, e))
@@ -194,4 +201,4 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
     if plot:
         plot_results(ok, b.aug, plot, f"{hw.get('cpus')} CPUs" + (f", {hw['gpu']}" if hw.get("gpu") else ""))
     return {"results": results, "aug": b.aug, "split": b.split, "batch_size": b.batch_size, "size": b.size,
-            "batches": b.batches, "warmup": b.warmup, "hardware": hw, "notes": notes}
+            "batches": b.batches, "warmup": b.warmup, "min_seconds": b.min_seconds, "hardware": hw, "notes": notes}

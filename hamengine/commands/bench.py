@@ -106,6 +106,9 @@ def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir
               help="Timed batches per loader, after the warm-up.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(0),
               help="Batches read before timing starts (worker start-up, caches, allocator).")
+@click.option("--min-seconds", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Keep timing batches past --batches until they add up to this many seconds (fast "
+                   "loaders on a GPU: 2 s measures 20,000+ img/s instead of guessing it).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
               help="Worker processes / threads per loader; 0 = all cores.")
 @click.option("--device", default="auto", show_default=True, help="Where batches go: auto, cpu, cuda, cuda:N.")
@@ -115,8 +118,8 @@ def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Also write a bar plot of images/s (PNG) to this file.")
 def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: str, batch_size: int, size: int,
-                 batches: int, warmup: int, workers: int, device: str, dtype: str, as_json: bool,
-                 plot: str | None) -> None:
+                 batches: int, warmup: int, min_seconds: float, workers: int, device: str, dtype: str,
+                 as_json: bool, plot: str | None) -> None:
     """Time each loader over the same pack, same images, same cores: images/s, p50/p99 batch latency,
     CPU per image, ratios to `folder` and to `ffcv`."""
     from hamengine.bench.loader import LoaderBench, run_bench_loader
@@ -124,7 +127,7 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
     kinds = [k.strip() for k in loaders.split(",") if k.strip()]
     out = run_bench_loader(LoaderBench(pack=pack, kinds=kinds, source=source, split=split, aug=aug,
                                        batch_size=batch_size, size=size, batches=batches, warmup=warmup,
-                                       workers=workers, device=device, dtype=dtype),
+                                       min_seconds=min_seconds, workers=workers, device=device, dtype=dtype),
                            plot=plot, log=_say(as_json))
     for note in out["notes"]:
         err_console.print(note, highlight=False)
