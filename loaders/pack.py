@@ -32,6 +32,7 @@ from hamengine.fileio import atomic_write_bytes
 from hamengine.hooks import fire
 from hamengine.loaders import ffcv_record, packdir, split
 from hamengine.loaders.imaging import BadImage, ImagePolicy, process
+from hamengine.loaders.metadata import FIELDS, fit_schema
 from hamengine.loaders.records import FORMAT, VERSION, Pack, PackError, manifest_bytes
 from hamengine.loaders.sources import ZIP_PREFIX, load_source, read_image_bytes
 from hamengine.loaders.tario import ShardWriter, archive_bytes, index_path_for, index_text, member_bytes
@@ -317,6 +318,8 @@ def _pack_dataset(cfg: PackConfig, progress: bool, log: Callable[[str], None] | 
         "recipe_sha256": recipe_sha,
         "shards": w.shards,
         "splits": split.summarize(df[w.written].reset_index(drop=True), splits[w.written]),
+        # Model-input metadata (loaders/metadata.py): vocabularies and age statistics of the train split only.
+        "metadata": fit_schema(df[w.written & (splits == "train")][list(FIELDS)].to_dict("records")).record(),
         "skipped": [{"image_id": str(df["image_id"].iat[p]), "file": _display_ref(src.root, refs[p]),
                      "reason": why} for p, why in w.bad],
         "converted": dict(sorted(w.conversions.items())),

@@ -15,12 +15,15 @@ import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hamengine.errors import UserError
 from hamengine.loaders.tario import TarIndexError, index_path_for, read_index
+
+if TYPE_CHECKING:
+    from hamengine.loaders.metadata import MetaSchema
 
 FORMAT = "hamengine-pack"
 VERSION = 1
@@ -241,6 +244,16 @@ class Pack:
 
     def metadata(self, split: str) -> list[dict[str, Any]]:
         return [self.meta(split, i) for i in range(self.num_samples(split))]
+
+    def meta_schema(self) -> MetaSchema:
+        """The metadata encoding of this pack: the manifest's `metadata` record (packs written before it
+        existed: fitted now from the train split's rows, as `pack` would have)."""
+        from hamengine.loaders.metadata import MetaSchema, fit_schema
+
+        rec = self.manifest.get("metadata")
+        if rec is not None:
+            return MetaSchema.from_record(rec)
+        return fit_schema(self.metadata("train") if "train" in self.manifest["splits"] else [])
 
     # -- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
