@@ -8,17 +8,20 @@
 #
 # Steps (each one timed and bounded; a failing step is recorded in OUT/status.tsv and the rest goes on):
 #   1. environment record (nvidia-smi, torch, CUDA)           -> OUT/env.txt
-#   2. DALI from offline wheel parts when DALI_WHEEL is given (a wheel, or a glob of split parts
-#      `*.whl.part-*` concatenated in name order) and DALI is not importable
+#   2. DALI, when it is not importable: OFFLINE_WHEELS=PARTS (the folder of part-NN + SHA256 that
+#      `offline-wheels.sh prepare` makes: DALI with optree, makefun, nvtx, nvImageCodec, nvCOMP) is
+#      installed with that script into WORK/site and put on PYTHONPATH. (DALI_WHEEL, the DALI wheel
+#      alone with --no-deps, is a last resort: DALI 2.4 then fails to import its dependencies.)
+#      Either way the install is checked by building a DALI pipeline (step dali_check).
 #   3. the project: pip install --no-deps --no-build-isolation -e . ; fallback: a symlink shim on PYTHONPATH
-#   4. pytest -m gpu                                           -> OUT/pytest-gpu.xml
+#   4. (after 7) pytest -m gpu                                 -> OUT/pytest-gpu.xml
 #   5. synth N_IMAGES (default 3000) 600x450 images, pack at 256 px
 #   6. bench loader: dali,resident,torch,folder at 224        -> OUT/bench_loader.json
 #   7. bench train: resnet50 and resnet18 at 224, bf16, channels_last, compiled; loaders dali and
 #      resident                                               -> OUT/bench_train_<model>_<loader>.json
 #   8. a short end-to-end `hamengine train` smoke run         -> OUT/train_smoke.json
 #   9. summary table                                          -> OUT/summary.md, OUT/summary.json
-# Environment: PY (python, default python3), DALI_WHEEL, SKIP_INSTALL (project already installed), N_IMAGES, BATCH (bench train batch, default
+# Environment: PY (python, default python3), OFFLINE_WHEELS, DALI_WHEEL, SKIP_INSTALL (project already installed), N_IMAGES, BATCH (bench train batch, default
 # 256), SUITE_BUDGET (seconds for the whole suite, default 470: under 8 minutes on one H100).
 set -euo pipefail
 
@@ -98,8 +101,14 @@ install_dali() {
     fi
     "$PY" -m pip install --no-index --no-deps "$wheel"
 }
+install_offline() {
+    bash "$OFFLINE_WHEELS/offline-wheels.sh" install "$OFFLINE_WHEELS" "$WORK/site"
+}
 if ! "$PY" -c 'import nvidia.dali' >/dev/null 2>&1; then
-    if [[ -n ${DALI_WHEEL:-} ]]; then
+    if [[ -n ${OFFLINE_WHEELS:-} ]]; then
+        step dali_install 180 install_offline
+        export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    elif [[ -n ${DALI_WHEEL:-} ]]; then
         step dali_install 120 install_dali
     else
         log "DALI not importable and DALI_WHEEL not given: dali steps will fail and be recorded"
@@ -128,8 +137,12 @@ else
 fi
 HAM=("$PY" -m hamengine)
 
-# 4. GPU tests
-step pytest_gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest-gpu.xml" "$REPO/tests"
+# DALI is usable only when a pipeline builds and runs (imports alone miss nvImageCodec / nvCOMP).
+step dali_check 60 "$PY" -c 'from hamengine.loaders.build import dali_status
+s = dali_status()
+print(s or "DALI builds and runs a pipeline")
+raise SystemExit(1 if s else 0)'
+
 
 # 5. data
 step synth 120 "${HAM[@]}" synth --out "$WORK/synth" --n "$N_IMAGES" --size "$IMG" --json
@@ -149,6 +162,9 @@ for model in resnet50 resnet18; do
             --compile "$COMPILE" --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" --out "$OUT/bench_train_${model}_${loader}.json"
     done
 done
+
+# GPU tests, after the headline numbers (a hang here cannot cost them)
+step pytest_gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest-gpu.xml" "$REPO/tests"
 
 # 8. end to end: train (compiled, bf16, channels_last by default on CUDA) + test evaluation
 step train_smoke 120 bash -c "$(printf '%q ' "${HAM[@]}") train --pack $(printf '%q' "$PACK") --model resnet18 \
