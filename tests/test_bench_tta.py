@@ -162,3 +162,16 @@ def test_end_to_end_baseline_reads_the_originals(loader_pack, synth_source, tmp_
     assert by_recipe["fast"]["loader"] != "folder"
     assert set(result["recipes"]) == {"baseline", "fast"}
     assert (out / "tta.png").stat().st_size > 0
+
+
+def test_size_override_keeps_a_progressive_floor_below_it(monkeypatch, tmp_path):
+    """--size drops a recipe's progressive floor only when the floor is not below the new size."""
+    from hamengine import recipes
+    from hamengine.bench.tta import build_config
+
+    monkeypatch.setitem(recipes.RECIPES, "prog", {"size": 128, "progressive_min_size": 96})
+    spec = lambda size: TTASpec(pack=str(tmp_path), out=str(tmp_path / "o"), budget="1m",  # noqa: E731
+                                overrides={"size": size})
+    assert build_config(spec(128), "prog", 0).progressive_min_size == 96
+    assert build_config(spec(96), "prog", 0).progressive_min_size == 0
+    assert build_config(spec(64), "prog", 0).size == 64

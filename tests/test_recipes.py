@@ -35,7 +35,7 @@ def test_every_recipe_builds_a_valid_config():
         cfg.check()
         assert cfg.recipe == name
     fast = from_dict(TrainConfig, apply_recipe("fast", {}))
-    assert fast.model == "resnet18" and fast.size == 128 and fast.progressive_min_size == 96
+    assert fast.model == "resnet18" and fast.size == 128 and fast.progressive_min_size == 0
     assert str(fast.schedule) == "onecycle" and fast.ema == 0.999
     assert from_dict(TrainConfig, apply_recipe("default", {})) == TrainConfig()
     with pytest.raises(ConfigError, match="known: default, fast, baseline"):

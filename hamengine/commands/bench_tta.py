@@ -56,8 +56,7 @@ def bench_tta(pack: str, recipes: str, budget: str, seeds: str, out: str, source
     if model:
         overrides["model"] = model
     if size:
-        overrides["size"] = size
-        overrides["progressive_min_size"] = 0  # a recipe's progressive floor may exceed a small override
+        overrides["size"] = size  # a recipe's progressive floor at or above it is dropped (bench/tta.build_config)
     spec = TTASpec(pack=pack, out=out, budget=budget, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
                    seeds=_int_list("--seeds", seeds), targets=_float_list("--targets", targets), source=source,
                    device=device, overrides=overrides)
