@@ -23,7 +23,7 @@ import pandas as pd
 from hamengine.config import CLASSES
 from hamengine.errors import UserError
 from hamengine.fileio import atomic_write_bytes
-from hamengine.loaders.synth_draw import draw_image
+from hamengine.loaders.synth_draw import REALISMS, draw_image
 
 SYNTH_VERSION = 1  # bump whenever the drawing or the metadata changes: old outputs then differ
 METADATA_NAME = "HAM10000_metadata.csv"
@@ -84,9 +84,13 @@ class SynthParams:
     size: tuple[int, int]
     masks: bool
     version: int = SYNTH_VERSION
+    realism: str = "light"  # synth_draw.REALISMS
 
     def to_json(self) -> dict:
-        return {"generator": "hamengine synth", **asdict(self), "size": list(self.size)}
+        d = {"generator": "hamengine synth", **asdict(self), "size": list(self.size)}
+        if self.realism == "light":  # markers written before --realism existed stay valid for resume
+            d.pop("realism")
+        return d
 
 
 def class_counts(n: int) -> dict[str, int]:
@@ -171,10 +175,11 @@ class _Task:
     mask_file: str | None
 
 
-def _draw_chunk(seed: int, size: tuple[int, int], tasks: list[_Task]) -> int:
+def _draw_chunk(seed: int, size: tuple[int, int], tasks: list[_Task], realism: str = "light") -> int:
     """Worker: draw and write a chunk of images; returns how many were written."""
     for t in tasks:
-        jpeg, mask = draw_image(t.dx, seed, t.lesion_number, t.image_number, size, t.mask_file is not None)
+        jpeg, mask = draw_image(t.dx, seed, t.lesion_number, t.image_number, size, t.mask_file is not None,
+                                realism)
         atomic_write_bytes(t.path, jpeg, fsync=False)
         if t.mask_file is not None and mask is not None:
             atomic_write_bytes(t.mask_file, mask, fsync=False)
@@ -223,7 +228,8 @@ def _mp_context():
     return mp.get_context("spawn")
 
 
-def _run_tasks(seed: int, size: tuple[int, int], tasks: list[_Task], workers: int, progress: bool) -> None:
+def _run_tasks(seed: int, size: tuple[int, int], tasks: list[_Task], workers: int, progress: bool,
+               realism: str = "light") -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -236,12 +242,12 @@ def _run_tasks(seed: int, size: tuple[int, int], tasks: list[_Task], workers: in
         with bar:
             tid = bar.add_task("synth", total=len(tasks), rate="")
             for c in chunks:
-                bar.update(tid, advance=_draw_chunk(seed, size, c),
+                bar.update(tid, advance=_draw_chunk(seed, size, c, realism),
                            rate=f"{bar.tasks[0].completed / (time.perf_counter() - start):.0f} img/s")
         return
     # Submit everything before the progress bar starts its refresh thread (fork + threads don't mix).
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=_mp_context()) as pool:
-        futures = [pool.submit(_draw_chunk, seed, size, c) for c in chunks]
+        futures = [pool.submit(_draw_chunk, seed, size, c, realism) for c in chunks]
         try:
             with bar:
                 tid = bar.add_task("synth", total=len(tasks), rate="")
@@ -256,7 +262,8 @@ def _run_tasks(seed: int, size: tuple[int, int], tasks: list[_Task], workers: in
 
 
 def synthesize(out: str | Path, n: int = REAL_IMAGES, seed: int = 0, size: tuple[int, int] = (600, 450),
-               workers: int = 0, progress: bool = True, masks: bool = False, force: bool = False) -> Path:
+               workers: int = 0, progress: bool = True, masks: bool = False, force: bool = False,
+               realism: str = "light") -> Path:
     """Write a synthetic HAM10000 of n images (Kaggle layout) to `out` and return its path.
 
     Same n/seed/size -> byte-identical files for any `workers` (0 = all cores). With masks=True,
@@ -268,7 +275,9 @@ def synthesize(out: str | Path, n: int = REAL_IMAGES, seed: int = 0, size: tuple
         raise SynthError(f"--size {width}x{height} is too small: use at least 16x16 (HAM10000 is 600x450)")
     if seed < 0:
         raise SynthError(f"--seed {seed} must be >= 0")
-    params = SynthParams(n=int(n), seed=int(seed), size=(width, height), masks=bool(masks))
+    if realism not in REALISMS:
+        raise SynthError(f"--realism {realism!r} is not one of: {', '.join(REALISMS)}")
+    params = SynthParams(n=int(n), seed=int(seed), size=(width, height), masks=bool(masks), realism=realism)
     meta = synth_metadata(params.n, params.seed)  # also validates n
     out = Path(out)
     _prepare_out(out, params, force)
@@ -291,7 +300,7 @@ def synthesize(out: str | Path, n: int = REAL_IMAGES, seed: int = 0, size: tuple
         tasks.append(_Task(row.dx, int(row.lesion_id[4:]), number, str(path), str(mask) if mask else None))
     if tasks:
         workers = workers if workers and workers > 0 else len(os.sched_getaffinity(0))
-        _run_tasks(params.seed, params.size, tasks, workers, progress)
+        _run_tasks(params.seed, params.size, tasks, workers, progress, params.realism)
 
     # Images reach the disk before the CSV that declares the dataset complete. One sync of
     # everything costs far less than an fsync per image (10,015 journal commits).
@@ -307,4 +316,10 @@ def synth_summary(out: str | Path) -> dict:
     marker = _read_marker(out) or {}
     return {"out": str(out), "images": int(len(df)), "lesions": int(df["lesion_id"].nunique()),
             "classes": {dx: int((df["dx"] == dx).sum()) for dx in CLASSES},
-            "seed": marker.get("seed"), "size": marker.get("size"), "masks": marker.get("masks")}
+            "seed": marker.get("seed"), "size": marker.get("size"), "masks": marker.get("masks"),
+            "realism": marker.get("realism", "light"), "mean_jpeg_bytes": _mean_jpeg_bytes(out)}
+
+
+def _mean_jpeg_bytes(out: Path) -> int | None:
+    sizes = [p.stat().st_size for d in PART_DIRS for p in (out / d).glob("*.jpg")]
+    return round(sum(sizes) / len(sizes)) if sizes else None

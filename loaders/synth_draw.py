@@ -20,6 +20,12 @@ from PIL import Image, ImageDraw
 
 WORK_MAX_SIDE = 320  # longer side of the drawing canvas; the result is upscaled to the output size
 JPEG_QUALITY = 90
+# --realism real: encode as the HAM10000 originals are (quality 100, all-ones quantization tables,
+# 4:4:4 chroma) with faint sensor grain, so a 600x450 file weighs about what a real one does
+# (about 270 KB, measured on real originals; the light default is about 30 KB) and the per-file
+# baseline pays on synthetic data what it pays on real data.
+REAL_GRAIN = 0.005  # sd of per-pixel luma grain in [0, 1] units (chroma grain: half of it)
+REALISMS = ("light", "real")
 _KIND_LESION, _KIND_IMAGE = 1, 2
 
 RGB = tuple[float, float, float]
@@ -298,9 +304,21 @@ def _hairs(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     return np.asarray(canvas, np.float32) / 255.0
 
 
+def add_grain(img: Image.Image, seed: int, image_number: int) -> Image.Image:
+    """Sensor-like grain, from its own generator: the drawing itself is the same in both realisms."""
+    rng = np.random.default_rng([seed, image_number, 0x6A1])
+    x = np.asarray(img, np.float32) / 255.0
+    x = x + rng.standard_normal(x.shape[:2], dtype=np.float32)[..., None] * REAL_GRAIN
+    x = x + rng.standard_normal(x.shape, dtype=np.float32) * (REAL_GRAIN / 2)
+    return Image.fromarray((np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
+
+
 def draw_image(dx: str, seed: int, lesion_number: int, image_number: int, size: tuple[int, int],
-               with_mask: bool = False) -> tuple[bytes, bytes | None]:
-    """One image: (baseline JPEG bytes of `size` = (width, height), PNG lesion-mask bytes or None)."""
+               with_mask: bool = False, realism: str = "light") -> tuple[bytes, bytes | None]:
+    """One image: (baseline JPEG bytes of `size` = (width, height), PNG lesion-mask bytes or None).
+    realism "light": quality 90 4:2:0 (small, fast files); "real": as heavy as HAM10000's originals."""
+    if realism not in REALISMS:
+        raise ValueError(f"realism {realism!r} is not one of {', '.join(REALISMS)}")
     out_w, out_h = size
     w, h = work_size(size)
     lrng, vrng = lesion_rng(seed, lesion_number), image_rng(seed, image_number)
@@ -367,7 +385,11 @@ def draw_image(dx: str, seed: int, lesion_number: int, image_number: int, size: 
     if img.size != (out_w, out_h):
         img = img.resize((out_w, out_h), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=JPEG_QUALITY, progressive=False, optimize=False)
+    if realism == "real":
+        add_grain(img, seed, image_number).save(buf, "JPEG", quality=100, subsampling=0, progressive=False,
+                                                optimize=False)
+    else:
+        img.save(buf, "JPEG", quality=JPEG_QUALITY, progressive=False, optimize=False)
 
     mask_png = None
     if with_mask:

@@ -225,3 +225,26 @@ def test_colour_histograms_separate_classes_imperfectly():
                              cv=StratifiedKFold(4, shuffle=True, random_state=0))
     bacc = balanced_accuracy_score(y, pred)
     assert 0.4 < bacc < 0.97, bacc
+
+
+def test_realism_real_weighs_like_the_originals_and_light_is_unchanged(tmp_path):
+    """--realism real: quality 100, 4:4:4, faint grain -> about HAM10000's ~270 KB at 600x450; the
+    light default is byte-identical with or without the option (same drawing, own grain generator)."""
+    from hamengine.loaders.synth import synth_summary, synthesize
+    from hamengine.loaders.synth_draw import draw_image
+
+    light, _ = draw_image("mel", 0, 3, 3, (600, 450))
+    assert draw_image("mel", 0, 3, 3, (600, 450), realism="light")[0] == light
+    real, _ = draw_image("mel", 0, 3, 3, (600, 450), realism="real")
+    assert draw_image("mel", 0, 3, 3, (600, 450), realism="real")[0] == real  # deterministic
+    assert 150_000 < len(real) < 450_000 and len(light) < 80_000
+    im = Image.open(io.BytesIO(real))
+    assert set(im.quantization[0]) == {1} and im.layer[0][1:3] == im.layer[1][1:3] == (1, 1)  # q100, 4:4:4
+    a = np.asarray(Image.open(io.BytesIO(light)), np.float32)
+    b = np.asarray(im, np.float32)
+    assert np.abs(a - b).mean() < 6  # the same picture under the grain and the encoder
+    out = synthesize(tmp_path / "s", n=20, seed=1, size=(600, 450), workers=1, progress=False, realism="real")
+    s = synth_summary(out)
+    assert s["realism"] == "real" and 150_000 < s["mean_jpeg_bytes"] < 450_000
+    with pytest.raises(Exception, match="realism"):
+        synthesize(tmp_path / "t", n=20, realism="heavy", progress=False)
