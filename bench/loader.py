@@ -65,10 +65,12 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
     images = 0
     epoch = 0
     cpu0 = tree_cpu_seconds() if warmup == 0 else None
-    try:
-        def done() -> bool:
-            return len(lat) >= batches and sum(lat) >= min_seconds
+    timed = 0.0  # sum(lat), kept as it grows
 
+    def done() -> bool:
+        return len(lat) >= batches and timed >= min_seconds
+
+    try:
         while not done():
             loader.set_epoch(epoch)
             last = time.perf_counter()
@@ -84,6 +86,7 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
                         cpu0 = tree_cpu_seconds()
                 else:
                     lat.append(now - last)
+                    timed += now - last
                     images += int(x.shape[0])
                     if done():
                         cpu_s = tree_cpu_seconds() - (cpu0 or 0.0)

@@ -155,10 +155,7 @@ def build_config(spec: TTASpec, recipe: str, seed: int):
 
     data = {**spec.overrides, "pack": str(spec.pack), "out": str(run_path(spec, recipe, seed)),
             "budget": spec.budget, "seed": seed, "device": spec.device}
-    cfg = apply_recipe(recipe, data)
-    if cfg.get("progressive_min_size", 0) >= cfg.get("size", TrainConfig.size):
-        cfg["progressive_min_size"] = 0  # a --size override at or below the recipe's progressive floor
-    return from_dict(TrainConfig, cfg, where=f"recipe {recipe}")
+    return from_dict(TrainConfig, apply_recipe(recipe, data), where=f"recipe {recipe}")
 
 
 def run_one(spec: TTASpec, recipe: str, seed: int, console=None) -> dict[str, Any]:

@@ -51,5 +51,9 @@ def apply_recipe(name: str, data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in RECIPES[name].items()}
     for k, v in data.items():
         out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    # A recipe's progressive-resizing floor belongs to the recipe's own size: when a flag or file sets
+    # the size at or below it (and not the floor itself), the recipe's floor is dropped.
+    if "progressive_min_size" not in data and "size" in data and out.get("progressive_min_size", 0) >= data["size"]:
+        out["progressive_min_size"] = 0
     out["recipe"] = name
     return out

@@ -30,33 +30,34 @@ def _tensors(item: Any) -> list[torch.Tensor]:
 
 
 class StreamPrefetcher:
-    """Iterate `make()`'s items one ahead on a side stream of `device` (a no-op wrapper on CPU)."""
+    """Iterate `make()`'s items one ahead, built on a side stream of a CUDA `device` (on CPU: same items,
+    one ahead, no streams)."""
 
     def __init__(self, make: Callable[[], Iterable[Any]], device: torch.device):
         self.make, self.device = make, torch.device(device)
 
     def __iter__(self) -> Iterator[Any]:
-        cuda = self.device.type == "cuda"
-        side = torch.cuda.Stream(self.device) if cuda else None
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if side is not None:  # work queued so far on the main stream (the cache upload) comes first
             side.wait_stream(torch.cuda.current_stream(self.device))
         it = iter(self.make())
 
         def fetch() -> tuple[Any, Any] | None:
-            with torch.cuda.stream(side) if cuda else nullcontext():
+            with torch.cuda.stream(side) if side is not None else nullcontext():
                 try:
                     item = next(it)
                 except StopIteration:
                     return None
-                event = torch.cuda.Event() if cuda else None
-                if event is not None:
+                event = None
+                if side is not None:
+                    event = torch.cuda.Event()
                     event.record(side)
             return item, event
 
         nxt = fetch()
         while nxt is not None:
             item, event = nxt
-            if cuda:
+            if event is not None:
                 main = torch.cuda.current_stream(self.device)
                 main.wait_event(event)  # GPU-side: the step's kernels start after the batch is built
                 for t in _tensors(item):

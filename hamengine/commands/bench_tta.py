@@ -56,7 +56,7 @@ def bench_tta(pack: str, recipes: str, budget: str, seeds: str, out: str, source
     if model:
         overrides["model"] = model
     if size:
-        overrides["size"] = size  # a recipe's progressive floor at or above it is dropped (bench/tta.build_config)
+        overrides["size"] = size  # a recipe's progressive floor at or above it is dropped (apply_recipe)
     spec = TTASpec(pack=pack, out=out, budget=budget, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
                    seeds=_int_list("--seeds", seeds), targets=_float_list("--targets", targets), source=source,
                    device=device, overrides=overrides)
