@@ -221,6 +221,7 @@ def run_bench_tta(spec: TTASpec, log: Callable[[str], None] = lambda _m: None, c
     from hamengine.fileio import atomic_write_text
 
     budget_s = check_spec(spec)
+    machine = hardware()  # at the start: the commit (and versions) that the runs are made with
     runs = []
     for recipe in spec.recipes:
         for seed in spec.seeds:
@@ -231,7 +232,7 @@ def run_bench_tta(spec: TTASpec, log: Callable[[str], None] = lambda _m: None, c
                                               f"{rec['best_val_balanced_accuracy']:.3f}"))
             runs.append(rec)
     result = {"budget_s": budget_s, "clock": CLOCK, "targets": [float(t) for t in spec.targets], "runs": runs,
-              "recipes": summarize(runs, spec.targets), "hardware": hardware(), "device": spec.device,
+              "recipes": summarize(runs, spec.targets), "hardware": machine, "device": spec.device,
               "overrides": spec.overrides, "command": command}
     out = Path(spec.out)
     result["plot"] = str(plot_tta(result, out / "tta.png"))

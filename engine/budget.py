@@ -46,8 +46,9 @@ class BudgetPlan:
     planned_s: float  # setup + epochs x (train + val) + test, estimated
     deadline_s: float = 0.0  # seconds after fit started at which training stops (test time reserved)
     started: float = field(default=0.0, repr=False)  # perf_counter at fit start
+    replanned_after: list[int] = field(default_factory=list)  # epochs after which replan ran
 
-    epoch_scale: float = 1.0  # measured / estimated cost of the first epoch (set by replan)
+    epoch_scale: float = 1.0  # measured / estimated cost of the last re-planned epoch (set by replan)
 
     def expired(self) -> bool:
         return time.perf_counter() - self.started >= self.deadline_s
@@ -159,23 +160,42 @@ def write_plan(t: Any, plan: BudgetPlan) -> None:
     (t.run.path / "budget.json").write_text(json.dumps(plan.record(), indent=2) + "\n", encoding="utf-8")
 
 
-def replan(t: Any, plan: BudgetPlan, row: dict[str, Any]) -> bool:
-    """After the first epoch: the probe misses loader, validation-loader and checkpoint/plot time,
-    so scale the per-epoch estimate by what epoch 1 really cost and choose the epochs again.
+REPLAN_AFTER = (1, 2)  # epochs after which the plan is re-chosen from measured cost
+
+
+def replan(t: Any, plan: BudgetPlan, elapsed_s: float, epoch_s: float, done: int) -> bool:
+    """After epoch 1 and again after epoch 2: the probe misses loader, validation-loader and
+    checkpoint/plot time, so scale the per-epoch estimate by what the last epoch really cost and
+    choose the epochs again, counting the time already spent as spent.
+
+    Epoch 1 carries one-time costs (torch.compile, allocator and loader warm-up; 25% of the epoch on
+    2 CPU cores), so a plan scaled by it alone left ~20% of the budget unused; epoch 2 is the steady
+    state. Re-planning stops there: both re-plans fall inside the LR warm-up (>= 20% of the epochs
+    under one-cycle), so moving the schedule's end then changes no step already taken.
     Returns whether cfg.epochs changed (the caller then re-targets the LR schedule)."""
     cfg = t.cfg
     sizes = train_sizes(cfg, plan.epochs)
     images = t.steps_per_epoch * cfg.batch_size
-    estimated = images / plan.train_img_per_s[sizes[0]] + plan.val_s
-    measured = row["elapsed_s"] - plan.setup_s
-    plan.epoch_scale = max(1.0, measured / max(1e-6, estimated))
+    estimated = images / plan.train_img_per_s[sizes[done - 1]] + plan.val_s
+    # Floor 0.5: a last epoch far cheaper than the probe is noise, not a reason to plan double.
+    plan.epoch_scale = max(0.5, epoch_s / max(1e-6, estimated))
     ips = {k: v / plan.epoch_scale for k, v in plan.train_img_per_s.items()}
-    epochs, plan.planned_s = choose_epochs(cfg, plan.budget_s, plan.setup_s, images, ips,
-                                           plan.val_s * plan.epoch_scale, plan.test_s)
-    epochs = max(epochs, t.progress.epoch)
+    val_s = plan.val_s * plan.epoch_scale
+
+    def cost(epochs: int) -> float:  # spent so far + the remaining epochs at the measured rate + test
+        rest = train_sizes(cfg, epochs)[done:]
+        return elapsed_s + plan.test_s + sum(images / ips[s] + val_s for s in rest)
+
+    epochs = done
+    while epochs < 100_000 and cost(epochs + 1) <= FILL * plan.budget_s:
+        epochs += 1
+    epochs = max(epochs, done)
+    plan.replanned_after.append(done)
+    plan.planned_s = cost(epochs)
     changed = epochs != cfg.epochs
     cfg.epochs = plan.epochs = epochs
     if t.info.is_main:
         write_plan(t, plan)
-        t.say(f"budget: epoch 1 cost {plan.epoch_scale:.2f}x the estimate -> {epochs} epochs")
+        t.say(f"budget: epoch {done} cost {plan.epoch_scale:.2f}x the estimate -> {epochs} epochs "
+              f"(estimate {plan.planned_s:.0f} s)")
     return changed

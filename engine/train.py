@@ -25,6 +25,7 @@ from torch import nn
 
 from hamengine.config import CLASSES, ConfigError, Decision, TrainConfig, to_dict
 from hamengine.engine import distributed as D
+from hamengine.engine.budget import REPLAN_AFTER
 from hamengine.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from hamengine.engine.data import PackSource
 from hamengine.engine.execution import Execution, configure_backends, resolve_execution
@@ -101,6 +102,7 @@ class Trainer:
     warmup_s: float | None = None  # this process's first steps (compile, allocator, cache warm-up)
     started: float = 0.0  # perf_counter when fit began: metrics rows' elapsed_s
     budget: Any = None  # engine/budget.BudgetPlan with --budget
+    budget_mark: float = 0.0  # seconds since start at the last re-plan (epoch 2 is costed alone)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -126,7 +128,7 @@ def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
         interrupted = False
         with StopRequest() as stop, LiveDisplay(opts.console, enabled=info.is_main) as display:
             epoch = t.progress.epoch
-            while epoch < cfg.epochs:  # not range(): a --budget re-plan after epoch 1 changes cfg.epochs
+            while epoch < cfg.epochs:  # not range(): a --budget re-plan after epochs 1-2 changes cfg.epochs
                 res = train_one_epoch(t, epoch, display, stop)
                 if res.interrupted:
                     interrupted = True
@@ -139,8 +141,8 @@ def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
                 val = evaluate(t.eval_model, t.val_loader, t.ex, info, t.classes)
                 val["seconds"] = time.perf_counter() - v0
                 save(t, epoch, res, val, display)
-                if t.budget is not None and epoch == 0 and not cfg.resume:
-                    replan_budget(t)
+                if t.budget is not None and epoch + 1 in REPLAN_AFTER and not cfg.resume:
+                    replan_budget(t, epoch + 1)
                 if cfg.early_stop and t.progress.since_best >= cfg.early_stop:
                     t.say(f"early stop: no balanced-accuracy gain for {t.progress.since_best} epochs")
                     break
@@ -222,15 +224,19 @@ def apply_budget(t: Trainer) -> None:
             t.run.write_config(t.cfg)  # config.json: the planned epochs (what a resume continues)
 
 
-def replan_budget(t: Trainer) -> None:
-    """After epoch 1 of a --budget run: re-choose the epochs from its real cost and re-target the LR
-    schedule (same step count so far; the remaining steps follow the new length)."""
+def replan_budget(t: Trainer, done: int) -> None:
+    """After epoch `done` (1, 2) of a --budget run: re-choose the epochs from its real cost and
+    re-target the LR schedule (same step count so far; the remaining steps follow the new length)."""
     from hamengine.engine.budget import replan
     from hamengine.engine.optim import lr_factor
 
     # The same measurement on every rank (averaged), so all ranks choose the same epochs.
-    (elapsed,) = D.all_reduce_sum([time.perf_counter() - t.started], t.info, t.ex.device)
-    if replan(t, t.budget, {"elapsed_s": elapsed / t.info.world_size}):
+    now = time.perf_counter() - t.started
+    epoch_s = now - t.budget_mark if done > 1 else now - t.budget.setup_s
+    t.budget_mark = now
+    (elapsed, epoch_s) = D.all_reduce_sum([now, epoch_s], t.info, t.ex.device)
+    world = t.info.world_size
+    if replan(t, t.budget, elapsed / world, epoch_s / world, done):
         t.scheduler.lr_lambdas = [lr_factor(t.cfg, t.steps_per_epoch) for _ in t.scheduler.lr_lambdas]
         if t.info.is_main:
             t.run.write_config(t.cfg)
