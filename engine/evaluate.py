@@ -107,13 +107,14 @@ def check_no_training_images(run: LoadedRun, pack, split: str, unchecked: bool) 
                    f"split cannot be checked for training images. Pass --unchecked-pack to evaluate anyway")
 
 
-def eval_loader(pack, split: str, size: int, opts: EvalOptions, device: torch.device):
-    """The split's eval loader: (images [B, 3, S, S], labels [B]) in storage order, unaugmented."""
+def eval_loader(pack, split: str, size: int, opts: EvalOptions, device: torch.device, meta_schema=None):
+    """The split's eval loader: (images [B, 3, S, S], labels [B]) in storage order, unaugmented; with a
+    --meta run's schema also metadata [B, M] encoded as the run was trained (whatever pack it is)."""
     from hamengine.loaders import build_loader
 
     # fp32 batches: evaluation precision matters more than its speed (see predict_batch).
     cfg = LoaderConfig(kind=opts.loader, size=size, batch_size=opts.batch_size, dtype=Precision.FP32,
-                       workers=opts.workers, seed=opts.seed)
+                       workers=opts.workers, seed=opts.seed, meta=meta_schema is not None, meta_schema=meta_schema)
     return build_loader(pack, split, cfg, device)
 
 
@@ -125,14 +126,14 @@ def collect(run: LoadedRun, pack, split: str, opts: EvalOptions, progress: bool 
         raise RunError(f"{pack.path}: split {split!r} has no samples")
     if tuple(pack.classes) != tuple(run.classes):
         raise RunError(f"{pack.path}: pack classes {pack.classes} differ from the run's {run.classes}")
-    loader = eval_loader(pack, split, run.size, opts, run.device)
+    loader = eval_loader(pack, split, run.size, opts, run.device, run.meta_schema)
     probs, labels = [], []
     try:
         with Progress(TextColumn(f"eval {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       disable=not progress, transient=True) as bar:
             task = bar.add_task("eval", total=len(loader))
-            for x, y in loader:
-                probs.append(predict_batch(run.model, x.to(run.device), opts.tta).double().cpu())
+            for x, y, *meta in loader:
+                probs.append(predict_batch(run.model, x.to(run.device), opts.tta, *meta).double().cpu())
                 labels.append(y.cpu())
                 bar.advance(task)
     finally:

@@ -45,7 +45,8 @@ class Execution:
         fmt = MemoryFormat.CHANNELS_LAST if self.channels_last else MemoryFormat.CONTIGUOUS
         return LoaderConfig(kind=cfg.loader, size=cfg.size, batch_size=batch_size or cfg.batch_size,
                             aug=cfg.aug, dtype=self.precision, workers=cfg.workers, seed=cfg.seed,
-                            memory_format=fmt, balance_sampler=cfg.balance == Balance.SAMPLER)
+                            memory_format=fmt, balance_sampler=cfg.balance == Balance.SAMPLER,
+                            meta=cfg.meta)
 
     def describe(self) -> str:
         return (f"{self.device}, amp {self.amp_name if self.amp_dtype else 'off'}, "

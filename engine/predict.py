@@ -8,6 +8,7 @@ softmax(log(p) / T + b) with T and the class bias b from RUN/calibration.json wh
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from hamengine.engine.calibration import Adjustment, load_adjustment
 from hamengine.engine.checkpoint import CheckpointError, load_checkpoint, model_weights
 from hamengine.engine.run import RunDir, RunError
 from hamengine.loaders.imaging import BadImage, open_rgb
+from hamengine.loaders.metadata import META_FILE, MetaSchema
 from hamengine.runtime import resolve_device
 
 
@@ -42,16 +44,26 @@ def tta_views(x: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
     return rots + [r.flip(3) for r in rots]
 
 
-def predict_batch(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.NONE) -> torch.Tensor:
+def predict_batch(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.NONE,
+                  meta: torch.Tensor | None = None) -> torch.Tensor:
     """Mean softmax over the TTA views (float32 [N, C], on x's device). Eval runs in float32: bf16
-    logits are coarse enough to tie the top two classes, and the ISIC scorer counts a tie as wrong."""
+    logits are coarse enough to tie the top two classes, and the ISIC scorer counts a tie as wrong.
+    meta [N, M]: the metadata of a --meta run's model (None: "all missing"; ignored otherwise)."""
+    extra = (meta.float(),) if meta is not None and is_meta_model(model) else ()
     with torch.inference_mode():
         probs = None
         views = tta_views(x.float(), tta)
         for v in views:
-            p = torch.softmax(model(v).float(), dim=1)
+            p = torch.softmax(model(v, *extra).float(), dim=1)
             probs = p if probs is None else probs + p
         return probs / len(views)
+
+
+def is_meta_model(model: nn.Module) -> bool:
+    from hamengine.models.meta import MetaFusion
+    from hamengine.models.wrappers import unwrap
+
+    return isinstance(unwrap(model), MetaFusion)
 
 
 @dataclass
@@ -65,6 +77,7 @@ class LoadedRun:
     checkpoint: Path
     epoch: int | None
     device: torch.device
+    meta_schema: MetaSchema | None = None  # a --meta run: how age, sex and site are encoded for its model
 
 
 def checkpoint_path(run: Path, which: CheckpointName | str) -> Path:
@@ -100,8 +113,10 @@ def load_run(run: str | Path, checkpoint: CheckpointName | str = CheckpointName.
     classes = tuple(ckpt.get("classes") or config.get("classes") or CLASSES)
     size = int(config.get("size") or 224)
     device = resolve_device(device)
+    schema = run_meta_schema(run_dir, config)
     try:
-        model = create_model(model_name, num_classes=len(classes))
+        model = create_model(model_name, num_classes=len(classes),
+                             meta_missing=torch.from_numpy(schema.missing()) if schema else None)
         model.load_state_dict(weights)
     except (ValueError, RuntimeError) as e:
         raise RunError(f"{path}: weights do not fit model {model_name!r} ({str(e).splitlines()[0]})") from None
@@ -110,7 +125,19 @@ def load_run(run: str | Path, checkpoint: CheckpointName | str = CheckpointName.
     model.eval()
     epoch = ckpt.get("epoch")
     return LoadedRun(run, config, model, model_name, size, classes, path,
-                     int(epoch) if isinstance(epoch, int) else None, device)
+                     int(epoch) if isinstance(epoch, int) else None, device, schema)
+
+
+def run_meta_schema(run_dir: RunDir, config: dict[str, Any]) -> MetaSchema | None:
+    """RUN/metadata.json of a --meta run (None for a run without metadata)."""
+    if not config.get("meta"):
+        return None
+    path = run_dir.path / META_FILE
+    try:
+        return MetaSchema.from_record(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path}: the metadata encoding of this --meta run is missing or unreadable ({e}); "
+                       "it is written when training starts: re-train, or copy it from the run's origin") from None
 
 
 def eval_crop(im: Image.Image, size: int) -> torch.Tensor:

@@ -64,10 +64,10 @@ class TrainStep:
         self.calls = 0
         self.compile_failed: str | None = None
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, *meta: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
-            logits = self.model(images)  # N x C
+            logits = self.model(images, *meta)  # N x C; meta: [N, M] for a metadata-fused model
         loss = self.criterion(logits.float(), labels)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -87,13 +87,13 @@ class TrainStep:
             self.ema.update(self.model)
         return loss.detach()
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *meta: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.compiled and self.calls == 1:
             try:
-                return self._step(images, labels)
+                return self._step(images, labels, *meta)
             except Exception as e:  # torch._dynamo / inductor errors have many types
                 self.compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 warnings.warn(f"torch.compile failed ({self.compile_failed}); training eagerly", stacklevel=2)
                 self.model, self.compiled = self.eager, False
-        return self._step(images, labels)
+        return self._step(images, labels, *meta)

@@ -11,10 +11,12 @@ exit cleanly WITHOUT saving the partial epoch: last.pt stays the last completed 
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +38,9 @@ from hamengine.engine.resize import resize_batch, size_for_epoch
 from hamengine.engine.run import RunDir
 from hamengine.engine.signals import StopRequest
 from hamengine.engine.step import EMA, TrainStep, autocast
+from hamengine.fileio import atomic_write_text
 from hamengine.hooks import fire
+from hamengine.loaders.metadata import META_FILE, drop_fields
 
 
 @dataclass
@@ -103,6 +107,7 @@ class Trainer:
     started: float = 0.0  # perf_counter when fit began: metrics rows' elapsed_s
     budget: Any = None  # engine/budget.BudgetPlan with --budget
     budget_mark: float = 0.0  # seconds since start at the last re-plan (epoch 2 is costed alone)
+    meta_schema: Any = None  # loaders.metadata.MetaSchema with --meta (RUN/metadata.json)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -185,7 +190,9 @@ def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.de
     source = opts.source or PackSource(cfg.pack)
     check_splits(cfg, source)
     classes = tuple(getattr(source, "classes", CLASSES))
+    schema = meta_schema_of(cfg, source)
     lcfg = ex.loader_config(cfg)
+    lcfg.meta_schema = schema  # --meta: batches carry [N, M] metadata in the run's encoding
     train_loader = source.loader("train", lcfg, device, info.rank, info.world_size)
     val_loader = source.loader("val", lcfg, device, info.rank, info.world_size)
     loaders += [train_loader, val_loader]
@@ -195,12 +202,13 @@ def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.de
                           f"{info.world_size} ranks): lower --batch-size")
 
     model = ex.place(create_model(cfg.model, num_classes=len(classes), pretrained=cfg.pretrained,
-                                  pretrained_path=cfg.pretrained_path))
+                                  pretrained_path=cfg.pretrained_path,
+                                  meta_missing=torch.from_numpy(schema.missing()) if schema else None))
     optimizer = build_optimizer(model, cfg)
     t = Trainer(cfg, opts, info, ex, run, source, classes, train_loader, val_loader, steps, model, optimizer,
                 scheduler=build_scheduler(optimizer, cfg, steps),
                 scaler=torch.amp.GradScaler(device.type) if ex.amp_dtype == torch.float16 else None,
-                ema=EMA(model, cfg.ema) if cfg.ema else None)
+                ema=EMA(model, cfg.ema) if cfg.ema else None, meta_schema=schema)
     if cfg.resume:
         restore(t)
     if info.is_main:
@@ -276,8 +284,25 @@ def write_run_files(t: Trainer) -> None:
                      "deterministic": t.opts.deterministic, "prefetch": bool(t.opts.prefetch),
                      # eval checks against it that a pack's test split holds no training images
                      "pack_fingerprint": getattr(t.source, "fingerprint", None)})
+    if t.meta_schema is not None:  # --meta: how predict/serve/eval encode age, sex and site for this model
+        atomic_write_text(t.run.path / META_FILE, json.dumps(t.meta_schema.record(), indent=2) + "\n")
     if t.cfg.resume:
         t.progress.rows = t.run.truncate_metrics(t.progress.epoch)
+
+
+def meta_schema_of(cfg: TrainConfig, source: Any) -> Any:
+    """--meta: the pack's metadata encoding (a resumed run keeps the one it started with)."""
+    from hamengine.loaders.metadata import MetaSchema
+
+    if not cfg.meta:
+        return None
+    saved = Path(cfg.out) / META_FILE
+    if cfg.resume and saved.is_file():
+        return MetaSchema.from_record(json.loads(saved.read_text(encoding="utf-8")))
+    pack = getattr(source, "pack", None)
+    if pack is None:
+        raise ConfigError("--meta reads the metadata stored in a pack: train on a pack (--pack DIR)")
+    return pack.meta_schema()
 
 
 def build_step(t: Trainer) -> TrainStep:
@@ -316,7 +341,7 @@ def train_one_epoch(t: Trainer, epoch: int, display: LiveDisplay, stop: StopRequ
     it = iter(batches)
     while n < total:
         try:
-            images, labels = next(it)  # images N x 3 x S x S on the device, labels N (int64)
+            images, labels, *meta = next(it)  # images N x 3 x S x S on the device, labels N (int64)
         except StopIteration:
             break
         except Exception:
@@ -334,7 +359,9 @@ def train_one_epoch(t: Trainer, epoch: int, display: LiveDisplay, stop: StopRequ
             # than an uninterrupted one. Seeding after that draw makes resume exact.
             seed_all((cfg.seed + 1) * 1_000_003 + epoch * 1009 + info.rank)
         images = resize_batch(images, side)  # progressive resizing (a no-op at the loader's size)
-        loss_sum += t.step(images, labels)
+        if meta:  # --meta: [N, M]; whole fields blanked at random (metadata dropout)
+            meta = [drop_fields(meta[0], t.meta_schema, cfg.meta_dropout)]
+        loss_sum += t.step(images, labels, *meta)
         n += 1
         fire("train.step", epoch=epoch + 1, step=n)
         if cuda and (n % sync_every == 0 or n <= meter.warmup_steps):
@@ -369,11 +396,11 @@ def predict(model: nn.Module, batches: Iterable, device: torch.device, amp_dtype
     model.eval()
     labels_all, probs_all = [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for i, (images, labels) in enumerate(batches):
+    for i, (images, labels, *meta) in enumerate(batches):
         if max_steps and i >= max_steps:
             break
         with autocast(device, amp_dtype):
-            logits = model(images).float()  # N x C
+            logits = model(images, *meta).float()  # N x C
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         probs_all.append(torch.softmax(logits, 1).double().cpu().numpy())
         labels_all.append(labels.cpu().numpy())

@@ -161,6 +161,8 @@ class LoaderConfig:
     cache_dir: str | None = None  # resident cache location; default: PACK/cache/
     source: str | None = None  # original HAM10000 folder, for the `folder` baseline only
     balance_sampler: bool = False  # class-balanced sampling (train split only)
+    meta: bool = False  # also yield the metadata vectors [N, M] (loaders/metadata.py) with each batch
+    meta_schema: Any = None  # loaders.metadata.MetaSchema to encode with (a run's); None: the pack's own
 
 
 @dataclass
@@ -273,6 +275,12 @@ class TrainConfig:
     progressive_min_size: int = option(0, "Progressive resizing: train batches start at this side and grow "
                                        "linearly to --size, in steps of 32 px (0 = off; val/test at --size).")
     progressive_end: float = option(0.75, "Fraction of the epochs by which progressive resizing reaches --size.")
+    meta: bool = option(False, "Fuse patient/lesion metadata (age, sex, body site; never dx_type) with the image "
+                        "features: a small MLP over the pack's metadata encoding, joined before the head.",
+                        flag="--meta/--no-meta")
+    meta_dropout: float = option(0.3, "With --meta: probability that a whole field (age, sex or site) of a train "
+                                 "sample is blanked to 'unknown', so predictions without metadata degrade "
+                                 "gracefully.")
     budget: str | None = option(None, "Wall-clock budget for the whole run (setup, training, validation and "
                                 "the test evaluation), e.g. 20m, 90s, 1h: --epochs is planned from measured "
                                 "step times to fit it.", default_help="none")
@@ -292,7 +300,8 @@ class TrainConfig:
                  ("max_steps_per_epoch", self.max_steps_per_epoch >= 0, ">= 0 (0 = whole epoch)"),
                  ("progressive_min_size", self.progressive_min_size == 0 or 32 <= self.progressive_min_size
                   <= self.size, f"0 (off) or in [32, --size {self.size}]"),
-                 ("progressive_end", 0 < self.progressive_end <= 1, "in (0, 1]")]
+                 ("progressive_end", 0 < self.progressive_end <= 1, "in (0, 1]"),
+                 ("meta_dropout", 0 <= self.meta_dropout < 1, "in [0, 1)")]
         bad = [f"--{name.replace('_', '-')} {getattr(self, name)!r} must be {allowed}"
                for name, ok, allowed in rules if not ok]
         if LoaderKind(self.loader).value not in TRAIN_LOADERS:

@@ -27,7 +27,7 @@ from hamengine.loaders.records import Pack, PackError
 
 TRAIN_SPLIT = "train"
 DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16, Precision.FP32: torch.float32}
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]  # (images, labels); with cfg.meta a third item, metadata [N, M]
 
 
 def mix_seed(*parts: int) -> int:
@@ -134,8 +134,14 @@ class Loader:
     """Base of every loader: (images, labels) batches on `device` (see DESIGN.md, the loader contract).
 
     images: float (cfg.dtype) [N, 3, S, S], ImageNet-normalized, memory format per cfg; labels:
-    int64 [N]. `len()` is the number of batches per epoch on this rank; `num_samples` the number of
-    samples this rank yields per epoch; `total_samples` the split's size."""
+    int64 [N]. With cfg.meta a third tensor, float32 [N, M]: the pack's metadata encoding
+    (loaders/metadata.py) of the same samples. `len()` is the number of batches per epoch on this
+    rank; `num_samples` the number of samples this rank yields per epoch; `total_samples` the
+    split's size.
+
+    Kinds implement `batches()`, which yields (images, labels) in the epoch plan's order; `__iter__`
+    adds the metadata rows of the plan's index blocks. A kind whose reader chooses its own order
+    (DALI) overrides `__iter__` and attaches them by sample key instead."""
 
     kind = "base"
 
@@ -158,6 +164,10 @@ class Loader:
         self.epoch = 0
         self.labels = pack.labels(split)  # int64[N], storage order
         self.total_samples = len(self.labels)
+        # float32 [N, M] in storage order, encoded once with the pack's schema (train-split age stats)
+        schema = cfg.meta_schema or (pack.meta_schema() if cfg.meta else None)
+        self.meta_table = (torch.from_numpy(schema.encode(pack.metadata(split)))
+                           if cfg.meta else None)
         if self.train and self.total_samples // world_size < self.batch_size:
             raise ConfigError(f"split {split!r} has {self.total_samples} samples: too few for one batch of "
                              f"{self.batch_size} per rank on {world_size} rank(s); lower --batch-size")
@@ -193,8 +203,24 @@ class Loader:
         """Cast + memory format of the output (a no-op when already right)."""
         return images.to(dtype=self.dtype, memory_format=self.memory_format)
 
-    def __iter__(self) -> Iterator[Batch]:  # pragma: no cover - abstract
+    def batches(self) -> Iterator[Batch]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.meta_table is None:
+            yield from self.batches()
+            return
+        # The k-th batch of a plan-order kind holds the plan's k-th index block (strict: a kind that
+        # ever yields a different number of batches fails here, never pairs the wrong rows).
+        for (images, labels), idx in zip(self.batches(), self.plan().batches(), strict=True):
+            yield images, labels, self.meta_rows(idx)
+
+    def meta_rows(self, idx: np.ndarray) -> torch.Tensor:
+        """float32 [len(idx), M] on the device: the metadata rows of split indices idx."""
+        rows = self.meta_table[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+        if self.device.type == "cuda":  # one small pinned copy, no sync with the running step
+            return rows.pin_memory().to(self.device, non_blocking=True)
+        return rows
 
     def close(self) -> None:
         """Release worker processes / pipelines; the loader cannot be iterated afterwards."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from hamengine.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, AugPreset, ConfigError, LoaderConfig
@@ -70,7 +71,7 @@ def _decode_train(jpg, aug: AugConfig, size: int, decode_kw: dict, *, whole_then
 
 def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bool, size: int,
            aug: AugConfig, cuda: bool, shard_id: int, num_shards: int, initial_fill: int,
-           fp16: bool, hint_hw: tuple[int, int], layout: str = "HWC"):
+           fp16: bool, hint_hw: tuple[int, int], layout: str = "HWC", keys: bool = False):
     from nvidia.dali import fn, types
 
     jpg, cls = fn.readers.webdataset(
@@ -139,6 +140,11 @@ def _graph(paths: list[str], index_paths: list[str], *, train: bool, augment: bo
     label = fn.cast(cls[0], dtype=types.INT64) - 48
     if cuda:
         label = label.gpu()
+    if keys:
+        # The reader picks the order (shuffle buffer), so the metadata rows are found by sample key:
+        # source_info is "SHARD.tar:OFFSET:KEY.jpg", padded with NULs to a dense uint8 [N, L] batch
+        # that stays on the CPU (it is read on the host, never crosses to the GPU).
+        return images, label, fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0)
     return images, label
 
 
@@ -227,13 +233,16 @@ class DaliLoader(Loader):
             num_shards=world_size, initial_fill=max(self.batch_size, min(1024, self.total_samples)),
             fp16=cuda and self.dtype in (torch.float16, torch.bfloat16), hint_hw=hint, layout=self.layout,
             batch_size=self.batch_size, num_threads=max(1, workers),
-            device_id=(self.device.index or 0) if cuda else None, seed=seed, prefetch_queue_depth=2)
+            device_id=(self.device.index or 0) if cuda else None, seed=seed, prefetch_queue_depth=2,
+            keys=cfg.meta)
         try:
             self.pipe.build()
         except RuntimeError as e:  # a damaged index or shard: say which pack, before the first batch
             raise PackError(f"{pack.path}: DALI cannot open the {split} shards: {str(e).splitlines()[0]}") from None
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        self._it = DALIGenericIterator(self.pipe, ["images", "labels"], reader_name="reader",
+        outputs = ["images", "labels"] + (["keys"] if cfg.meta else [])
+        self._key_index = {k: i for i, k in enumerate(pack.keys(split))} if cfg.meta else {}
+        self._it = DALIGenericIterator(self.pipe, outputs, reader_name="reader",
                                        last_batch_policy=policy, auto_reset=True)
         self._mid_epoch = False
         self._bufs: dict[str, torch.Tensor] = {}
@@ -246,31 +255,43 @@ class DaliLoader(Loader):
         self._mid_epoch = True
         for out in _drain(self._it):
             d = out[0]
-            yield d["images"], d["labels"].reshape(-1)
+            yield d["images"], d["labels"].reshape(-1), d.get("keys")
         self._mid_epoch = False
+
+    def _meta_of(self, keys: torch.Tensor) -> torch.Tensor:
+        """Metadata rows [n, M] of a batch from its source_info strings (uint8 [n, L], NUL-padded)."""
+        idx = []
+        for row in keys.cpu().numpy():
+            info = row.tobytes().rstrip(b"\0").decode()
+            name = info.rsplit(":", 1)[-1]  # KEY.jpg
+            idx.append(self._key_index[name[: -len(".jpg")] if name.endswith(".jpg") else name])
+        return self.meta_rows(np.asarray(idx, dtype=np.int64))
 
     def __iter__(self) -> Iterator[Batch]:
         want = len(self)
         sizes = [self.batch_size] * want if self.train else eval_batch_sizes(
             self.total_samples, self.rank, self.world_size, self.batch_size)
         k = 0
-        for images, labels in self._batches():  # images: N,S,S,3 (HWC) or N,3,S,S (CHW)
+        for images, labels, keys in self._batches():  # images: N,S,S,3 (HWC) or N,3,S,S (CHW)
             if k >= want:
                 continue  # drain: DALI resets only at its epoch's end
             nchw = images.permute(0, 3, 1, 2) if self.layout == "HWC" else images  # HWC: channels_last view
             if self.torch_normalize:  # uint8 from the CPU graph
                 nchw = self._colour_normalize(nchw)
             # split DALI's batch where the plan wants smaller ones (a short eval rank's last batch)
+            meta = self._meta_of(keys) if keys is not None else None
             pos = 0
             while pos < nchw.shape[0] and k < want:
                 take = sizes[k]
-                yield self.finish(nchw[pos:pos + take]), labels[pos:pos + take].to(self.device, torch.int64)
+                out = self.finish(nchw[pos:pos + take]), labels[pos:pos + take].to(self.device, torch.int64)
+                yield out if meta is None else (*out, meta[pos:pos + take])
                 pos += take
                 k += 1
         while k < want:  # only with batch_size 1 and uneven shares: an empty last batch
             s = self.size
-            yield (self.finish(torch.empty(0, 3, s, s, device=self.device)),
+            out = (self.finish(torch.empty(0, 3, s, s, device=self.device)),
                    torch.empty(0, dtype=torch.int64, device=self.device))
+            yield out if self.meta_table is None else (*out, self.meta_rows(np.zeros(0, np.int64)))
             k += 1
 
     def _colour_normalize(self, x_u8: torch.Tensor) -> torch.Tensor:

@@ -179,7 +179,7 @@ class FFCVLoader(Loader):
     def _sizes(self) -> list[int]:
         return self.plan().sizes
 
-    def __iter__(self) -> Iterator[Batch]:
+    def batches(self) -> Iterator[Batch]:
         sizes = self._sizes()
         if sum(sizes) == 0:  # an eval share with no samples (more ranks than samples)
             for _ in sizes:

@@ -89,7 +89,7 @@ class FolderLoader(Loader):
                       multiprocessing_context=multiprocessing.get_context(worker_context()))
         self._dl = DataLoader(ds, batch_sampler=_PlanSampler(self), pin_memory=self.device.type == "cuda", **kw)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def batches(self) -> Iterator[Batch]:
         for images, labels in self._dl:
             images = images.to(self.device, non_blocking=True)
             yield self.finish(images), labels.to(self.device, non_blocking=True)

@@ -302,7 +302,7 @@ class ResidentLoader(Loader):
                                   worker_init_fn=tune_worker_malloc,
                                   multiprocessing_context=mp.get_context(worker_context()))
 
-    def __iter__(self) -> Iterator[Batch]:
+    def batches(self) -> Iterator[Batch]:
         if self._dl is not None:
             for images, labels in self._dl:
                 yield self.finish(images), labels

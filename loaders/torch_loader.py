@@ -145,7 +145,7 @@ class TorchLoader(Loader):
                 kw["collate_fn"] = CpuCollate(self.jitter, self.dtype)
         self._dl = DataLoader(self.dataset, batch_sampler=_PlanSampler(self), pin_memory=cuda, **kw)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def batches(self) -> Iterator[Batch]:
         for imgs, labels, colour in self._dl:
             if imgs.dtype == torch.uint8:  # coloured here: on the GPU, or without workers
                 x = imgs.to(self.device, non_blocking=True)

@@ -50,9 +50,11 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def create_model(name: str, num_classes: int = 7, pretrained: bool = False,
-                 pretrained_path: str | Path | None = None) -> nn.Module:
+                 pretrained_path: str | Path | None = None, meta_missing: torch.Tensor | None = None) -> nn.Module:
     """A fresh model with a `num_classes` head. `pretrained_path` (a state dict or a hamengine
-    checkpoint) wins over `pretrained` (torchvision's ImageNet weights); heads are never loaded."""
+    checkpoint) wins over `pretrained` (torchvision's ImageNet weights); heads are never loaded.
+    meta_missing (the metadata schema's "all missing" vector [M]): the model fuses metadata
+    (models/meta.py) and its forward takes (images, meta=None)."""
     spec = get_spec(name)
     if spec.torchvision:
         from torchvision.models import get_model
@@ -66,13 +68,21 @@ def create_model(name: str, num_classes: int = 7, pretrained: bool = False,
             raise PretrainedError(f"{name} has no ImageNet weights: pass --pretrained-path FILE "
                                   "(a hamengine checkpoint) or train from scratch")
         load_backbone(model, imagenet_state_dict(name), spec.head, f"ImageNet weights of {name}")
+    if meta_missing is not None:
+        from hamengine.models.meta import MetaFusion
+
+        model = MetaFusion(model, spec.head[0], meta_missing, num_classes)
     return model
 
 
 def gradcam_target_layer(model: nn.Module, name: str) -> nn.Module:
     """The module whose output Grad-CAM uses (last spatial features) for architecture `name`.
-    Accepts compiled (`_orig_mod`) and DDP (`module`) wrappers."""
-    return get_spec(name).gradcam(unwrap(model))
+    Accepts compiled (`_orig_mod`) and DDP (`module`) wrappers, and a metadata-fused model (the
+    image branch: its backbone)."""
+    from hamengine.models.meta import MetaFusion
+
+    plain = unwrap(model)
+    return get_spec(name).gradcam(plain.backbone if isinstance(plain, MetaFusion) else plain)
 
 
 def count_params(model: nn.Module) -> int:
