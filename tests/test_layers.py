@@ -130,3 +130,20 @@ def long_functions(folder: str, limit: int) -> list[str]:
 def test_no_engine_function_over_80_lines():
     problems = long_functions("engine", MAX_FUNCTION_LINES)
     assert not problems, f"functions in engine/ over {MAX_FUNCTION_LINES} lines:\n  " + "\n  ".join(problems)
+
+
+def test_a_wheel_holds_every_package():
+    """setup.cfg lists packages by hand (the folders map into hamengine.*): a package missing there
+    works in an editable checkout but is absent from a wheel (`pip install .`), so the CLI breaks."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    roots = {"hamengine": "hamengine", **PACKAGES}
+    found = set()
+    for folder, dotted in roots.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder).parts
+            found.add(".".join((dotted, *rel)))
+    assert found - listed == set(), f"add to setup.cfg [options] packages: {sorted(found - listed)}"
