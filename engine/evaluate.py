@@ -45,6 +45,7 @@ class EvalOptions:
     device: str = "auto"
     plots: bool = True
     seed: int = 0
+    meta: bool = True  # a --meta run: feed its metadata (False: every field "missing", in eval-<split>-no-meta/)
 
 
 @dataclass
@@ -126,7 +127,7 @@ def collect(run: LoadedRun, pack, split: str, opts: EvalOptions, progress: bool 
         raise RunError(f"{pack.path}: split {split!r} has no samples")
     if tuple(pack.classes) != tuple(run.classes):
         raise RunError(f"{pack.path}: pack classes {pack.classes} differ from the run's {run.classes}")
-    loader = eval_loader(pack, split, run.size, opts, run.device, run.meta_schema)
+    loader = eval_loader(pack, split, run.size, opts, run.device, run.meta_schema if opts.meta else None)
     probs, labels = [], []
     try:
         with Progress(TextColumn(f"eval {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -274,6 +275,15 @@ def fit_decision(run_dir: str | Path, opts: EvalOptions, progress: bool = False)
     return fit_bias_on(run, opts, collect(run, pack, "val", opts, progress))
 
 
+def metadata_use(run: LoadedRun, opts: EvalOptions) -> str:
+    """What the report says about metadata: used, withheld from a --meta model, or not a --meta run."""
+    if run.meta_schema is None:
+        return "not used (image only)"
+    if not opts.meta:
+        return "withheld: a --meta model given no metadata (every field 'unknown')"
+    return "used: age, sex and body site fused with the image features (never dx_type)"
+
+
 def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     """Evaluate one run; returns metrics.json's content (plus `outputs`: the written paths).
     `hamengine eval` and the end of training both come here: one schema, one precision (fp32)."""
@@ -311,8 +321,11 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) 
                  "class_bias": None if adj.class_bias is None else dict(zip(run.classes, adj.class_bias,
                                                                             strict=True)),
                  "input_size": run.size, "pack": str(pack.path),
-                 "pack_fingerprint": pack.fingerprint, "pack_check": provenance, "device": str(run.device)}
+                 "pack_fingerprint": pack.fingerprint, "pack_check": provenance, "device": str(run.device),
+                 "metadata": metadata_use(run, opts)}
     out = RunDir(run.run).eval_dir(opts.split)
+    if run.meta_schema is not None and not opts.meta:
+        out = out.with_name(out.name + "-no-meta")  # beside the with-metadata scores, not over them
     paths = write_predictions(out, sp, probs)
     if opts.plots:
         paths.update(make_plots(out, sp, probs, m, pack))

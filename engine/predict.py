@@ -9,7 +9,7 @@ softmax(log(p) / T + b) with T and the class bias b from RUN/calibration.json wh
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from hamengine.engine.calibration import Adjustment, load_adjustment
 from hamengine.engine.checkpoint import CheckpointError, load_checkpoint, model_weights
 from hamengine.engine.run import RunDir, RunError
 from hamengine.loaders.imaging import BadImage, open_rgb
-from hamengine.loaders.metadata import META_FILE, MetaSchema
+from hamengine.loaders.metadata import META_FILE, MetadataError, MetaSchema
 from hamengine.runtime import resolve_device
 
 
@@ -181,6 +181,21 @@ class Predictor:
             raise RunError(str(e)) from None
         self.adjustment = adj if temperature is None else Adjustment(float(temperature), adj.class_bias)
         self.temperature = self.adjustment.temperature
+        self.meta_schema = self.loaded.meta_schema  # None: an image-only run
+
+    @property
+    def uses_metadata(self) -> bool:
+        return self.meta_schema is not None
+
+    def encode_meta(self, rows: Sequence[Mapping[str, Any] | None]) -> torch.Tensor | None:
+        """float32 [N, M] for a --meta run (a None or empty row: every field 'unknown'); None for an
+        image-only run. Values are checked strictly: MetadataError names the field and the choices."""
+        if self.meta_schema is None:
+            if any(rows):
+                raise MetadataError(f"{self.run} was trained without --meta: it takes no age, sex or site "
+                                    "(leave them out, or use a run trained with --meta)")
+            return None
+        return torch.from_numpy(self.meta_schema.encode([r or {} for r in rows], strict=True))
 
     def preprocess(self, image: bytes | Image.Image | str | Path) -> tuple[Image.Image, torch.Tensor]:
         """-> (the S x S RGB crop the model sees, its normalized tensor [3, S, S])."""
@@ -192,29 +207,37 @@ class Predictor:
         applied AFTER averaging the TTA views, the order `hamengine eval` fits T and b in."""
         return self.adjustment.apply(probs.double().cpu().numpy())
 
-    def predict_tensor(self, x: torch.Tensor) -> np.ndarray:
-        """x [N, 3, S, S] normalized -> probabilities float64 [N, C] (TTA averaged, adjusted)."""
-        return self.calibrate(predict_batch(self.model, x.to(self.device), self.tta))
+    def predict_tensor(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> np.ndarray:
+        """x [N, 3, S, S] normalized (meta [N, M] for a --meta run, None = unknown) -> probabilities
+        float64 [N, C] (TTA averaged, adjusted)."""
+        m = meta.to(self.device) if meta is not None else None
+        return self.calibrate(predict_batch(self.model, x.to(self.device), self.tta, m))
 
-    def predict(self, images: Sequence[bytes | Image.Image | str | Path]) -> np.ndarray:
+    def predict(self, images: Sequence[bytes | Image.Image | str | Path],
+                meta: Sequence[Mapping[str, Any] | None] | None = None) -> np.ndarray:
         """Images (decoded or not) -> float64 [N, C]; raises BadImage on the first unreadable one
-        (use `predict_files` to keep going past bad files)."""
+        (use `predict_files` to keep going past bad files). meta: per image {age, sex, localization}."""
         if not images:
             return np.zeros((0, len(self.classes)))
+        rows = list(meta) if meta is not None else [None] * len(images)
+        enc = self.encode_meta(rows)  # checked before any image is decoded
         out = []
         for i in range(0, len(images), self.batch_size):
             x = torch.stack([self.preprocess(im)[1] for im in images[i:i + self.batch_size]])
-            out.append(self.predict_tensor(x))
+            out.append(self.predict_tensor(x, enc[i:i + self.batch_size] if enc is not None else None))
         return np.concatenate(out)
 
-    def predict_files(self, paths: Sequence[str | Path]) -> list[np.ndarray | BadImage]:
+    def predict_files(self, paths: Sequence[str | Path],
+                      meta: Sequence[Mapping[str, Any] | None] | None = None) -> list[np.ndarray | BadImage]:
         """Per path: probabilities [C], or the BadImage that made it unreadable."""
         results: list[np.ndarray | BadImage] = [BadImage("not processed")] * len(paths)
         pending: list[tuple[int, torch.Tensor]] = []
+        enc = self.encode_meta(list(meta) if meta is not None else [None] * len(paths))
 
         def flush() -> None:
             if pending:
-                probs = self.predict_tensor(torch.stack([t for _, t in pending]))
+                rows = enc[[j for j, _ in pending]] if enc is not None else None
+                probs = self.predict_tensor(torch.stack([t for _, t in pending]), rows)
                 for (j, _), p in zip(pending, probs, strict=True):
                     results[j] = p
                 pending.clear()

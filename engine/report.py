@@ -203,6 +203,8 @@ def build_blocks(run: Path, split: str = "test") -> tuple[list[Block], list[str]
                             f"`{ev.get('tta', 'none')}`, temperature {ev.get('temperature', 1.0):.3g}; "
                             f"{m['n']} images. Intervals: 95% bootstrap resampling lesions "
                             f"({(m.get('ci') or {}).get('n_boot', 0)} replicates)."))
+        # Whether the model saw patient metadata (age, sex, site) beside the pixels; older runs: image only.
+        b.append(Block("p", f"Metadata: {ev.get('metadata', 'not used (image only)')}."))
         b.append(Block("table", header=["metric", "value"], rows=[list(r) for r in summary_rows(m)]))
         b.append(Block("table", header=PER_CLASS_HEADER, rows=per_class_rows(m)))
         cal = m.get("calibration")

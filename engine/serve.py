@@ -1,7 +1,7 @@
 """`hamengine serve`: a FastAPI app that classifies and explains dermatoscopic images with one run.
 
 Routes: GET / (the single page), GET /api/health, GET /api/model, POST /api/predict (multipart field
-`image` -> JSON), POST /api/explain (multipart field `image` -> Grad-CAM overlay PNG).
+`image`, and for a --meta model optional fields `age`, `sex`, `site` -> JSON; a bad one -> 422 naming it), POST /api/explain (multipart field `image` -> Grad-CAM overlay PNG).
 
 Limits, and why each is where it is:
 - Upload size: a pure ASGI middleware rejects a Content-Length over the limit before any byte is read
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, File, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
@@ -229,18 +229,31 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
     # Sync handlers: FastAPI runs them in its thread pool, so decoding runs in parallel threads.
     @app.post("/api/predict")
     def predict(request: Request, image: UploadFile | None = File(None, description="the image"),
+                age: str | None = Form(None, description="patient age in years (a --meta model)"),
+                sex: str | None = Form(None, description="male, female or unknown (a --meta model)"),
+                site: str | None = Form(None, description="body site, HAM10000's localization (a --meta model)"),
                 fields: tuple[str, ...] = Depends(form_fields)) -> dict[str, Any]:
         t0 = time.perf_counter()
+        meta = {"age": age, "sex": sex, "localization": site}
+        meta = meta if any(v not in (None, "") for v in meta.values()) else None
+        if meta is not None and info.get("metadata") is None:
+            raise UploadError(422, f"this model ({info['model']}, run {info['run']}) was trained without --meta: "
+                                   "it takes no age, sex or site fields; send the image alone")
+        if meta is not None and getattr(backend, "encode_meta", None) is not None:
+            try:
+                backend.encode_meta(meta)  # a bad field is a 422 naming it, before the image is read
+            except InputError as exc:
+                raise UploadError(422, f"metadata: {exc}") from None
         upload = read_upload(request, image, fields, limits)
         try:
-            probs = batcher.predict(upload)  # float[C]
+            probs = batcher.predict(upload, meta=meta)  # float[C]
         except InputError as exc:
             raise UploadError(422, f"the image cannot be used: {exc}") from None
         table = {dx: float(p) for dx, p in zip(backend.classes, probs, strict=True)}
         top = max(table, key=table.__getitem__)
         return {"probabilities": table,
                 "top": {"dx": top, "name": CLASS_NAMES.get(top, top), "probability": table[top]},
-                "model": info["model"], "run": info["run"],
+                "model": info["model"], "run": info["run"], "metadata_used": meta is not None,
                 "image_size": list(upload.size),
                 "latency_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
 

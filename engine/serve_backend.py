@@ -68,7 +68,19 @@ class PredictorBackend:
                 "temperature": float(p.temperature), "decision": p.adjustment.decision,
                 "class_bias": None if p.adjustment.class_bias is None else list(p.adjustment.class_bias),
                 "device": str(p.device),
-                "checkpoint": p.checkpoint_name, "epoch": p.loaded.epoch}
+                "checkpoint": p.checkpoint_name, "epoch": p.loaded.epoch,
+                # a --meta model: the optional fields and their choices (None: image only)
+                "metadata": p.meta_schema.record() if p.meta_schema is not None else None}
+
+    def encode_meta(self, meta: dict[str, Any]) -> Any:
+        """float32 [M] for one request's {age, sex, localization}; InputError names a bad field."""
+        from hamengine.loaders.metadata import MetadataError
+
+        try:
+            enc = self.predictor.encode_meta([meta])
+        except MetadataError as exc:
+            raise InputError(str(exc)) from None
+        return None if enc is None else enc[0]
 
     def prepare(self, image: Image.Image):
         from hamengine.loaders.imaging import BadImage
@@ -78,10 +90,14 @@ class PredictorBackend:
         except BadImage as exc:
             raise InputError(str(exc)) from None
 
-    def predict(self, prepared: list) -> np.ndarray:
+    def predict(self, prepared: list, metas: list | None = None) -> np.ndarray:
         import torch
 
-        return self.predictor.predict_tensor(torch.stack(prepared))  # float64 [N, C]
+        meta = None
+        if metas is not None and self.predictor.meta_schema is not None:  # None rows: every field unknown
+            missing = torch.from_numpy(self.predictor.meta_schema.missing())
+            meta = torch.stack([m if m is not None else missing for m in metas])
+        return self.predictor.predict_tensor(torch.stack(prepared), meta)  # float64 [N, C]
 
     def explain(self, image: Image.Image, dx: str | None) -> tuple[bytes, str]:
         from hamengine.engine.gradcam import explain_image
@@ -125,6 +141,7 @@ def class_table(classes: tuple[str, ...]) -> list[dict[str, str]]:
 @dataclass
 class _Job:
     prepared: Any  # Backend.prepare's output for one image
+    meta: Any = None  # Backend.encode_meta's output (a --meta model given metadata), else None
     future: Future = field(default_factory=Future)
 
 
@@ -148,11 +165,14 @@ class MicroBatcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def predict(self, image: Image.Image, timeout: float | None = 120.0) -> np.ndarray:
-        """Probabilities float[C] for one image; blocks the calling (request) thread only."""
+    def predict(self, image: Image.Image, timeout: float | None = 120.0,
+                meta: dict[str, Any] | None = None) -> np.ndarray:
+        """Probabilities float[C] for one image (meta: its {age, sex, localization}, checked here);
+        blocks the calling (request) thread only."""
         if not self.alive:
             raise RuntimeError("the model worker has stopped")
-        job = _Job(self.backend.prepare(image))  # preprocessing here, in parallel request threads
+        encoded = self.backend.encode_meta(meta) if meta else None  # InputError before any queueing
+        job = _Job(self.backend.prepare(image), encoded)  # preprocessing here, in parallel request threads
         self._queue.put(job)
         return job.future.result(timeout=timeout)
 
@@ -187,7 +207,10 @@ class MicroBatcher:
             jobs, stop = self._collect(first)
             try:
                 with self.model_lock:
-                    probs = self.backend.predict([j.prepared for j in jobs])  # [N, C]
+                    metas = [j.meta for j in jobs]
+                    probs = (self.backend.predict([j.prepared for j in jobs], metas)  # [N, C]
+                             if any(m is not None for m in metas) else
+                             self.backend.predict([j.prepared for j in jobs]))
                 self.batches += 1
                 self.images += len(jobs)
                 for job, row in zip(jobs, probs, strict=True):

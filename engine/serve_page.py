@@ -59,6 +59,7 @@ use; a dermatologist must assess any skin lesion of concern.</div>
   <h2>Image</h2>
   <label id="drop" for="file">Drop a dermatoscopic image here, or choose one (JPEG or PNG, up to
    __MAX_MB__ MiB)<input id="file" type="file" accept="image/jpeg,image/png,image/*"></label>
+  __META_FIELDS__
   <div id="error" aria-live="polite"></div>
   <div class="images">
    <figure><img id="preview" alt="uploaded image"><figcaption>Uploaded image</figcaption></figure>
@@ -123,7 +124,13 @@ async function analyse(file) {
   if (previewUrl) URL.revokeObjectURL(previewUrl);
   previewUrl = URL.createObjectURL(file); $("preview").src = previewUrl;
   $("overlay").removeAttribute("src");
-  const form = () => { const f = new FormData(); f.append("image", file, file.name); return f; };
+  const form = () => {
+    const f = new FormData(); f.append("image", file, file.name);
+    for (const k of ["age", "sex", "site"]) {  // present only for a model trained with --meta
+      const el = $("meta-" + k); if (el && el.value !== "") f.append(k, el.value);
+    }
+    return f;
+  };
   try {
     const resp = await fetch("api/predict", { method: "POST", body: form() });
     if (!resp.ok) {
@@ -171,6 +178,23 @@ loadModel();
 """
 
 
+def meta_fields(meta: dict[str, Any] | None) -> str:
+    """Optional age / sex / site inputs for a model trained with --meta (empty otherwise)."""
+    if not meta:
+        return ""
+
+    def options(values: list[str]) -> str:
+        return "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>'
+                       for v in values if v != "unknown")
+
+    return ('<fieldset id="meta"><legend>Patient (optional; left out = unknown)</legend>'
+            '<label>Age <input id="meta-age" type="number" min="0" max="120" step="1"></label> '
+            '<label>Sex <select id="meta-sex"><option value="">unknown</option>'
+            f'{options(meta.get("sex", []))}</select></label> '
+            '<label>Body site <select id="meta-site"><option value="">unknown</option>'
+            f'{options(meta.get("localization", []))}</select></label></fieldset>')
+
+
 def render_page(info: dict[str, Any]) -> str:
     """The page with the model line, upload limit and class names filled in (all escaped)."""
     from hamengine.config import CLASS_NAMES
@@ -181,4 +205,5 @@ def render_page(info: dict[str, Any]) -> str:
     names_js = json.dumps(names).replace("<", "\\u003c")
     return (_PAGE.replace("__MODEL_INFO__", html.escape(model_line))
             .replace("__MAX_MB__", html.escape(f"{info.get('max_upload_mb', 10):g}"))
+            .replace("__META_FIELDS__", meta_fields(info.get("metadata")))
             .replace("__NAMES__", names_js))

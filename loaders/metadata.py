@@ -19,11 +19,14 @@ manifest under `metadata`, so train, eval, predict and serve encode identically.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from hamengine.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +42,7 @@ SCHEMA_VERSION = 1
 META_FILE = "metadata.json"  # RUN/metadata.json: the encoding a --meta run was trained with
 
 
-class MetadataError(ValueError):
+class MetadataError(UserError, ValueError):
     """A metadata value that cannot be encoded; the message names the field and what is accepted."""
 
 
@@ -113,7 +116,7 @@ class MetaSchema:
         sl = self.slices()
         sex = parse_choice("sex", row.get("sex"), self.sexes, strict)
         v[sl["sex"].start + (self.sexes.index(sex) if sex != UNKNOWN else len(self.sexes))] = 1.0
-        site = parse_choice("localization", row.get("localization"), self.sites, strict)
+        site = parse_choice("site (localization)", row.get("localization"), self.sites, strict)
         v[sl["localization"].start + (self.sites.index(site) if site != UNKNOWN else len(self.sites))] = 1.0
         return v
 
@@ -139,6 +142,45 @@ class MetaSchema:
                                 "re-pack with this hamengine")
         return cls(float(rec["age"]["mean"]), float(rec["age"]["std"]),
                    tuple(s for s in rec["sex"] if s != UNKNOWN), tuple(s for s in rec["localization"] if s != UNKNOWN))
+
+
+SITE_COLUMNS = ("localization", "site")  # a user's CSV may call the body site either
+
+
+def read_meta_csv(path: str | Path, images: Sequence[str | Path]) -> list[dict[str, Any] | None]:
+    """Per image, its {age, sex, localization} from a CSV with an `image` column (a path, a file
+    name, or an image id without extension) and any of age, sex, localization / site. An image
+    the CSV does not list gets None (every field unknown). Bad values fail here, naming the row."""
+    import csv
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise MetadataError(f"{path}: cannot read the metadata CSV ({e})") from None
+    if not rows or "image" not in {(k or "").strip().lower() for k in rows[0]}:
+        raise MetadataError(f"{path}: needs a header with an `image` column (and any of age, sex, "
+                            f"localization); found {', '.join(rows[0]) if rows else 'no rows'}")
+    table: dict[str, dict[str, Any]] = {}
+    for line, raw in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): v for k, v in raw.items()}
+        site = next((row[c] for c in SITE_COLUMNS if row.get(c) not in (None, "")), None)
+        rec = {"age": row.get("age"), "sex": row.get("sex"), "localization": site}
+        try:
+            parse_age(rec["age"], strict=True)
+            parse_choice("sex", rec["sex"], SEXES, strict=True)
+            parse_choice("localization", rec["localization"], SITES, strict=True)
+        except MetadataError as e:
+            raise MetadataError(f"{path}, line {line}: {e}") from None
+        name = str(row.get("image") or "").strip()
+        for key in {name, Path(name).name, Path(name).stem}:
+            table[key] = rec
+    out: list[dict[str, Any] | None] = []
+    for im in images:
+        p = Path(im)
+        out.append(next((table[k] for k in (str(im), p.name, p.stem) if k in table), None))
+    return out
 
 
 def fit_schema(train_rows: Iterable[Mapping[str, Any]]) -> MetaSchema:

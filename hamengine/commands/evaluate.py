@@ -37,11 +37,13 @@ RUN_ARG = click.Path(file_okay=False, path_type=Path)
               show_default=True, help="Loader kind for the eval split.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Eval batch size.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-meta", is_flag=True, help="A --meta run: evaluate it with every metadata field unknown "
+              "(how it does without metadata), into RUN/eval-<split>-no-meta/.")
 @click.option("--no-plots", is_flag=True, help="Skip the figures (metrics and CSV files only).")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of a table.")
 def eval_run(run: Path, split: str, checkpoint: str, tta: str, fit_bias: bool, calibrate: bool, n_boot: int,
              pack: str | None, unchecked_pack: bool, loader: str, batch_size: int, device: str,
-             no_plots: bool, as_json: bool) -> None:
+             no_meta: bool, no_plots: bool, as_json: bool) -> None:
     """Evaluate RUN on a pack split: metrics with lesion-bootstrap CIs, predictions.csv, an ISIC 2018
     Task 3 submission CSV and figures, all in RUN/eval-<split>/."""
     from hamengine.config import LoaderKind
@@ -52,7 +54,7 @@ def eval_run(run: Path, split: str, checkpoint: str, tta: str, fit_bias: bool, c
     opts = EvalOptions(split=split, checkpoint=CheckpointName(checkpoint), tta=TTA(tta), calibrate=calibrate,
                        fit_bias=fit_bias, n_boot=n_boot, pack=pack, unchecked_pack=unchecked_pack, loader=LoaderKind(loader),
                        batch_size=batch_size,
-                       device=device, plots=not no_plots)
+                       device=device, plots=not no_plots, meta=not no_meta)
     m = evaluate_run(run, opts, progress=not as_json)
     if as_json:
         emit_json(m)
@@ -81,19 +83,34 @@ def eval_run(run: Path, split: str, checkpoint: str, tta: str, fit_bias: bool, c
               help="Average probabilities over flips / flips and 90-degree rotations.")
 @click.option("--top-k", type=click.IntRange(1, 7), default=3, show_default=True,
               help="Classes to list per image.")
+@click.option("--age", default=None, help="Patient age in years, for every IMAGE (a --meta run only).")
+@click.option("--sex", default=None, help="male, female or unknown, for every IMAGE (a --meta run only).")
+@click.option("--site", default=None, help="Body site (HAM10000's localization: back, face, lower extremity, "
+              "...; unknown), for every IMAGE (a --meta run only).")
+@click.option("--meta-csv", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Per-image metadata: a CSV with an `image` column (path, file name or id) and any of age, "
+                   "sex, localization (or site). Images it does not list predict without metadata.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (per-image results).")
-def predict(run: Path, images: tuple[Path, ...], checkpoint: str, tta: str, top_k: int, device: str,
-            as_json: bool) -> None:
+def predict(run: Path, images: tuple[Path, ...], checkpoint: str, tta: str, top_k: int, age: str | None,
+            sex: str | None, site: str | None, meta_csv: Path | None, device: str, as_json: bool) -> None:
     """Classify IMAGE files (JPEG/PNG, any size) with RUN. Unreadable files are reported and the
-    others still predicted; the exit status is non-zero if any file failed."""
+    others still predicted; the exit status is non-zero if any file failed. A run trained with
+    --meta also takes the patient's age, sex and the body site (optional: what is left out counts
+    as unknown)."""
     from rich.table import Table
 
     from hamengine.engine.predict import Predictor
     from hamengine.loaders.imaging import BadImage
+    from hamengine.loaders.metadata import read_meta_csv
 
+    if meta_csv is not None and any(v is not None for v in (age, sex, site)):
+        fail("give either --meta-csv or --age/--sex/--site, not both")
+    meta = (read_meta_csv(meta_csv, images) if meta_csv is not None else
+            [{"age": age, "sex": sex, "localization": site}] * len(images)
+            if any(v is not None for v in (age, sex, site)) else None)
     predictor = Predictor(run, checkpoint=checkpoint, device=device, tta=tta)
-    results = predictor.predict_files(list(images))
+    results = predictor.predict_files(list(images), meta)
     out, failed = [], 0
     for path, r in zip(images, results, strict=True):
         if isinstance(r, BadImage):
@@ -104,6 +121,7 @@ def predict(run: Path, images: tuple[Path, ...], checkpoint: str, tta: str, top_
                         "probabilities": dict(zip(predictor.classes, map(float, r), strict=True))})
     if as_json:
         emit_json({"run": str(run), "model": predictor.model_name, "temperature": predictor.temperature,
+                   "metadata": predictor.uses_metadata and meta is not None,
                    "decision": predictor.adjustment.decision, "class_bias": predictor.adjustment.class_bias,
                    "tta": str(predictor.tta), "results": out, "failed": failed})
     else:
