@@ -67,6 +67,13 @@ def serve_run(synth_source, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def meta_run(loader_pack, tmp_path_factory) -> Path:
+    """hamnet trained with --meta, 1 short epoch at 48 px on `loader_pack` (with its test evaluation)."""
+    return builders.trained(loader_pack, _root(tmp_path_factory, "runs") / "meta", model="hamnet", epochs=1,
+                            size=48, batch_size=16, meta=True, loader="resident", max_steps_per_epoch=4)
+
+
+@pytest.fixture(scope="session")
 def train_pack(tmp_path_factory) -> Path:
     """1,000 synthetic images, 128x96, packed at 72 px: the training tests (their bounds are for it)."""
     return builders.train_pack(tmp_path_factory.getbasetemp() / "train-data")

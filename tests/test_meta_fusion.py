@@ -19,7 +19,6 @@ from hamengine.loaders import build_loader
 from hamengine.loaders import metadata as M
 from hamengine.loaders.records import Pack
 from hamengine.models import create_model, gradcam_target_layer, list_models
-from tests import builders
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -110,13 +109,6 @@ def test_every_registry_model_fuses_metadata(name):
     assert blank.shape == given.shape == (2, 7) and not torch.allclose(blank, given)
     layer = gradcam_target_layer(model, name)
     assert any(layer is m for m in model.backbone.modules())  # Grad-CAM looks at the image branch
-
-
-@pytest.fixture(scope="module")
-def meta_run(loader_pack, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("meta-run") / "run"
-    return builders.trained(loader_pack, out, model="hamnet", epochs=1, size=48, batch_size=16, meta=True,
-                            loader="resident", max_steps_per_epoch=4)
 
 
 def test_a_meta_run_records_its_encoding_and_evaluates_with_and_without(meta_run, loader_pack):

@@ -108,3 +108,36 @@ def _drive(driver, url: str, image_file: Path, api: dict, tmp_path: Path) -> Non
     assert "415" in driver.find_element(By.ID, "error").text
     assert "not an image" in driver.find_element(By.ID, "error").text
     assert not driver.find_elements(By.CSS_SELECTOR, "#bars .bar")
+
+
+@pytest.mark.slow
+def test_metadata_fields_in_headless_chromium(request, tmp_path, image_file):
+    """A --meta run's page has age / sex / site inputs; what the page shows for an image with them
+    filled in is what /api/predict answers for the same image and fields."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver = _driver(tmp_path / "chromium-profile")
+    try:
+        run = request.getfixturevalue("meta_run")
+        fields = {"age": "70", "sex": "male", "site": "back"}
+        with serve_subprocess(run) as url:
+            with open(image_file, "rb") as f:
+                api = httpx.post(url + "/api/predict", files={"image": (image_file.name, f, "image/jpeg")},
+                                 data=fields, timeout=60).json()
+            assert api["metadata_used"] is True
+            driver.get(url + "/")
+            driver.find_element(By.ID, "meta-age").send_keys(fields["age"])
+            Select(driver.find_element(By.ID, "meta-sex")).select_by_value(fields["sex"])
+            Select(driver.find_element(By.ID, "meta-site")).select_by_value(fields["site"])
+            driver.find_element(By.ID, "file").send_keys(str(image_file.resolve()))
+            WebDriverWait(driver, 90).until(lambda d: d.find_element(By.TAG_NAME, "body")
+                                            .get_attribute("data-state") in ("done", "error"))
+            assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", \
+                driver.find_element(By.ID, "error").text
+            top = driver.find_element(By.ID, "top-class")
+            assert top.get_attribute("data-dx") == api["top"]["dx"]
+            assert f"{100 * api['top']['probability']:.1f}%" in top.text
+    finally:
+        driver.quit()
