@@ -461,6 +461,22 @@ def test_bench_loader_puts_ffcv_in_the_same_table(pack_path: Path, exported: dic
         assert r["ratio_to_ffcv"] == pytest.approx(r["img_per_s"] / rows["ffcv"]["img_per_s"]), name
     assert rows["folder"]["ratio_to_folder"] == 1.0 and rows["ffcv"]["ratio_to_ffcv"] == 1.0
     assert {"cpus", "torch", "commit"} <= set(out["hardware"]) and plot.read_bytes()[:4] == b"\x89PNG"
+    for r in rows.values():  # one-time costs beside the steady rate, amortized over 30 epochs
+        assert r["setup_total_s"] == pytest.approx(r["setup_s"] + r["warmup_extra_s"]) and r["warmup_extra_s"] >= 0
+        n30 = out["epochs_for_setup"] * _train_samples(pack_path, 8)
+        assert r["img_per_s_30_epochs"] == pytest.approx(n30 / (r["setup_total_s"] + n30 / r["img_per_s"]))
+
+    # --cold: the FFCV export is rewritten (same bytes) and the resident cache decoded in a scratch
+    # folder; the pack's own cache folder is left as it was.
+    beton = pack_path / "ffcv" / "train.beton"
+    before = (beton.stat().st_mtime_ns, beton.read_bytes())
+    cache = sorted(p.name for p in (pack_path / "cache").glob("*")) if (pack_path / "cache").is_dir() else []
+    run = CliRunner().invoke(bench_loader, [*args, "--loaders", "resident,ffcv", "--cold"])
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.output[run.output.index("{"):])
+    assert out["cold"] is True and all(r["cold"] for r in out["results"])
+    assert beton.stat().st_mtime_ns != before[0] and beton.read_bytes() == before[1]
+    assert (sorted(p.name for p in (pack_path / "cache").glob("*")) if (pack_path / "cache").is_dir() else []) == cache
 
     import importlib.util
 
@@ -471,6 +487,12 @@ def test_bench_loader_puts_ffcv_in_the_same_table(pack_path: Path, exported: dic
     assert "ffcv is not installed" in run.output
     out = json.loads(run.output[run.output.index("{"):])
     assert [r["loader"] for r in out["results"]] == ["resident"] and out["results"][0]["ratio_to_ffcv"] is None
+
+
+def _train_samples(pack_path: Path, batch: int) -> int:
+    from hamengine.loaders.records import Pack
+
+    return Pack(pack_path).num_samples("train") // batch * batch  # one rank, drop_last
 
 
 @needs_ffcv
