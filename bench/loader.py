@@ -28,7 +28,7 @@ import numpy as np
 from hamengine.bench import BenchError
 from hamengine.errors import UserError
 
-KINDS = ("folder", "torch", "dali", "resident", "ffcv")
+KINDS = ("folder", "torch", "dali", "resident", "ffcv", "ffcv-native", "ffcv-native-jpg")
 EPOCHS_FOR_SETUP = 30  # img_per_s_30_epochs: a short HAM10000 schedule, set-up amortized over it
 
 
@@ -68,14 +68,19 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
     from hamengine.loaders import build_loader
 
     scratch = tempfile.mkdtemp(prefix="hamengine-bench-cache-") if cold and kind == "resident" else None
-    cfg = LoaderConfig(kind=kind, **cfg_kw, **({"cache_dir": scratch} if scratch else {}))
+    from hamengine.bench.ffcv_native import NATIVE_KINDS, FFCVNative
+
+    native = NATIVE_KINDS.get(kind)
+    cfg = LoaderConfig(kind="auto" if native else kind, **cfg_kw, **({"cache_dir": scratch} if scratch else {}))
     t0 = time.perf_counter()
-    if cold and kind == "ffcv":
+    if cold and (kind == "ffcv" or native):
         from hamengine.loaders.ffcv_export import export_ffcv
 
-        export_ffcv(pack, force=True, progress=False)  # the export is part of FFCV's set-up
+        # the export is part of FFCV's set-up (raw: with the resident cache decode it reads)
+        export_ffcv(pack, force=True, progress=False, mode=native or "jpg",
+                    size=cfg.size if native == "raw" else None)
     try:
-        loader = build_loader(pack, split, cfg, device)
+        loader = FFCVNative(pack, split, cfg, device, native) if native else build_loader(pack, split, cfg, device)
     except BaseException:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -207,10 +212,15 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
     if "folder" in kinds and not b.source:
         raise ConfigError("--loaders includes folder: pass --source DIR (the HAM10000 folder the pack was built from)")
     notes = []
-    if "ffcv" in kinds and importlib.util.find_spec("ffcv") is None:
+    ffcv_kinds = [k for k in kinds if k.startswith("ffcv")]
+    if ffcv_kinds and importlib.util.find_spec("ffcv") is None:
         # Optional peer: time the others and say why ffcv is missing rather than failing the run.
-        notes.append("ffcv is not installed (pip install 'hamengine[ffcv]'); timing the other loaders")
-        kinds.remove("ffcv")
+        notes.append(f"ffcv is not installed (pip install 'hamengine[ffcv]'); timing the other loaders "
+                     f"(skipped: {', '.join(ffcv_kinds)})")
+        kinds = [k for k in kinds if k not in ffcv_kinds]
+    if any(k in kinds for k in ("ffcv-native", "ffcv-native-jpg")):
+        notes.append("ffcv-native: FFCV's own ops only (random resized crop, horizontal flip, NormalizeImage "
+                     "to fp16); no vertical flip, rotation or colour jitter: compare it under --aug crop-flip")
     cfg_kw = dict(size=b.size, batch_size=b.batch_size, aug=AugConfig(preset=b.aug), dtype=b.dtype,
                   workers=b.workers, source=b.source)
     results: list[dict[str, Any]] = []
@@ -231,7 +241,9 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
     for r in results:
         r.pop("_exc", None)
     ref = next((r for r in ok if r["loader"] == "folder"), None)
-    peer = next((r for r in ok if r["loader"] == "ffcv"), None)
+    # The peer column: FFCV at its strongest that was timed (its own pipeline over raw pixels, then
+    # over JPEGs, then FFCV through our ops).
+    peer = next((r for name in ("ffcv-native", "ffcv-native-jpg", "ffcv") for r in ok if r["loader"] == name), None)
     for r in ok:
         r["ratio_to_folder"] = (r["img_per_s"] / ref["img_per_s"]) if ref and ref["img_per_s"] else None
         r["ratio_to_ffcv"] = (r["img_per_s"] / peer["img_per_s"]) if peer and peer["img_per_s"] else None
@@ -241,5 +253,6 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
     if plot:
         plot_results(ok, b.aug, plot, f"{hw.get('cpus')} CPUs" + (f", {hw['gpu']}" if hw.get("gpu") else ""))
     return {"results": results, "aug": b.aug, "split": b.split, "batch_size": b.batch_size, "size": b.size,
-            "batches": b.batches, "warmup": b.warmup, "min_seconds": b.min_seconds, "cold": b.cold, "epochs_for_setup": EPOCHS_FOR_SETUP,
+            "batches": b.batches, "warmup": b.warmup, "min_seconds": b.min_seconds, "cold": b.cold,
+            "peer": peer["loader"] if peer else None, "epochs_for_setup": EPOCHS_FOR_SETUP,
             "hardware": hw, "notes": notes}

@@ -13,7 +13,16 @@ The pack's fingerprint (resident cache keys, run records) leaves the `exports` k
 an export does not change it. Repacking writes a manifest without the record: the next use
 exports again (the files are deterministic, so the result is the same bytes).
 
-Deterministic: FFCV's writer runs with ONE worker process (with more, workers race for pages and
+Modes (`--mode`, FFCV's own write modes), each an independent export with its own folder and record:
+- jpg (PACK/ffcv/, `exports.ffcv`): the pack's JPEG bytes as above; what `--loader ffcv` reads.
+- raw (PACK/ffcv-raw-<S>/): the pixels the resident cache holds for output side S (shorter side S,
+  the split's common aspect; loaders/resident.py), uint8 HWC, so FFCV and the resident loader read
+  identical pixels and neither decodes a JPEG per epoch.
+- proportion (PACK/ffcv-proportion/): FFCV's mixed mode over the pack's decoded pixels: each image
+  stored JPEG-compressed by FFCV (OpenCV, at the pack's quality) with probability 0.5, else raw.
+  FFCV draws that choice from NumPy's global generator in its worker: not byte-stable across runs.
+
+Deterministic (jpg, raw): FFCV's writer runs with ONE worker process (with more, workers race for pages and
 the page order -- hence the bytes -- change from run to run); every page is zero-filled first, so
 the same pack gives byte-identical .beton files. Each file is written to a temp name, fsynced and
 renamed; the manifest record is written last (the manifest replaced atomically), so an interrupted
@@ -22,7 +31,6 @@ export is never taken for a complete one.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -32,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from hamengine.config import ConfigError
+from hamengine.config import ConfigError, StrEnum
 from hamengine.fileio import fsync_dir
 from hamengine.hooks import fire
 from hamengine.loaders.ffcv_record import (
@@ -43,10 +51,42 @@ from hamengine.loaders.ffcv_record import (
     export_dir,
     export_lock,
     file_sha256,
+    mode_options,
     read_export,
     write_record,
 )
+from hamengine.loaders.ffcv_rows import (
+    SplitImages,
+    SplitPixels,
+    jpeg_entry,
+    jpeg_field_class,
+    resident_cache_file,
+    writer_class,
+)
 from hamengine.loaders.records import EXPORTS, MANIFEST, Pack, PackError
+
+
+class ExportMode(StrEnum):
+    JPG = "jpg"  # the pack's JPEG bytes, as stored
+    RAW = "raw"  # the resident cache's pixels at an output side S
+    PROPORTION = "proportion"  # FFCV's mix: half JPEG (re-encoded by FFCV), half raw
+
+
+PROPORTION_COMPRESS = 0.5  # FFCV's compress_probability in proportion mode (its ImageNet examples' value)
+
+
+def export_name(mode: ExportMode | str, size: int | None = None) -> str:
+    """The export's folder and manifest key: ffcv, ffcv-raw-<S>, ffcv-proportion."""
+    mode = ExportMode(mode)
+    if mode == ExportMode.JPG:
+        return DIR_NAME
+    if mode == ExportMode.RAW:
+        if not size or size < 8:
+            raise ConfigError("export-ffcv --mode raw stores the resident cache's pixels for one output side: "
+                              "pass --size S (the side the loaders will output, e.g. 224)")
+        return f"{DIR_NAME}-raw-{int(size)}"
+    return f"{DIR_NAME}-proportion"
+
 
 MIN_PAGE = 1 << 21  # FFCV's smallest page (2 MiB); a page must hold the largest sample
 INSTALL_HINT = (
@@ -79,52 +119,6 @@ def _chmod_default(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-# -- the images as FFCV will see them ------------------------------------------------------------
-def _jpeg_entry(data: bytes, quality: int) -> tuple[bytes, int, int, bool]:
-    """(jpeg bytes to store, width, height, re-encoded?). Reads only the JPEG header unless the
-    image must be converted."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format == "JPEG" and im.mode in ("RGB", "L"):  # turbojpeg decodes both to RGB
-            return data, im.width, im.height, False
-        rgb = im.convert("RGB")
-    out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=quality)
-    return out.getvalue(), rgb.width, rgb.height, True
-
-
-class _SplitImages:
-    """Indexable (jpeg, width, height, label) rows of one split for FFCV's writer. Opens the pack
-    lazily so the writer's worker process maps the shards itself."""
-
-    def __init__(self, pack_path: Path, split: str, quality: int, reencode: set[int]):
-        self.pack_path, self.split, self.quality, self.reencode = pack_path, split, quality, reencode
-        self._pack: Pack | None = None
-        self._labels: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return self._open().num_samples(self.split)
-
-    def _open(self) -> Pack:
-        if self._pack is None:
-            self._pack = Pack(self.pack_path, check_files=False)
-            self._labels = self._pack.labels(self.split)
-        return self._pack
-
-    def __getitem__(self, i: int) -> tuple[tuple[bytes, int, int], int]:
-        pack = self._open()
-        data = pack.jpeg(self.split, i)
-        if i in self.reencode:
-            data, w, h, _ = _jpeg_entry(data, self.quality)
-        else:
-            from PIL import Image
-
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-        return (data, w, h), int(self._labels[i])
-
-
 def _scan(pack: Pack, split: str, quality: int) -> tuple[set[int], int]:
     """Check every image's header in this process (a worker that fails inside FFCV's writer would
     leave its progress loop waiting forever): -> (indices to re-encode, largest stored size)."""
@@ -132,7 +126,7 @@ def _scan(pack: Pack, split: str, quality: int) -> tuple[set[int], int]:
     for i in range(pack.num_samples(split)):
         data = pack.jpeg(split, i)
         try:
-            stored, _, _, converted = _jpeg_entry(data, quality)
+            stored, _, _, converted = jpeg_entry(data, quality)
         except Exception as e:  # PIL raises several types for broken data
             key = pack.keys(split)[i]
             raise PackError(f"{pack.path}: {split} sample {i} ({key}) is not a readable JPEG ({e}); "
@@ -141,51 +135,6 @@ def _scan(pack: Pack, split: str, quality: int) -> tuple[set[int], int]:
             reencode.add(i)
         largest = max(largest, len(stored))
     return reencode, largest
-
-
-def _jpeg_field_class() -> type:
-    """An RGBImageField that stores given JPEG bytes instead of re-encoding pixels. On disk it is a
-    plain RGBImageField (the writer below records that type id), so any FFCV reader opens it."""
-    from ffcv.fields import RGBImageField
-    from ffcv.fields.rgb_image import IMAGE_MODES
-
-    class StoredJPEGField(RGBImageField):
-        def __init__(self) -> None:
-            super().__init__(write_mode="jpg")
-
-        def encode(self, destination, value, malloc) -> None:  # type: ignore[override]
-            data, width, height = value
-            destination["mode"] = IMAGE_MODES["jpg"]
-            destination["height"], destination["width"] = height, width
-            destination["data_ptr"], storage = malloc(len(data))
-            storage[:] = np.frombuffer(data, dtype=np.uint8)
-
-    return StoredJPEGField
-
-
-def _writer_class() -> type:
-    from ffcv.fields import RGBImageField
-    from ffcv.types import TYPE_ID_HANDLER, FieldDescType, HeaderType
-    from ffcv.writer import DatasetWriter
-
-    rgb_id = next(k for k, v in TYPE_ID_HANDLER.items() if v is RGBImageField)
-
-    class Writer(DatasetWriter):
-        def prepare(self) -> None:
-            super().prepare()
-            # FFCV looks a field's type id up by exact class: our subclass would be written as
-            # "custom" (255). Rewrite the descriptors with RGBImageField's id.
-            n = len(self.fields)
-            with open(self.fname, "r+b") as fp:
-                fp.seek(HeaderType.itemsize)
-                desc = np.frombuffer(fp.read(n * FieldDescType.itemsize), dtype=FieldDescType).copy()
-                for i, field in enumerate(self.fields.values()):
-                    if isinstance(field, RGBImageField):
-                        desc[i]["type_id"] = rgb_id
-                fp.seek(HeaderType.itemsize)
-                fp.write(desc.tobytes())
-
-    return Writer
 
 
 @contextmanager
@@ -203,22 +152,35 @@ def _quiet_tqdm():
         ffcv.writer.tqdm = old
 
 
-def _write_split(pack: Pack, split: str, out: Path) -> dict[str, Any]:
-    from ffcv.fields import IntField
+def _write_split(pack: Pack, split: str, out: Path, mode: ExportMode = ExportMode.JPG,
+                 size: int | None = None) -> dict[str, Any]:
+    from ffcv.fields import IntField, RGBImageField
 
     quality = int(pack.manifest["image"].get("quality", 90))
     reencode, largest = _scan(pack, split, quality)
+    if mode == ExportMode.JPG:
+        image_field, rows = jpeg_field_class()(), SplitImages(pack.path, split, quality, reencode)
+    else:
+        cache = resident_cache_file(pack, split, size) if mode == ExportMode.RAW else None
+        rows = SplitPixels(pack.path, split, cache)
+        if cache is not None:
+            h, w = np.load(cache, mmap_mode="r", allow_pickle=False).shape[2:]
+            largest = 3 * h * w
+        else:  # proportion: a raw image is the pack image's pixels
+            largest = max(largest, 3 * pack.image_size * pack.image_size * 4)
+        image_field = RGBImageField(write_mode=str(mode), jpeg_quality=quality,
+                                    compress_probability=PROPORTION_COMPRESS)
     page = MIN_PAGE
     while page < largest:
         page *= 2
-    fields = {"image": _jpeg_field_class()(), "label": IntField()}
+    fields = {"image": image_field, "label": IntField()}
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
         _chmod_default(tmp)
-        writer = _writer_class()(tmp, fields, page_size=page, num_workers=1)  # 1: deterministic
+        writer = writer_class()(tmp, fields, page_size=page, num_workers=1)  # 1: deterministic
         with _quiet_tqdm():
-            writer.from_indexed_dataset(_SplitImages(pack.path, split, quality, reencode), chunksize=256)
+            writer.from_indexed_dataset(rows, chunksize=256)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -234,39 +196,53 @@ def _write_split(pack: Pack, split: str, out: Path) -> dict[str, Any]:
 
 # -- the record in the pack's manifest -----------------------------------------------------------
 def export_ffcv(pack: Pack | str | Path, force: bool = False, progress: bool = True,
-                log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Write PACK/ffcv/<split>.beton for every non-empty split, then record them in the pack's
-    manifest (exports.ffcv); returns the record. An up-to-date export is kept unless `force`."""
+                log: Callable[[str], None] | None = None, mode: ExportMode | str = ExportMode.JPG,
+                size: int | None = None) -> dict[str, Any]:
+    """Write PACK/<name>/<split>.beton for every non-empty split (name: export_name(mode, size)),
+    then record them in the pack's manifest (exports.<name>); returns the record. An up-to-date
+    export is kept unless `force`."""
+    mode = ExportMode(mode)
+    name = export_name(mode, size)
     require_ffcv()
     pack = pack if isinstance(pack, Pack) else Pack(pack)
-    existing = None if force else read_export(pack)
+    existing = None if force else read_export(pack, name=name)
     if existing is not None:
-        return _up_to_date(pack, existing, log)
-    out_dir = export_dir(pack)
+        return _up_to_date(pack, existing, log, name)
+    out_dir = export_dir(pack, name)
     try:
         out_dir.mkdir(exist_ok=True)
     except OSError as e:
         raise FFCVExportError(f"{out_dir}: cannot create the FFCV export folder ({e.strerror}); the pack "
                               f"folder must be writable (or copy the pack somewhere writable)") from None
     with export_lock(out_dir):
-        existing = None if force else read_export(pack)  # another process may have finished it meanwhile
+        existing = None if force else read_export(pack, name=name)  # another process may have finished it meanwhile
         if existing is not None:
-            return _up_to_date(pack, existing, log)
+            return _up_to_date(pack, existing, log, name)
         fire("ffcv.export_locked", pack=str(pack.path))
-        record = _export_locked(pack, out_dir, progress)
+        record = _export_locked(pack, out_dir, progress, mode, size, name)
     if log:
         log(f"wrote {', '.join(e['file'] for e in record['splits'].values())} to {out_dir} (recorded in "
-            f"{pack.path / MANIFEST} under {EXPORTS}.{DIR_NAME})")
+            f"{pack.path / MANIFEST} under {EXPORTS}.{name})")
     return record
 
 
-def _up_to_date(pack: Pack, record: dict[str, Any], log: Callable[[str], None] | None) -> dict[str, Any]:
+def _up_to_date(pack: Pack, record: dict[str, Any], log: Callable[[str], None] | None,
+                name: str = DIR_NAME) -> dict[str, Any]:
     if log:
-        log(f"{export_dir(pack)} is up to date with the pack (recorded in {pack.path / MANIFEST})")
+        log(f"{export_dir(pack, name)} is up to date with the pack (recorded in {pack.path / MANIFEST})")
     return record
 
 
-def _export_locked(pack: Pack, out_dir: Path, progress: bool) -> dict[str, Any]:
+FIELD_TEXT = {
+    ExportMode.JPG: "RGBImageField, jpg mode: the pack's JPEG bytes as stored",
+    ExportMode.RAW: "RGBImageField, raw mode: the resident cache's uint8 pixels (shorter side S, common aspect)",
+    ExportMode.PROPORTION: f"RGBImageField, proportion mode: the pack's decoded pixels, JPEG-encoded by FFCV "
+                           f"with probability {PROPORTION_COMPRESS}, else raw",
+}
+
+
+def _export_locked(pack: Pack, out_dir: Path, progress: bool, mode: ExportMode = ExportMode.JPG,
+                   size: int | None = None, name: str = DIR_NAME) -> dict[str, Any]:
     from importlib.metadata import version
 
     from rich.console import Console
@@ -278,7 +254,7 @@ def _export_locked(pack: Pack, out_dir: Path, progress: bool) -> dict[str, Any]:
     for split in splits:
         verify_shards(pack, split)  # export only what the manifest vouches for
     # The old record goes first: while files are replaced, nothing vouches for a mix of old and new.
-    write_record(pack, None)
+    write_record(pack, None, name)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # where development versions kept the record
     total = sum(pack.num_samples(s) for s in splits)
     entries: dict[str, Any] = {}
@@ -288,37 +264,40 @@ def _export_locked(pack: Pack, out_dir: Path, progress: bool) -> dict[str, Any]:
         for split in splits:
             bar.update(task, description=split)
             try:
-                entries[split] = _write_split(pack, split, out_dir / f"{split}.beton")
+                entries[split] = _write_split(pack, split, out_dir / f"{split}.beton", mode, size)
             except OSError as e:
                 raise FFCVExportError(f"{out_dir / (split + '.beton')}: cannot write ({e.strerror})") from None
             bar.advance(task, pack.num_samples(split))
     fsync_dir(out_dir)  # the renames are durable before the record that lists them
-    record = {"format": FORMAT, "version": VERSION, "dir": DIR_NAME, "ffcv_version": version("ffcv"),
-              "fields": {"image": "RGBImageField, jpg mode: the pack's JPEG bytes as stored",
-                         "label": "IntField: class index into the pack's classes"},
+    record = {"format": FORMAT, "version": VERSION, "dir": name, "mode": str(mode), "output_size": size,
+              "ffcv_version": version("ffcv"),
+              "fields": {"image": FIELD_TEXT[mode], "label": "IntField: class index into the pack's classes"},
               "classes": list(pack.classes), "image_size": pack.image_size, "splits": entries}
-    write_record(pack, record)
+    write_record(pack, record, name)
     return record
 
 
 def beton_for(pack: Pack, split: str, auto_export: bool = True, verify: bool = True,
-              log: Callable[[str], None] | None = None) -> Path:
-    """Path of split's .beton, exporting first when the export is missing or incomplete; with
-    `verify` its sha256 is checked against the manifest's record (damage fails here, before the
-    first batch)."""
+              log: Callable[[str], None] | None = None, mode: ExportMode | str = ExportMode.JPG,
+              size: int | None = None) -> Path:
+    """Path of split's .beton (of the export of `mode`, at output side `size` for raw), exporting
+    first when the export is missing or incomplete; with `verify` its sha256 is checked against the
+    manifest's record (damage fails here, before the first batch)."""
     if pack.num_samples(split) == 0:
         raise FFCVExportError(f"{pack.path}: split {split!r} is empty; nothing to load")
-    manifest = read_export(pack)
+    name = export_name(mode, size)
+    manifest = read_export(pack, name=name)
     if manifest is None:
         if not auto_export:
             raise FFCVExportError(f"{pack.path / MANIFEST} records no complete FFCV export of this pack; "
-                                  f"run `hamengine export-ffcv {pack.path}`")
-        manifest = export_ffcv(pack, progress=True, log=log)
+                                  f"run `hamengine export-ffcv {pack.path}{mode_options(name)}`")
+        manifest = export_ffcv(pack, progress=True, log=log, mode=mode, size=size)
     info = manifest["splits"][split]
-    path = export_dir(pack) / info["file"]
+    path = export_dir(pack, name) / info["file"]
     if verify and file_sha256(path) != info["sha256"]:
         raise FFCVExportError(f"{path}: sha256 differs from the one recorded in {pack.path / MANIFEST} "
-                              f"(damaged or replaced); run `hamengine export-ffcv {pack.path} --force` to rebuild it")
+                              f"(damaged or replaced); run `hamengine export-ffcv {pack.path}{mode_options(name)} "
+                              f"--force` to rebuild it")
     return path
 
 

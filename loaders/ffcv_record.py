@@ -1,7 +1,9 @@
 """Where a pack's FFCV export lives and how the pack vouches for it.
 
-Files: PACK/ffcv/<split>.beton. Record: the pack's manifest.json under `exports.ffcv` (format,
-version, and each split's file, samples, bytes and sha256). The pack's fingerprint leaves `exports`
+Files: PACK/<name>/<split>.beton. Record: the pack's manifest.json under `exports.<name>` (format,
+version, and each split's file, samples, bytes and sha256). Names: `ffcv` (jpg mode: the pack's JPEG
+bytes; what `--loader ffcv` reads), `ffcv-raw-<S>` (raw mode: the resident cache's pixels at output
+side S), `ffcv-proportion` (FFCV's proportion mode). Each name is an independent export. The pack's fingerprint leaves `exports`
 out (records.fingerprint), so recording an export does not change it. The record is written after
 its files and removed before they are rewritten, so it never vouches for a partial or mixed export.
 """
@@ -24,8 +26,15 @@ class FFCVExportError(PackError):
     """The FFCV export of a pack is missing, stale or damaged; the message says what to run."""
 
 
-def export_dir(pack: Pack) -> Path:
-    return pack.path / DIR_NAME
+def export_dir(pack: Pack, name: str = DIR_NAME) -> Path:
+    return pack.path / name
+
+
+def export_names(manifest: dict[str, Any]) -> list[str]:
+    """The FFCV exports the manifest records (ffcv, ffcv-raw-<S>, ffcv-proportion)."""
+    exports = manifest.get(EXPORTS)
+    return sorted(k for k in exports if k == DIR_NAME or k.startswith(DIR_NAME + "-")) \
+        if isinstance(exports, dict) else []
 
 
 _SPLIT_FIELDS = ("file", "samples", "bytes", "sha256")
@@ -45,10 +54,10 @@ def _manifest_on_disk(pack: Pack) -> tuple[dict[str, Any], bytes]:
     return manifest, raw
 
 
-def recorded_export(manifest: dict[str, Any]) -> Any:
-    """Whatever the manifest holds under exports.ffcv (None when nothing)."""
+def recorded_export(manifest: dict[str, Any], name: str = DIR_NAME) -> Any:
+    """Whatever the manifest holds under exports.<name> (None when nothing)."""
     exports = manifest.get(EXPORTS)
-    return exports.get(DIR_NAME) if isinstance(exports, dict) else None
+    return exports.get(name) if isinstance(exports, dict) else None
 
 
 def valid_record(record: Any) -> bool:
@@ -68,23 +77,23 @@ def matches_pack(record: dict[str, Any], pack: Pack) -> bool:
         for s in splits)
 
 
-def read_export(pack: Pack, check_files: bool = True) -> dict[str, Any] | None:
+def read_export(pack: Pack, check_files: bool = True, name: str = DIR_NAME) -> dict[str, Any] | None:
     """The manifest's record of the FFCV export if it covers the pack's splits and every file it
     lists is present with its recorded size; None when there is no usable export (never made, made
     by another version, edited, or partial)."""
-    record = recorded_export(_manifest_on_disk(pack)[0])
+    record = recorded_export(_manifest_on_disk(pack)[0], name)
     if not valid_record(record) or not matches_pack(record, pack):
         return None
     if check_files:
         for info in record["splits"].values():
-            f = export_dir(pack) / info["file"]
+            f = export_dir(pack, name) / info["file"]
             if not f.is_file() or f.stat().st_size != info["bytes"]:
                 return None
     return record
 
 
-def write_record(pack: Pack, record: dict[str, Any] | None) -> None:
-    """Set (record) or remove (None) exports.ffcv in PACK/manifest.json: one atomic replace (none
+def write_record(pack: Pack, record: dict[str, Any] | None, name: str = DIR_NAME) -> None:
+    """Set (record) or remove (None) exports.<name> in PACK/manifest.json: one atomic replace (none
     when there is nothing to remove).
 
     The fingerprint is defined over the manifest as `pack` wrote it; a manifest re-indented or
@@ -96,11 +105,11 @@ def write_record(pack: Pack, record: dict[str, Any] | None) -> None:
                               f"hand?), so recording an export would change the pack's fingerprint; re-run "
                               f"`hamengine pack` (same command, --force) to rewrite it")
     if record is None:
-        if DIR_NAME not in exports:
+        if name not in exports:
             return  # nothing recorded: nothing to write
-        exports.pop(DIR_NAME)
+        exports.pop(name)
     else:
-        exports[DIR_NAME] = record
+        exports[name] = record
     manifest.pop(EXPORTS, None)
     if exports:
         manifest[EXPORTS] = exports
@@ -127,25 +136,32 @@ def export_lock(out_dir: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def check_export(pack: Pack) -> list[str]:
-    """Problems with the FFCV export (for `hamengine verify` / `inspect`): [] when the manifest
+def mode_options(name: str) -> str:
+    """The export-ffcv options that make export `name` (for the messages' re-run commands)."""
+    rest = name[len(DIR_NAME) + 1:] if name.startswith(DIR_NAME + "-") else ""
+    if rest.startswith("raw-"):
+        return f" --mode raw --size {rest[4:]}"
+    return f" --mode {rest}" if rest else ""
+
+
+def check_export(pack: Pack, name: str = DIR_NAME) -> list[str]:
+    """Problems with an FFCV export (for `hamengine verify` / `inspect`): [] when the manifest
     records none or every recorded .beton hashes to its recorded sha256."""
-    where = f"{pack.path / MANIFEST} ({EXPORTS}.{DIR_NAME})"
-    recorded = recorded_export(_manifest_on_disk(pack)[0])
+    where = f"{pack.path / MANIFEST} ({EXPORTS}.{name})"
+    rerun = f"hamengine export-ffcv {pack.path}{mode_options(name)}"
+    recorded = recorded_export(_manifest_on_disk(pack)[0], name)
     if recorded is None:
         return []
     if not valid_record(recorded):
-        return [f"{where}: an export record this version cannot read; run `hamengine export-ffcv "
-                f"{pack.path} --force`"]
+        return [f"{where}: an export record this version cannot read; run `{rerun} --force`"]
     if not matches_pack(recorded, pack):
         return [f"{where}: lists other splits, files or sample counts than the pack holds (edited?); run "
-                f"`hamengine export-ffcv {pack.path} --force`"]
+                f"`{rerun} --force`"]
     problems = []
     for info in recorded["splits"].values():
-        f = export_dir(pack) / info["file"]
+        f = export_dir(pack, name) / info["file"]
         if not f.is_file():
-            problems.append(f"{f}: missing (listed in {where}); run `hamengine export-ffcv {pack.path}`")
+            problems.append(f"{f}: missing (listed in {where}); run `{rerun}`")
         elif f.stat().st_size != info["bytes"] or file_sha256(f) != info["sha256"]:
-            problems.append(f"{f}: differs from {where} (damaged or replaced); run `hamengine export-ffcv "
-                            f"{pack.path} --force`")
+            problems.append(f"{f}: differs from {where} (damaged or replaced); run `{rerun} --force`")
     return problems

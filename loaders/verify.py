@@ -192,12 +192,12 @@ def verify_pack(path: str | Path, quick: bool = False,
                 report.fault = Fault(f"{split_name} split", f"shards hold {n} samples, the manifest says "
                                      f"{info['samples']}")
                 return report
-    if ffcv_record.recorded_export(pack.manifest) is not None:
-        problems = ffcv_record.check_export(pack)
+    for name in ffcv_record.export_names(pack.manifest):
+        problems = ffcv_record.check_export(pack, name)
         if problems:
-            report.fault = Fault("ffcv export", problems[0])
+            report.fault = Fault(f"{name} export", problems[0])
             return report
-        report.exports.append(ffcv_record.DIR_NAME)
+        report.exports.append(name)
     return report
 
 
