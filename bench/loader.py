@@ -64,21 +64,26 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
 
     import torch
 
+    from hamengine.bench.ffcv_native import NATIVE_KINDS, FFCVNative
     from hamengine.config import LoaderConfig
     from hamengine.loaders import build_loader
 
-    scratch = tempfile.mkdtemp(prefix="hamengine-bench-cache-") if cold and kind == "resident" else None
-    from hamengine.bench.ffcv_native import NATIVE_KINDS, FFCVNative
-
     native = NATIVE_KINDS.get(kind)
+    decodes = kind == "resident" or native == "raw"  # builds a resident cache: cold = in a scratch folder
+    scratch = tempfile.mkdtemp(prefix="hamengine-bench-cache-") if cold and decodes else None
     cfg = LoaderConfig(kind="auto" if native else kind, **cfg_kw, **({"cache_dir": scratch} if scratch else {}))
     t0 = time.perf_counter()
     if cold and (kind == "ffcv" or native):
         from hamengine.loaders.ffcv_export import export_ffcv
 
         # the export is part of FFCV's set-up (raw: with the resident cache decode it reads)
-        export_ffcv(pack, force=True, progress=False, mode=native or "jpg",
-                    size=cfg.size if native == "raw" else None)
+        try:
+            export_ffcv(pack, force=True, progress=False, mode=native or "jpg",
+                        size=cfg.size if native == "raw" else None, cache_dir=scratch)
+        except BaseException:
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
     try:
         loader = FFCVNative(pack, split, cfg, device, native) if native else build_loader(pack, split, cfg, device)
     except BaseException:

@@ -153,7 +153,7 @@ def _quiet_tqdm():
 
 
 def _write_split(pack: Pack, split: str, out: Path, mode: ExportMode = ExportMode.JPG,
-                 size: int | None = None) -> dict[str, Any]:
+                 size: int | None = None, cache_dir: str | None = None) -> dict[str, Any]:
     from ffcv.fields import IntField, RGBImageField
 
     quality = int(pack.manifest["image"].get("quality", 90))
@@ -161,7 +161,7 @@ def _write_split(pack: Pack, split: str, out: Path, mode: ExportMode = ExportMod
     if mode == ExportMode.JPG:
         image_field, rows = jpeg_field_class()(), SplitImages(pack.path, split, quality, reencode)
     else:
-        cache = resident_cache_file(pack, split, size) if mode == ExportMode.RAW else None
+        cache = resident_cache_file(pack, split, size, cache_dir) if mode == ExportMode.RAW else None
         rows = SplitPixels(pack.path, split, cache)
         if cache is not None:
             h, w = np.load(cache, mmap_mode="r", allow_pickle=False).shape[2:]
@@ -197,10 +197,11 @@ def _write_split(pack: Pack, split: str, out: Path, mode: ExportMode = ExportMod
 # -- the record in the pack's manifest -----------------------------------------------------------
 def export_ffcv(pack: Pack | str | Path, force: bool = False, progress: bool = True,
                 log: Callable[[str], None] | None = None, mode: ExportMode | str = ExportMode.JPG,
-                size: int | None = None) -> dict[str, Any]:
+                size: int | None = None, cache_dir: str | None = None) -> dict[str, Any]:
     """Write PACK/<name>/<split>.beton for every non-empty split (name: export_name(mode, size)),
     then record them in the pack's manifest (exports.<name>); returns the record. An up-to-date
-    export is kept unless `force`."""
+    export is kept unless `force`. raw reads (or first builds) the resident cache in `cache_dir`
+    (default PACK/cache/)."""
     mode = ExportMode(mode)
     name = export_name(mode, size)
     require_ffcv()
@@ -219,7 +220,7 @@ def export_ffcv(pack: Pack | str | Path, force: bool = False, progress: bool = T
         if existing is not None:
             return _up_to_date(pack, existing, log, name)
         fire("ffcv.export_locked", pack=str(pack.path))
-        record = _export_locked(pack, out_dir, progress, mode, size, name)
+        record = _export_locked(pack, out_dir, progress, mode, size, name, cache_dir)
     if log:
         log(f"wrote {', '.join(e['file'] for e in record['splits'].values())} to {out_dir} (recorded in "
             f"{pack.path / MANIFEST} under {EXPORTS}.{name})")
@@ -242,7 +243,7 @@ FIELD_TEXT = {
 
 
 def _export_locked(pack: Pack, out_dir: Path, progress: bool, mode: ExportMode = ExportMode.JPG,
-                   size: int | None = None, name: str = DIR_NAME) -> dict[str, Any]:
+                   size: int | None = None, name: str = DIR_NAME, cache_dir: str | None = None) -> dict[str, Any]:
     from importlib.metadata import version
 
     from rich.console import Console
@@ -264,7 +265,7 @@ def _export_locked(pack: Pack, out_dir: Path, progress: bool, mode: ExportMode =
         for split in splits:
             bar.update(task, description=split)
             try:
-                entries[split] = _write_split(pack, split, out_dir / f"{split}.beton", mode, size)
+                entries[split] = _write_split(pack, split, out_dir / f"{split}.beton", mode, size, cache_dir)
             except OSError as e:
                 raise FFCVExportError(f"{out_dir / (split + '.beton')}: cannot write ({e.strerror})") from None
             bar.advance(task, pack.num_samples(split))

@@ -91,7 +91,7 @@ class SplitPixels:
         return pixels, int(self._labels[i])
 
 
-def resident_cache_file(pack: Pack, split: str, size: int) -> Path:
+def resident_cache_file(pack: Pack, split: str, size: int, cache_dir: str | None = None) -> Path:
     """The resident cache file for output side `size` (built now if missing): raw mode's pixels."""
     import torch
 
@@ -100,8 +100,9 @@ def resident_cache_file(pack: Pack, split: str, size: int) -> Path:
     from hamengine.runtime import cpu_count
 
     h, w = cache_shape(pack, split, size)
-    path = cache_path(pack, split, h, w, None)
-    load_or_build_cache(pack, split, size, torch.device("cpu"), LoaderConfig(size=size), cpu_count(), verify=False)
+    path = cache_path(pack, split, h, w, cache_dir)
+    load_or_build_cache(pack, split, size, torch.device("cpu"), LoaderConfig(size=size, cache_dir=cache_dir),
+                        cpu_count(), verify=False)
     if not path.is_file():
         raise FFCVExportError(f"{path}: the resident cache could not be saved, and --mode raw exports its "
                               f"pixels; the pack folder must be writable")

@@ -471,10 +471,16 @@ def test_bench_loader_puts_ffcv_in_the_same_table(pack_path: Path, exported: dic
     beton = pack_path / "ffcv" / "train.beton"
     before = (beton.stat().st_mtime_ns, beton.read_bytes())
     cache = sorted(p.name for p in (pack_path / "cache").glob("*")) if (pack_path / "cache").is_dir() else []
-    run = CliRunner().invoke(bench_loader, [*args, "--loaders", "resident,ffcv", "--cold"])
+    run = CliRunner().invoke(bench_loader, [*args, "--loaders", "resident,ffcv,ffcv-native", "--cold"])
     assert run.exit_code == 0, run.output
     out = json.loads(run.output[run.output.index("{"):])
     assert out["cold"] is True and all(r["cold"] for r in out["results"])
+    # FFCV's own pipeline over the raw export at S is the peer column when it was timed
+    cold_rows = {r["loader"]: r for r in out["results"]}
+    assert out["peer"] == "ffcv-native" and cold_rows["ffcv-native"]["images"] == 2 * 8
+    assert cold_rows["resident"]["ratio_to_ffcv"] == pytest.approx(
+        cold_rows["resident"]["img_per_s"] / cold_rows["ffcv-native"]["img_per_s"])
+    assert (pack_path / f"ffcv-raw-{S}" / "train.beton").is_file()
     assert beton.stat().st_mtime_ns != before[0] and beton.read_bytes() == before[1]
     assert (sorted(p.name for p in (pack_path / "cache").glob("*")) if (pack_path / "cache").is_dir() else []) == cache
 
@@ -519,3 +525,48 @@ def test_a_record_edited_by_hand_is_not_trusted(pack_path: Path, exported: dict,
         assert len(problems) == 1 and "other splits, files or sample counts" in problems[0], problems
         path = beton_for(Pack(copy), "train")  # not trusted: exported again, then recorded properly
         assert check_export(Pack(copy)) == [] and path.name == "train.beton"
+
+
+@needs_ffcv
+def test_raw_and_proportion_exports_are_their_own_records(pack_path: Path, exported: dict, tmp_path: Path) -> None:
+    """--mode raw stores exactly the resident cache's pixels at S (so FFCV and resident read the same
+    pixels); proportion is FFCV's mix; each is a separate folder and manifest record that verify
+    checks, and the jpg export (what --loader ffcv reads) is untouched."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    from hamengine.loaders.ffcv_export import export_ffcv, export_name
+    from hamengine.loaders.ffcv_record import check_export, export_names
+    from hamengine.loaders.resident import cache_path, cache_shape
+    from hamengine.loaders.verify import verify_pack
+
+    copy = tmp_path / "pack"
+    shutil.copytree(pack_path, copy)
+    jpg_before = (copy / "ffcv" / "val.beton").read_bytes()
+    pack = Pack(copy)
+    with pytest.raises(ConfigError, match="--size"):
+        export_name("raw")
+    raw = export_ffcv(pack, mode="raw", size=S, progress=False, force=True)  # another test may have made one
+    assert raw["dir"] == f"ffcv-raw-{S}" and raw["mode"] == "raw" and raw["output_size"] == S
+    prop = export_ffcv(Pack(copy), mode="proportion", progress=False)
+    assert prop["dir"] == "ffcv-proportion"
+    pack = Pack(copy)
+    assert export_names(pack.manifest) == ["ffcv", "ffcv-proportion", f"ffcv-raw-{S}"]
+    assert (copy / "ffcv" / "val.beton").read_bytes() == jpg_before and pack.fingerprint == Pack(pack_path).fingerprint
+    h, w = cache_shape(pack, "val", S)
+    cache = np.load(cache_path(pack, "val", h, w, None))
+    reader = Reader(str(copy / f"ffcv-raw-{S}" / "val.beton"))
+    meta = reader.metadata["f0"]
+    assert (meta["mode"] == IMAGE_MODES["raw"]).all() and (meta["height"] == h).all() and (meta["width"] == w).all()
+    alloc = reader.alloc_table
+    for i in (0, len(cache) // 2, len(cache) - 1):  # the stored bytes are the cache's pixels, HWC
+        ptr = meta["data_ptr"][i]
+        size = alloc[alloc["ptr"] == ptr]["size"][0]
+        with open(copy / f"ffcv-raw-{S}" / "val.beton", "rb") as f:
+            f.seek(int(ptr))
+            stored = np.frombuffer(f.read(int(size)), dtype=np.uint8)[: 3 * h * w].reshape(h, w, 3)
+        assert np.array_equal(stored, cache[i].transpose(1, 2, 0))
+    assert verify_pack(copy, quick=True).exports == ["ffcv", "ffcv-proportion", f"ffcv-raw-{S}"]
+    (copy / "ffcv-proportion" / "test.beton").unlink()
+    problems = check_export(Pack(copy), "ffcv-proportion")
+    assert len(problems) == 1 and "--mode proportion" in problems[0]
