@@ -48,7 +48,15 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PretrainedError(f"{p}: expected a state dict (parameter name -> tensor)")
-    return strip_wrapper_prefixes(obj)
+    return image_branch(strip_wrapper_prefixes(obj))
+
+
+def image_branch(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A metadata-fused model's weights (models/meta.py: backbone.*, mlp.*, head.*, missing) -> its
+    backbone's, which is a plain registry model without its head; anything else unchanged."""
+    if "missing" not in state or not any(k.startswith("backbone.") for k in state):
+        return state
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
 
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head_prefixes: tuple[str, ...],

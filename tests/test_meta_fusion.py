@@ -220,3 +220,16 @@ def test_serve_of_an_image_only_run_has_no_metadata_fields(eval_run, synth_sourc
         r = client.post("/api/predict", files={"image": ("a.jpg", io.BytesIO(jpeg), "image/jpeg")},
                         data={"age": "40"})
         assert r.status_code == 422 and "without --meta" in r.json()["detail"]
+
+
+def test_a_meta_checkpoint_starts_a_new_model_from_its_image_branch(meta_run):
+    """--pretrained-path RUN/checkpoints/best.pt of a --meta run: the backbone's weights load into
+    an image-only model and into a new fused one (its metadata MLP and head start fresh)."""
+    ckpt = meta_run / "checkpoints" / "best.pt"
+    state = torch.load(ckpt, weights_only=True)["model"]
+    plain = create_model("hamnet", pretrained_path=ckpt)
+    fused = create_model("hamnet", pretrained_path=ckpt, meta_missing=torch.zeros(20))
+    for k, v in plain.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(v, state[f"backbone.{k}"]), k
+            assert torch.equal(fused.state_dict()[f"backbone.{k}"], v), k
