@@ -178,6 +178,35 @@ def read_upload(request: Request, image: UploadFile | None, fields: tuple[str, .
     return decode_upload(data, limits)
 
 
+def request_meta(age: str | None, sex: str | None, site: str | None, info: dict[str, Any],
+                 backend: Backend) -> dict[str, Any] | None:
+    """The request's optional metadata fields as a row (None when none is given); 422 naming the
+    field for a bad value, or for any field sent to a model trained without --meta."""
+    meta = {"age": age, "sex": sex, "localization": site}
+    if all(v in (None, "") for v in meta.values()):
+        return None
+    if info.get("metadata") is None:
+        raise UploadError(422, f"this model ({info['model']}, run {info['run']}) was trained without --meta: "
+                               "it takes no age, sex or site fields; send the image alone")
+    if getattr(backend, "encode_meta", None) is not None:
+        try:
+            backend.encode_meta(meta)
+        except InputError as exc:
+            raise UploadError(422, f"metadata: {exc}") from None
+    return meta
+
+
+def predict_response(probs: Any, classes: tuple[str, ...], info: dict[str, Any], image_size: tuple[int, int],
+                     metadata_used: bool, t0: float) -> dict[str, Any]:
+    """/api/predict's JSON: every class's probability, the top class, the model and the latency."""
+    table = {dx: float(p) for dx, p in zip(classes, probs, strict=True)}
+    top = max(table, key=table.__getitem__)
+    return {"probabilities": table,
+            "top": {"dx": top, "name": CLASS_NAMES.get(top, top), "probability": table[top]},
+            "model": info["model"], "run": info["run"], "metadata_used": metadata_used,
+            "image_size": list(image_size), "latency_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
+
+
 def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float = 10.0, *,
                checkpoint: str = "best", limits: ServeLimits | None = None,
                backend: Backend | None = None) -> Any:
@@ -234,28 +263,13 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
                 site: str | None = Form(None, description="body site, HAM10000's localization (a --meta model)"),
                 fields: tuple[str, ...] = Depends(form_fields)) -> dict[str, Any]:
         t0 = time.perf_counter()
-        meta = {"age": age, "sex": sex, "localization": site}
-        meta = meta if any(v not in (None, "") for v in meta.values()) else None
-        if meta is not None and info.get("metadata") is None:
-            raise UploadError(422, f"this model ({info['model']}, run {info['run']}) was trained without --meta: "
-                                   "it takes no age, sex or site fields; send the image alone")
-        if meta is not None and getattr(backend, "encode_meta", None) is not None:
-            try:
-                backend.encode_meta(meta)  # a bad field is a 422 naming it, before the image is read
-            except InputError as exc:
-                raise UploadError(422, f"metadata: {exc}") from None
+        meta = request_meta(age, sex, site, info, backend)  # a bad field: 422 before the image is read
         upload = read_upload(request, image, fields, limits)
         try:
             probs = batcher.predict(upload, meta=meta)  # float[C]
         except InputError as exc:
             raise UploadError(422, f"the image cannot be used: {exc}") from None
-        table = {dx: float(p) for dx, p in zip(backend.classes, probs, strict=True)}
-        top = max(table, key=table.__getitem__)
-        return {"probabilities": table,
-                "top": {"dx": top, "name": CLASS_NAMES.get(top, top), "probability": table[top]},
-                "model": info["model"], "run": info["run"], "metadata_used": meta is not None,
-                "image_size": list(upload.size),
-                "latency_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
+        return predict_response(probs, backend.classes, info, upload.size, meta is not None, t0)
 
     @app.post("/api/explain")
     def explain(request: Request, image: UploadFile | None = File(None, description="the image"),
