@@ -165,8 +165,7 @@ class Loader:
         self.labels = pack.labels(split)  # int64[N], storage order
         self.total_samples = len(self.labels)
         # float32 [N, M] in storage order, encoded once with the pack's schema (train-split age stats)
-        schema = cfg.meta_schema or (pack.meta_schema() if cfg.meta else None)
-        self.meta_table = (torch.from_numpy(schema.encode(pack.metadata(split)))
+        self.meta_table = (torch.from_numpy((cfg.meta_schema or pack.meta_schema()).encode(pack.metadata(split)))
                            if cfg.meta else None)
         if self.train and self.total_samples // world_size < self.batch_size:
             raise ConfigError(f"split {split!r} has {self.total_samples} samples: too few for one batch of "

@@ -26,14 +26,15 @@ def jpeg_entry(data: bytes, quality: int) -> tuple[bytes, int, int, bool]:
     return out.getvalue(), rgb.width, rgb.height, True
 
 
-class SplitImages:
-    """Indexable (jpeg, width, height, label) rows of one split for FFCV's writer. Opens the pack
-    lazily so the writer's worker process maps the shards itself."""
+class _SplitRows:
+    """Indexable rows of one split for FFCV's writer. Opens the pack (and `cache_file`, memory-mapped)
+    lazily, so the writer's worker process maps the files itself."""
 
-    def __init__(self, pack_path: Path, split: str, quality: int, reencode: set[int]):
-        self.pack_path, self.split, self.quality, self.reencode = pack_path, split, quality, reencode
+    def __init__(self, pack_path: Path, split: str, cache_file: Path | None = None):
+        self.pack_path, self.split, self.cache_file = pack_path, split, cache_file
         self._pack: Pack | None = None
         self._labels: np.ndarray | None = None
+        self._cache: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self._open().num_samples(self.split)
@@ -42,7 +43,18 @@ class SplitImages:
         if self._pack is None:
             self._pack = Pack(self.pack_path, check_files=False)
             self._labels = self._pack.labels(self.split)
+            if self.cache_file is not None:
+                self._cache = np.load(self.cache_file, mmap_mode="r", allow_pickle=False)  # [N, 3, H, W]
         return self._pack
+
+
+class SplitImages(_SplitRows):
+    """(jpeg, width, height) and label rows: the pack's JPEG bytes as stored (re-encoded only where
+    `reencode` says so)."""
+
+    def __init__(self, pack_path: Path, split: str, quality: int, reencode: set[int]):
+        super().__init__(pack_path, split)
+        self.quality, self.reencode = quality, reencode
 
     def __getitem__(self, i: int) -> tuple[tuple[bytes, int, int], int]:
         pack = self._open()
@@ -57,27 +69,10 @@ class SplitImages:
         return (data, w, h), int(self._labels[i])
 
 
-class SplitPixels:
-    """Indexable (uint8 HWC pixels, label) rows for FFCV's RGBImageField in raw / proportion mode:
-    raw reads the resident cache file (memory-mapped in the writer's worker), proportion decodes the
-    pack's JPEG (FFCV re-encodes it with probability PROPORTION_COMPRESS)."""
-
-    def __init__(self, pack_path: Path, split: str, cache_file: Path | None):
-        self.pack_path, self.split, self.cache_file = pack_path, split, cache_file
-        self._pack: Pack | None = None
-        self._cache: np.ndarray | None = None
-        self._labels: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return self._open().num_samples(self.split)
-
-    def _open(self) -> Pack:
-        if self._pack is None:
-            self._pack = Pack(self.pack_path, check_files=False)
-            self._labels = self._pack.labels(self.split)
-            if self.cache_file is not None:
-                self._cache = np.load(self.cache_file, mmap_mode="r", allow_pickle=False)  # [N, 3, H, W]
-        return self._pack
+class SplitPixels(_SplitRows):
+    """(uint8 HWC pixels, label) rows for FFCV's RGBImageField in raw / proportion mode: raw reads the
+    resident cache file (`cache_file`), proportion decodes the pack's JPEG (FFCV re-encodes it with
+    probability PROPORTION_COMPRESS)."""
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         pack = self._open()
