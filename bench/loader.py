@@ -91,6 +91,7 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
             shutil.rmtree(scratch, ignore_errors=True)
         raise
     setup_s = time.perf_counter() - t0
+    kernel = getattr(loader, "train_kernel", None)  # resident: which crop-flip kernel ran
     warm_s, warm_batches = 0.0, 0
     cuda = loader.device.type == "cuda"
     cpu_s = 0.0
@@ -149,7 +150,7 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
             "p99_ms": float(np.percentile(ms, 99)), "batches": len(lat), "images": images,
             "setup_s": setup_s, "warmup_extra_s": warmup_extra_s, "setup_total_s": once, "cold": cold,
             "img_per_s_30_epochs": n30 / (once + n30 / rate) if rate else 0.0,
-            "cpu_ms_per_img": 1000 * cpu_s / images if images else 0.0}
+            "cpu_ms_per_img": 1000 * cpu_s / images if images else 0.0, "kernel": kernel}
 
 
 def failed_result(kind: str, exc: BaseException) -> dict[str, Any]:
@@ -158,7 +159,8 @@ def failed_result(kind: str, exc: BaseException) -> dict[str, Any]:
     return {"loader": kind, "error": f"{type(exc).__name__}: {msg}", "img_per_s": None, "p50_ms": None,
             "p99_ms": None, "batches": 0, "images": 0, "setup_s": None, "warmup_extra_s": None,
             "setup_total_s": None, "img_per_s_30_epochs": None, "cpu_ms_per_img": None,
-            "ratio_to_folder": None, "ratio_to_ffcv": None, "cpu_ratio_to_folder": None, "_exc": exc}
+            "ratio_to_folder": None, "ratio_to_ffcv": None, "cpu_ratio_to_folder": None, "kernel": None,
+            "_exc": exc}
 
 
 def plot_results(results: list[dict[str, Any]], aug: str, path: str, title_extra: str) -> None:
@@ -226,8 +228,9 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
     if any(k in kinds for k in ("ffcv-native", "ffcv-native-jpg")):
         notes.append("ffcv-native: FFCV's own ops only (random resized crop, horizontal flip, NormalizeImage "
                      "to fp16); no vertical flip, rotation or colour jitter: compare it under --aug crop-flip")
+    # recycle_batches: the loader may reuse a batch's memory as the trainer lets it (FFCV does too)
     cfg_kw = dict(size=b.size, batch_size=b.batch_size, aug=AugConfig(preset=b.aug), dtype=b.dtype,
-                  workers=b.workers, source=b.source)
+                  workers=b.workers, source=b.source, recycle_batches=True)
     results: list[dict[str, Any]] = []
     for kind in kinds:
         log(f"timing {kind} ...")

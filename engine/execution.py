@@ -46,7 +46,7 @@ class Execution:
         return LoaderConfig(kind=cfg.loader, size=cfg.size, batch_size=batch_size or cfg.batch_size,
                             aug=cfg.aug, dtype=self.precision, workers=cfg.workers, seed=cfg.seed,
                             memory_format=fmt, balance_sampler=cfg.balance == Balance.SAMPLER,
-                            meta=cfg.meta)
+                            meta=cfg.meta, recycle_batches=True)  # train_one_epoch keeps no batch
 
     def describe(self) -> str:
         return (f"{self.device}, amp {self.amp_name if self.amp_dtype else 'off'}, "

@@ -161,6 +161,11 @@ class LoaderConfig:
     cache_dir: str | None = None  # resident cache location; default: PACK/cache/
     source: str | None = None  # original HAM10000 folder, for the `folder` baseline only
     balance_sampler: bool = False  # class-balanced sampling (train split only)
+    # The consumer lets the loader rewrite a train batch's memory once it has read RING_SPARE - 1
+    # (resident.py) more batches, as FFCV and DALI do: the resident loader's CPU workers then write
+    # into a ring of shared buffers instead of fresh shared memory per batch. Off: every batch is
+    # its own memory (safe to keep, e.g. list(loader)). The trainer and bench loader turn it on.
+    recycle_batches: bool = False
     meta: bool = False  # also yield the metadata vectors [N, M] (loaders/metadata.py) with each batch
     meta_schema: Any = None  # loaders.metadata.MetaSchema to encode with (a run's); None: the pack's own
 

@@ -16,9 +16,11 @@ half-written cache is never read. Building it from a pack verifies the split's s
 
 Per train batch: index_select the uint8 rows -> float -> one grid_sample doing crop + resize +
 rotation + flips (augment.warp_*) -> colour jitter + normalize as one batched 3x3 matmul -> cast.
-Crop-flip on CPU (no rotation, no jitter) skips grid_sample: bilinear resampling of an axis-aligned
-box is separable, so augment.crop_flip_separable gathers + blends the 2 source rows of each output
-row straight from the uint8 cache, then the 2 columns of each output column (~2x cheaper).
+Crop-flip on CPU (no rotation, no jitter) skips grid_sample (`kernel`): with OpenCV installed,
+crop_cv.CropFlipCV resizes each uint8 plane with OpenCV's SIMD fixed-point bilinear, flips it, and
+normalizes + casts through a 256-entry lookup table per channel (~2.5x cheaper than the torch
+path); without OpenCV, augment.crop_flip_separable gathers + blends the 2 source rows of each
+output row straight from the uint8 cache, then the 2 columns of each output column.
 Augmentation parameters are drawn on the CPU (one generator per batch, seeded from (seed, epoch, rank,
 k)) and cross to a GPU in one pinned non_blocking copy, with the batch's indices: no host sync per
 batch, and a CUDA run augments exactly as a CPU run does.
@@ -26,6 +28,7 @@ batch, and a CUDA run augments exactly as a CPU run does.
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +42,7 @@ from torchvision.transforms.v2 import functional as TF
 from hamengine.config import AugConfig, AugPreset, LoaderConfig
 from hamengine.fileio import atomic_output
 from hamengine.loaders import augment as augment_mod
+from hamengine.loaders import crop_cv
 from hamengine.loaders.base import (
     Batch,
     Loader,
@@ -177,15 +181,25 @@ class BatchMaker:
 
     def __init__(self, cache: torch.Tensor, labels: torch.Tensor, size: int, aug: AugConfig, augment: bool,
                  seed: int, rank: int, work_dtype: torch.dtype, out_dtype: torch.dtype,
-                 share_output: bool = False):
+                 share_output: bool = False, ring: torch.Tensor | None = None):
         # The separable crop-flip path views the cache as [M*3*H, W] rows: it must be contiguous
         # (a hand-made Fortran-order .npy would not be); copied once here, before workers fork.
         cache = cache if cache.is_contiguous() else cache.contiguous()
         self.cache, self.labels, self.size, self.aug = cache, labels, size, aug
         self.augment, self.seed, self.rank, self.work_dtype = augment, seed, rank, work_dtype
         self.out_dtype, self.share_output = out_dtype, share_output
+        self.ring = ring  # [R, N, 3, S, S] shared train output slots (ResidentLoader), or None
         self.hw = tuple(cache.shape[2:])
         self._bufs: dict[str, torch.Tensor] = {}
+        # The train kernel: "opencv" / "separable" (CPU crop-flip), "grid-sample" (rotation or jitter,
+        # or on a GPU), "none" (eval: a slice of the cache). bench loader records it.
+        crop_flip_cpu = augment and not aug.rotation and not aug.has_jitter and cache.device.type == "cpu"
+        self.cv_crop: crop_cv.CropFlipCV | None = None
+        if crop_flip_cpu and crop_cv.available(out_dtype):
+            a, b = augment_mod.normalize_coefficients(cache.device)
+            self.cv_crop = crop_cv.CropFlipCV(cache, size, out_dtype, a, b)
+        self.kernel = ("none" if not augment else "opencv" if self.cv_crop is not None
+                       else "separable" if crop_flip_cpu else "grid-sample")
         if augment and aug.rotation:
             augment_mod.rotation_masks(size, cache.device)  # build before workers fork: shared pages
 
@@ -210,7 +224,9 @@ class BatchMaker:
         aug, s = self.aug, self.size
         # Drawn on the CPU, then ONE pinned non_blocking copy to the cache's device: no host sync per batch.
         p = augment_mod.params_to(augment_mod.sample_params(gen, n, h, w, aug), self.cache.device)
-        if not aug.rotation and not aug.has_jitter and self.cache.device.type == "cpu":
+        if self.cv_crop is not None:  # crop + resize + flips only, OpenCV: uint8 resize + LUT normalize
+            return self.cv_crop(idx, p, out)
+        if self.kernel == "separable":
             # crop + resize + flips only: two separable 1-D lerp passes straight from the uint8
             # cache (several times cheaper than index_select + float copy + grid_sample on CPU).
             a, b = augment_mod.normalize_coefficients(out.device)
@@ -228,11 +244,18 @@ class BatchMaker:
         y = augment_mod.apply_colour(x, m, t, clamp=True, out=self._buf("colour", tuple(x.shape), x.dtype))
         return out.copy_(y)
 
-    def __call__(self, epoch: int, k: int, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, epoch: int, k: int, indices: np.ndarray,
+                 slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(indices).to(self.cache.device, non_blocking=True)
-        out = torch.empty((len(indices), 3, self.size, self.size), dtype=self.out_dtype, device=self.cache.device)
-        if self.share_output:  # written straight into shared memory: no copy when handed to the trainer
-            out.share_memory_()
+        if slot is not None and self.ring is not None and self.augment:
+            # A ring slot: shared pages already mapped and faulted in. A fresh shared batch costs
+            # more to create + first-touch (~30 ms for 38 MB) than the OpenCV kernel costs to fill it.
+            out = self.ring[slot, :len(indices)]
+        else:
+            out = torch.empty((len(indices), 3, self.size, self.size), dtype=self.out_dtype,
+                              device=self.cache.device)
+            if self.share_output:  # written straight into shared memory: no copy when handed over
+                out.share_memory_()
         with torch.no_grad():
             if self.augment:
                 gen = torch.Generator()  # CPU draws: the same values on every device (augment.params_to)
@@ -241,6 +264,16 @@ class BatchMaker:
             else:
                 images = self.eval_batch(idx, out)
         return images, self.labels.index_select(0, idx)
+
+
+PREFETCH = 2  # DataLoader prefetch_factor: batches dispatched ahead per worker
+RING_SPARE = 6  # ring slots beyond those in flight: a recycled batch outlives 5 further reads
+# (the trainer holds 1; engine.prefetch.ThreadPrefetcher up to 3 more)
+
+
+def _init_worker(worker_id: int) -> None:
+    tune_worker_malloc(worker_id)
+    crop_cv.single_thread()
 
 
 class _BatchDataset(Dataset):
@@ -252,17 +285,23 @@ class _BatchDataset(Dataset):
     def __len__(self) -> int:  # pragma: no cover - the sampler drives iteration
         return 0
 
-    def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int, np.ndarray, int | None]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.maker(*item)
 
 
 class _BatchSampler:
-    def __init__(self, loader: Loader):
+    """(epoch, k, indices, ring slot): slots go round in dispatch order, across epochs."""
+
+    def __init__(self, loader: ResidentLoader):
         self.loader = loader
 
-    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        for k, b in enumerate(self.loader.plan().batches()):
-            yield self.loader.epoch, k, b
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray, int | None]]:
+        ld = self.loader
+        for k, b in enumerate(ld.plan().batches()):
+            slot = None
+            if ld.ring_slots:
+                slot, ld.dispatched = ld.dispatched % ld.ring_slots, ld.dispatched + 1
+            yield ld.epoch, k, b, slot
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -291,20 +330,38 @@ class ResidentLoader(Loader):
         # output: the sampling grid shares the image dtype, and bf16's 8-bit mantissa would put
         # samples ~1 px off; fp16 keeps them within ~0.15 px at 300 px.
         work = torch.float32 if cpu or self.dtype == torch.float32 else torch.float16
+        # Ring of shared train outputs (cfg.recycle_batches): the DataLoader dispatches at most
+        # workers * PREFETCH batches beyond the last one it yielded, so slot g % R is rewritten only
+        # after the consumer has read RING_SPARE - 1 batches past batch g.
+        self.ring_slots = workers * PREFETCH + RING_SPARE if pooled and self.augment and cfg.recycle_batches else 0
+        self.dispatched = 0
+        ring = None
+        if self.ring_slots:
+            ring = torch.empty((self.ring_slots, self.batch_size, 3, self.size, self.size),
+                               dtype=self.dtype).share_memory_()
         self.maker = BatchMaker(self.cache, torch.from_numpy(self.labels).to(self.device), self.size, self.aug,
-                                self.augment, cfg.seed, rank, work, self.dtype, share_output=pooled)
+                                self.augment, cfg.seed, rank, work, self.dtype, share_output=pooled, ring=ring)
         self._dl: DataLoader | None = None
         if pooled:
             from hamengine.loaders.torch_loader import worker_context
 
             self._dl = DataLoader(_BatchDataset(self.maker), sampler=_BatchSampler(self), batch_size=None,
-                                  num_workers=workers, persistent_workers=True, prefetch_factor=2,
-                                  worker_init_fn=tune_worker_malloc,
+                                  num_workers=workers, persistent_workers=True, prefetch_factor=PREFETCH,
+                                  worker_init_fn=_init_worker,
                                   multiprocessing_context=mp.get_context(worker_context()))
+
+    @property
+    def train_kernel(self) -> str:
+        """How train batches are built ("opencv", "separable", "grid-sample"; "none" for eval)."""
+        return self.maker.kernel
 
     def batches(self) -> Iterator[Batch]:
         if self._dl is not None:
+            # Received ring slots stay referenced here, so their mappings stay in torch's shared-
+            # storage cache: a slot sent again is not mapped (and page-faulted) afresh.
+            held = deque(maxlen=self.ring_slots)
             for images, labels in self._dl:
+                held.append(images)
                 yield self.finish(images), labels
             return
         yield from StreamPrefetcher(self._in_process, self.device)  # GPU: batch k+1 built while step k runs

@@ -211,6 +211,33 @@ def test_crop_flip_and_none_presets(loader_pack):
         assert x.shape == (BS, 3, S, S) and torch.isfinite(x.float()).all()
 
 
+@pytest.mark.parametrize("preset", [AugPreset.CROP_FLIP, AugPreset.FULL])
+def test_resident_recycled_batches(loader_pack, preset):
+    """recycle_batches: the CPU workers write train batches into a ring of shared buffers. The
+    batches equal those in fresh memory, and a yielded batch stays intact while RING_SPARE - 1 more
+    are read, across epoch boundaries; later its slot holds a newer batch (the ring is in use)."""
+    from hamengine.loaders.resident import RING_SPARE
+
+    pack = Pack(loader_pack)
+    aug = AugConfig(preset=preset)
+    fresh = build_loader(pack, "train", cfg_for("resident", aug=aug, seed=3), "cpu")
+    ring = build_loader(pack, "train", cfg_for("resident", aug=aug, seed=3, recycle_batches=True), "cpu")
+    assert fresh.ring_slots == 0 and ring.ring_slots > RING_SPARE
+    want, kept = [], []
+    for e in range(3):
+        fresh.set_epoch(e)
+        ring.set_epoch(e)
+        want += [x.clone() for x, _ in fresh]
+        for x, _ in ring:
+            kept.append(x)
+            for i in range(max(0, len(kept) - RING_SPARE), len(kept)):  # the last RING_SPARE reads
+                assert torch.equal(kept[i], want[i]), (e, i)
+    assert len(kept) == len(want) > ring.ring_slots
+    assert torch.equal(kept[0], want[ring.ring_slots])  # batch 0's slot now holds batch R
+    fresh.close()
+    ring.close()
+
+
 def test_unknown_split_and_kind(loader_pack):
     with pytest.raises(PackError, match="no split 'holdout'"):
         build_loader(loader_pack, "holdout", cfg_for("resident"), "cpu")

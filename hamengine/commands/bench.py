@@ -156,7 +156,8 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
         if r.get("error"):  # this kind failed; the others were still timed
             t.add_row(r["loader"], "failed", *["-"] * (len(cols) - 2))
             continue
-        t.add_row(r["loader"], f"{r['img_per_s']:.0f}", ratio(r["ratio_to_folder"]), ratio(r["ratio_to_ffcv"]),
+        name = r["loader"] + (f" ({r['kernel']})" if r.get("kernel") not in (None, "none") else "")
+        t.add_row(name, f"{r['img_per_s']:.0f}", ratio(r["ratio_to_folder"]), ratio(r["ratio_to_ffcv"]),
                   f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['cpu_ms_per_img']:.2f}",
                   ratio(r["cpu_ratio_to_folder"]), f"{r['setup_total_s']:.1f}", f"{r['img_per_s_30_epochs']:.0f}")
     console.print(t)
