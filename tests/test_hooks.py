@@ -106,6 +106,9 @@ def test_wait_times_out_with_a_clear_error(configure, tmp_path, monkeypatch):
 def _child(spec: str, body: str, **popen) -> subprocess.CompletedProcess:
     """A Python child with HAMENGINE_HOOKS=spec in its environment (read at import, as in real runs)."""
     code = "from hamengine.hooks import fire\n" + textwrap.dedent(body)
+    # A shell's background job starts with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition a terminal's job has.
+    popen.setdefault("preexec_fn", lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, hooks.ENV: spec},
                           capture_output=True, text=True, timeout=60, **popen)
 
