@@ -27,7 +27,7 @@ from hamengine.loaders.augment import AugParams
 
 try:  # optional: without OpenCV the resident loader uses augment.crop_flip_separable
     import cv2
-except ImportError:  # pragma: no cover - OpenCV is a declared dependency
+except ImportError:  # pragma: no cover - CI installs OpenCV (via the ffcv extra)
     cv2 = None
 
 # The output dtypes a lookup table can hold, with the numpy element type that carries their bits.

@@ -28,7 +28,6 @@ batch, and a CUDA run augments exactly as a CPU run does.
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -247,7 +246,7 @@ class BatchMaker:
     def __call__(self, epoch: int, k: int, indices: np.ndarray,
                  slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(indices).to(self.cache.device, non_blocking=True)
-        if slot is not None and self.ring is not None and self.augment:
+        if slot is not None:  # the sampler hands out slots only when there is a ring (train batches)
             # A ring slot: shared pages already mapped and faulted in. A fresh shared batch costs
             # more to create + first-touch (~30 ms for 38 MB) than the OpenCV kernel costs to fill it.
             out = self.ring[slot, :len(indices)]
@@ -357,11 +356,7 @@ class ResidentLoader(Loader):
 
     def batches(self) -> Iterator[Batch]:
         if self._dl is not None:
-            # Received ring slots stay referenced here, so their mappings stay in torch's shared-
-            # storage cache: a slot sent again is not mapped (and page-faulted) afresh.
-            held = deque(maxlen=self.ring_slots)
             for images, labels in self._dl:
-                held.append(images)
                 yield self.finish(images), labels
             return
         yield from StreamPrefetcher(self._in_process, self.device)  # GPU: batch k+1 built while step k runs
