@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hamengine.bench.tta import CLOCK, TTASpec, run_bench_tta, summarize, time_to_targets
+from hamengine.bench.tta import CLOCK, TTASpec, run_bench_tta, summarize, time_to_targets, versus_baseline
 from hamengine.cli import cli
 from hamengine.config import ConfigError
 
@@ -53,6 +53,28 @@ def test_summarize_means_over_seeds_that_reached_and_skips_failures():
     assert m["test_balanced_accuracy"] == pytest.approx(0.6)
 
 
+def test_versus_baseline_pairs_seeds_and_times_the_baselines_best_val():
+    def run(recipe, seed, curve, test, error=None):
+        return {"recipe": recipe, "seed": seed, "error": error, "curve": curve, "test_balanced_accuracy": test,
+                "best_val_balanced_accuracy": max((a for _, a in curve), default=None)}
+
+    runs = [run("baseline", 0, [[100.0, 0.30], [200.0, 0.45], [300.0, 0.40]], 0.40),
+            run("baseline", 1, [[100.0, 0.50]], 0.42),
+            run("baseline", 2, [[50.0, 0.5]], 0.41, error="boom"),
+            run("fast", 0, [[20.0, 0.44], [40.0, 0.46]], 0.55),  # reaches 0.45 at 40 s: 0.2x of 200 s
+            run("fast", 1, [[30.0, 0.49]], 0.50),  # never reaches the baseline's 0.50
+            run("fast", 2, [[10.0, 0.9]], 0.9)]  # its baseline failed: no pair
+    v = versus_baseline(runs)
+    assert list(v) == ["fast"]
+    s0, s1 = v["fast"]["seeds"]
+    assert (s0["seed"], s0["baseline_s"], s0["recipe_s"]) == (0, 200.0, 40.0)
+    assert s0["time_ratio"] == pytest.approx(0.2) and s0["test_gain"] == pytest.approx(0.15)
+    assert s1["recipe_s"] is None and s1["time_ratio"] is None and s1["test_gain"] == pytest.approx(0.08)
+    assert v["fast"]["reached"] == 1 and v["fast"]["time_ratio"] == pytest.approx(0.2)
+    assert v["fast"]["test_gain"] == pytest.approx(0.115)
+    assert versus_baseline([r for r in runs if r["recipe"] == "fast"]) == {}
+
+
 def _fake_fit(cfg, opts):
     """Stands in for engine.train.fit: writes the run files a real run leaves (fails for `default`)."""
     if cfg.recipe == "default":
@@ -77,7 +99,9 @@ def test_failed_recipe_is_recorded_and_the_others_still_run(loader_pack, tmp_pat
     assert ok["error"] is None and ok["time_to_target"] == {"0.5": 6.0}
     assert ok["test_balanced_accuracy"] == 0.55 and ok["test_balanced_accuracy_ci"] == [0.4, 0.7]
     assert ok["test_eval_s"] == 1.5
-    assert json.loads((tmp_path / "tta" / "tta.json").read_text())["budget_s"] == 60.0
+    written = json.loads((tmp_path / "tta" / "tta.json").read_text())
+    assert written["budget_s"] == 60.0 and written["complete"] is True
+    assert len(written["runs"]) == 2 and written["versus_baseline"] == {}
     assert (tmp_path / "tta" / "tta.png").stat().st_size > 0
 
 
@@ -175,3 +199,27 @@ def test_size_override_keeps_a_progressive_floor_below_it(monkeypatch, tmp_path)
     assert build_config(spec(128), "prog", 0).progressive_min_size == 96
     assert build_config(spec(96), "prog", 0).progressive_min_size == 0
     assert build_config(spec(64), "prog", 0).size == 64
+
+
+def test_tta_json_keeps_finished_runs_when_the_bench_is_interrupted(loader_pack, tmp_path, monkeypatch):
+    """After each run tta.json holds the runs so far (complete: false); an interruption keeps them."""
+    import hamengine.engine.train as train
+
+    calls = []
+
+    def fit_then_interrupt(cfg, opts):
+        calls.append(cfg.seed)
+        if len(calls) == 2:
+            partial = json.loads((tmp_path / "tta" / "tta.json").read_text())
+            assert partial["complete"] is False and [r["seed"] for r in partial["runs"]] == [0]
+            raise KeyboardInterrupt
+        return _fake_fit(cfg, opts)
+
+    monkeypatch.setattr(train, "fit", fit_then_interrupt)
+    spec = TTASpec(pack=str(loader_pack), out=str(tmp_path / "tta"), budget="1m", recipes=["fast"],
+                   seeds=[0, 1], targets=[0.5])
+    with pytest.raises(KeyboardInterrupt):
+        run_bench_tta(spec)
+    kept = json.loads((tmp_path / "tta" / "tta.json").read_text())
+    assert kept["complete"] is False and kept["runs"][0]["test_balanced_accuracy"] == 0.55
+    assert not (tmp_path / "tta" / "tta.png").exists()

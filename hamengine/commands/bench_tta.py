@@ -95,6 +95,15 @@ def _table(result: dict[str, Any]) -> None:
                   *[f"{_seconds(m['time_to_target'][k])} ({m['reached'][k]}/{m['seeds']})" for k in keys],
                   _fraction(m["best_val_balanced_accuracy"]), _fraction(m["test_balanced_accuracy"]))
     console.print(t)
+    for name, v in result.get("versus_baseline", {}).items():
+        per_seed = "; ".join(
+            f"seed {s['seed']} {_seconds(s['recipe_s'])} s vs {s['baseline_s']:.1f} s"
+            + ("" if s["time_ratio"] is None else f" ({s['time_ratio']:.2f}x)") for s in v["seeds"])
+        ratio = "-" if v["time_ratio"] is None else f"{v['time_ratio']:.2f}x"
+        gain = "-" if v["test_gain"] is None else f"{v['test_gain']:+.3f}"
+        console.print(f"[bold]{name} vs baseline[/]: time to the baseline's best val balanced accuracy: {per_seed}; "
+                      f"mean {ratio} ({v['reached']}/{len(v['seeds'])} seeds reached it); test balanced accuracy "
+                      f"{gain} (mean over seeds)", highlight=False)
     for r in result["runs"]:  # whole messages, below the table where they are not wrapped
         if r["error"]:
             console.print(f"[red]{r['recipe']} seed {r['seed']} failed:[/] {r['error']} (run folder {r['run']})",
