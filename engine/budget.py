@@ -160,23 +160,36 @@ def write_plan(t: Any, plan: BudgetPlan) -> None:
     (t.run.path / "budget.json").write_text(json.dumps(plan.record(), indent=2) + "\n", encoding="utf-8")
 
 
-REPLAN_AFTER = (1, 2)  # epochs after which the plan is re-chosen from measured cost
+REPLAN_AFTER = (1, 2)  # epochs after which the plan is always re-chosen from measured cost
+LATE_REPLAN = 0.1  # ... and once more after this share of the planned epochs (at least epoch 3)
+
+
+def replan_due(plan: BudgetPlan, done: int) -> bool:
+    """Whether to re-plan after epoch `done`: after epochs 1 and 2, then once after
+    max(3, LATE_REPLAN x the planned epochs), when the steady-state cost is a mean over several epochs."""
+    if done in REPLAN_AFTER:
+        return True
+    late = [d for d in plan.replanned_after if d not in REPLAN_AFTER]
+    return not late and done >= max(3, round(LATE_REPLAN * plan.epochs))
 
 
 def replan(t: Any, plan: BudgetPlan, elapsed_s: float, epoch_s: float, done: int) -> bool:
-    """After epoch 1 and again after epoch 2: the probe misses loader, validation-loader and
-    checkpoint/plot time, so scale the per-epoch estimate by what the last epoch really cost and
-    choose the epochs again, counting the time already spent as spent.
+    """Scale the per-epoch estimate by what the epochs really cost and choose the epochs again,
+    counting the time already spent as spent. The probe misses loader, validation-loader and
+    checkpoint/plot time.
 
-    Epoch 1 carries one-time costs (torch.compile, allocator and loader warm-up; 25% of the epoch on
-    2 CPU cores), so a plan scaled by it alone left ~20% of the budget unused; epoch 2 is the steady
-    state. Re-planning stops there: both re-plans fall inside the LR warm-up (>= 20% of the epochs
-    under one-cycle), so moving the schedule's end then changes no step already taken.
+    `epoch_s` is epoch 1's cost after epoch 1, and afterwards the MEAN cost of epochs 2..done (the
+    steady state): epoch 1 carries one-time costs (torch.compile, allocator and loader warm-up; 25% of
+    the epoch on 2 CPU cores), and one later epoch alone is noisy (a plan scaled by epoch 2 alone
+    used 75-94% of 20-minute budgets). The late re-plan (replan_due) falls at 10% of the epochs,
+    inside one-cycle's warm-up (20% of the epochs): moving the schedule's end there only stretches
+    the remaining ramp and decay; no step already taken changes.
     Returns whether cfg.epochs changed (the caller then re-targets the LR schedule)."""
     cfg = t.cfg
     sizes = train_sizes(cfg, plan.epochs)
     images = t.steps_per_epoch * cfg.batch_size
-    estimated = images / plan.train_img_per_s[sizes[done - 1]] + plan.val_s
+    measured = range(done - 1, done) if done == 1 else range(1, done)  # epoch indices epoch_s covers
+    estimated = sum(images / plan.train_img_per_s[sizes[e]] + plan.val_s for e in measured) / len(measured)
     # Floor 0.5: a last epoch far cheaper than the probe is noise, not a reason to plan double.
     plan.epoch_scale = max(0.5, epoch_s / max(1e-6, estimated))
     ips = {k: v / plan.epoch_scale for k, v in plan.train_img_per_s.items()}

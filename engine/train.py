@@ -27,7 +27,7 @@ from torch import nn
 
 from hamengine.config import CLASSES, ConfigError, Decision, TrainConfig, to_dict
 from hamengine.engine import distributed as D
-from hamengine.engine.budget import REPLAN_AFTER
+from hamengine.engine.budget import replan_due
 from hamengine.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from hamengine.engine.data import PackSource
 from hamengine.engine.execution import Execution, configure_backends, resolve_execution
@@ -106,7 +106,7 @@ class Trainer:
     warmup_s: float | None = None  # this process's first steps (compile, allocator, cache warm-up)
     started: float = 0.0  # perf_counter when fit began: metrics rows' elapsed_s
     budget: Any = None  # engine/budget.BudgetPlan with --budget
-    budget_mark: float = 0.0  # seconds since start at the last re-plan (epoch 2 is costed alone)
+    budget_mark: float = 0.0  # seconds since start at the end of epoch 1 (later re-plans cost epochs 2..done)
     meta_schema: Any = None  # loaders.metadata.MetaSchema with --meta (RUN/metadata.json)
 
     @property
@@ -146,7 +146,7 @@ def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
                 val = evaluate(t.eval_model, t.val_loader, t.ex, info, t.classes)
                 val["seconds"] = time.perf_counter() - v0
                 save(t, epoch, res, val, display)
-                if t.budget is not None and epoch + 1 in REPLAN_AFTER and not cfg.resume:
+                if t.budget is not None and not cfg.resume and replan_due(t.budget, epoch + 1):
                     replan_budget(t, epoch + 1)
                 if cfg.early_stop and t.progress.since_best >= cfg.early_stop:
                     t.say(f"early stop: no balanced-accuracy gain for {t.progress.since_best} epochs")
@@ -233,15 +233,19 @@ def apply_budget(t: Trainer) -> None:
 
 
 def replan_budget(t: Trainer, done: int) -> None:
-    """After epoch `done` (1, 2) of a --budget run: re-choose the epochs from its real cost and
-    re-target the LR schedule (same step count so far; the remaining steps follow the new length)."""
+    """After epoch `done` (1, 2, and once about 10% in: budget.replan_due) of a --budget run:
+    re-choose the epochs from their real cost and re-target the LR schedule (same step count so far;
+    the remaining steps follow the new length)."""
     from hamengine.engine.budget import replan
     from hamengine.engine.optim import lr_factor
 
     # The same measurement on every rank (averaged), so all ranks choose the same epochs.
     now = time.perf_counter() - t.started
-    epoch_s = now - t.budget_mark if done > 1 else now - t.budget.setup_s
-    t.budget_mark = now
+    # Epoch 1 alone; later, the mean of epochs 2..done (budget_mark: the end of epoch 1).
+    if done == 1:
+        epoch_s, t.budget_mark = now - t.budget.setup_s, now
+    else:
+        epoch_s = (now - t.budget_mark) / (done - 1)
     (elapsed, epoch_s) = D.all_reduce_sum([now, epoch_s], t.info, t.ex.device)
     world = t.info.world_size
     if replan(t, t.budget, elapsed / world, epoch_s / world, done):

@@ -100,10 +100,28 @@ def test_budget_plans_epochs_and_ends_with_the_test_evaluation(train_pack, tmp_p
     plan = json.loads((out / "budget.json").read_text())
     assert plan["budget_s"] == 40 and plan["epochs"] >= 1 and "64" in plan["train_img_per_s"]
     rows = _rows(out)
-    # Re-planned after epoch 1 and again after epoch 2 (steady state) from their measured cost.
-    assert plan["replanned_after"] == [1, 2][:len(rows)] and plan["epoch_scale"] >= 0.5
+    # Re-planned after epoch 1, again after epoch 2 (steady state) and once more after epoch
+    # max(3, 10% of the plan) from their measured cost, while those epochs ran.
+    after = plan["replanned_after"]
+    assert after[:2] == [1, 2][:len(rows)] and plan["epoch_scale"] >= 0.5
+    assert len(after) <= 3 and all(3 <= d <= len(rows) for d in after[2:])
     assert plan["deadline_s"] <= 40 - plan["test_s"]  # the test evaluation's time is reserved
     saved = json.loads((out / "config.json").read_text())
     assert saved["epochs"] == plan["epochs"] and saved["budget"] == "40s"
     assert 1 <= len(rows) <= plan["epochs"]
     assert summary["test"]["n"] > 0  # the test evaluation ran after the (possibly cut) training
+
+
+def test_replan_is_due_after_epochs_1_and_2_then_once_about_10_percent_in():
+    from hamengine.engine.budget import BudgetPlan, replan_due
+
+    plan = BudgetPlan(budget_s=1200, setup_s=1, epochs=80, train_img_per_s={128: 100.0}, eval_img_per_s=500.0,
+                      val_s=1.0, test_s=10.0, planned_s=1000.0)
+    assert [d for d in range(1, 20) if replan_due(plan, d)] == [1, 2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    plan.replanned_after = [1, 2]
+    assert replan_due(plan, 8) and not replan_due(plan, 7)
+    plan.replanned_after = [1, 2, 8]  # the late re-plan happened: no more
+    assert not any(replan_due(plan, d) for d in range(3, 80))
+    short = BudgetPlan(budget_s=60, setup_s=1, epochs=5, train_img_per_s={64: 100.0}, eval_img_per_s=500.0,
+                       val_s=1.0, test_s=2.0, planned_s=50.0, replanned_after=[1, 2])
+    assert replan_due(short, 3)  # a short plan: epoch 3 at the earliest
