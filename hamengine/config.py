@@ -93,7 +93,7 @@ class Optimizer(StrEnum):
 class Schedule(StrEnum):
     COSINE = "cosine"
     CONSTANT = "constant"
-    # Linear warm-up over max(warmup_epochs, 20% of the epochs), then linear decay to 0 at the last
+    # Linear warm-up over max(warmup_epochs, onecycle_peak (0.2) x epochs), then linear decay to 0 at the last
     # step (a one-cycle / airbench-style triangle; engine/optim.lr_factor).
     ONECYCLE = "onecycle"
 
@@ -244,6 +244,8 @@ class TrainConfig:
     schedule: Schedule = option(Schedule.COSINE, "LR schedule after the linear warm-up (onecycle: warm-up "
                                 "over max(--warmup-epochs, 20% of the epochs), then linear to 0).")
     warmup_epochs: float = option(1.0, "Linear LR warm-up epochs.")
+    onecycle_peak: float = option(0.2, "With --schedule onecycle: the share of the epochs over which the LR rises to "
+                                  "its peak (at least --warmup-epochs); FFCV's ResNet recipes peak at epoch 2.")
     label_smoothing: float = option(0.1, "Label smoothing.")
     balance: Balance = option(Balance.SAMPLER, "Class imbalance: none; sampler (class-balanced sampling); loss "
                               "(inverse-frequency weights); effective (effective-number weights, beta 0.999); "
@@ -297,6 +299,7 @@ class TrainConfig:
                  ("lr", self.lr is None or self.lr > 0, "> 0"),
                  ("weight_decay", self.weight_decay is None or self.weight_decay >= 0, ">= 0"),
                  ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+                 ("onecycle_peak", 0 <= self.onecycle_peak < 1, "in [0, 1), e.g. 0.2"),
                  ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
                  ("ema", self.ema is None or 0 < self.ema < 1, "in (0, 1), e.g. 0.999"),
                  ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0"),

@@ -52,6 +52,17 @@ def test_onecycle_rises_then_falls_linearly_to_zero():
     assert abs((vals[40] - vals[60]) - (vals[60] - vals[80])) < 1e-9  # linear decay
 
 
+def test_onecycle_peak_moves_the_peak_and_keeps_the_warmup_floor():
+    early = lr_factor(TrainConfig(epochs=40, schedule=Schedule.ONECYCLE, warmup_epochs=2.0, onecycle_peak=0.0), 10)
+    vals = [early(i) for i in range(400)]
+    assert vals.index(max(vals)) == 19  # --warmup-epochs 2 alone: the peak at epoch 2 (FFCV's)
+    later = lr_factor(TrainConfig(epochs=40, schedule=Schedule.ONECYCLE, warmup_epochs=2.0, onecycle_peak=0.1), 10)
+    vals = [later(i) for i in range(400)]
+    assert vals.index(max(vals)) == 39 and vals[-1] < 0.01  # 10% of 40 epochs; still 0 at the end
+    with pytest.raises(ConfigError, match="--onecycle-peak"):
+        TrainConfig(onecycle_peak=1.0).check()
+
+
 def test_parse_duration():
     assert parse_duration("90s") == 90 and parse_duration("20m") == 1200 and parse_duration("1h30m") == 5400
     assert parse_duration("45") == 45

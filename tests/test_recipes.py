@@ -35,8 +35,11 @@ def test_every_recipe_builds_a_valid_config():
         cfg.check()
         assert cfg.recipe == name
     fast = from_dict(TrainConfig, apply_recipe("fast", {}))
-    assert fast.model == "resnet18" and fast.size == 128 and fast.progressive_min_size == 0
+    assert fast.model == "hamnet" and fast.size == 160 and fast.progressive_min_size == 0
     assert str(fast.schedule) == "onecycle" and fast.ema == 0.999
+    assert fast.warmup_epochs == 2.0 and fast.onecycle_peak == 0.0  # the LR peaks at epoch 2
+    baseline = from_dict(TrainConfig, apply_recipe("baseline", {}))
+    assert baseline.model == "resnet18" and baseline.size == 128 and baseline.amp is False
     assert from_dict(TrainConfig, apply_recipe("default", {})) == TrainConfig()
     with pytest.raises(ConfigError, match="known: default, fast, baseline"):
         apply_recipe("fastest", {})
@@ -44,14 +47,14 @@ def test_every_recipe_builds_a_valid_config():
 
 def test_flags_beat_file_beat_recipe_beat_defaults(captured, tmp_path):
     cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps({"pack": str(tmp_path), "size": 160, "epochs": 7, "aug": {"hue": 0.0}}))
+    cfg_file.write_text(json.dumps({"pack": str(tmp_path), "size": 144, "epochs": 7, "aug": {"hue": 0.0}}))
     result = _train("--recipe", "fast", "--config", cfg_file, "--epochs", 3)
     assert result.exit_code == 0, result.output
     cfg = captured[-1]
     assert cfg.recipe == "fast"
     assert cfg.epochs == 3  # flag over file (7) over recipe (12)
-    assert cfg.size == 160  # file over recipe (128)
-    assert cfg.model == "resnet18" and cfg.ema == 0.999  # recipe over defaults
+    assert cfg.size == 144  # file over recipe (160)
+    assert cfg.model == "hamnet" and cfg.ema == 0.999  # recipe over defaults
     assert cfg.aug.hue == 0.0 and cfg.aug.preset == TrainConfig().aug.preset  # nested: file key only
     assert cfg.optimizer == TrainConfig().optimizer  # default: in neither
 
@@ -85,7 +88,7 @@ def test_help_lists_the_recipes():
     assert "--recipe" in text
     for name in RECIPES:
         assert f"{name}:" in text, name
-    assert "resnet18" in text  # the descriptions too
+    assert "hamnet at 160 px" in text and "resnet18 at 128 px" in text  # the descriptions too
 
 
 def test_fast_values_are_in_one_dict():
