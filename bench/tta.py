@@ -181,6 +181,9 @@ def run_one(spec: TTASpec, recipe: str, seed: int, console=None) -> dict[str, An
         opts = FitOptions(source=source) if console is None else FitOptions(console=console, source=source)
         summary = fit(cfg, opts) or {}
         record["test_eval_s"] = summary.get("test_eval_s")
+        if summary.get("interrupted"):  # Ctrl-C / SIGTERM: fit kept last.pt and returned; the bench stops
+            record["error"] = "interrupted (Ctrl-C or SIGTERM): no test evaluation; the bench stopped here"
+            record["interrupted"] = True
     except Exception as e:  # noqa: BLE001 -- one failed recipe must not lose the others
         record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     record["wall_s"] = time.perf_counter() - start
@@ -274,16 +277,19 @@ def run_bench_tta(spec: TTASpec, log: Callable[[str], None] = lambda _m: None, c
                 "recipes": summarize(runs, spec.targets), "versus_baseline": versus_baseline(runs),
                 "hardware": machine, "device": spec.device, "overrides": spec.overrides, "command": command}
 
-    for recipe in spec.recipes:
-        for seed in spec.seeds:
-            log(f"{recipe} seed {seed}: training for {spec.budget} into {run_path(spec, recipe, seed)} ...")
-            rec = run_one(spec, recipe, seed, console)
-            log(f"{recipe} seed {seed}: " + (f"failed: {rec['error']}" if rec["error"] else
-                                              f"{rec['epochs']} epochs, best val bal acc "
-                                              f"{rec['best_val_balanced_accuracy']:.3f}"))
-            runs.append(rec)
-            atomic_write_text(out / "tta.json", json.dumps(result(False), indent=2) + "\n")
-    final = result(True)
+    planned = [(recipe, seed) for recipe in spec.recipes for seed in spec.seeds]
+    for recipe, seed in planned:
+        log(f"{recipe} seed {seed}: training for {spec.budget} into {run_path(spec, recipe, seed)} ...")
+        rec = run_one(spec, recipe, seed, console)
+        log(f"{recipe} seed {seed}: " + (f"failed: {rec['error']}" if rec["error"] else
+                                          f"{rec['epochs']} epochs, best val bal acc "
+                                          f"{rec['best_val_balanced_accuracy']:.3f}"))
+        runs.append(rec)
+        atomic_write_text(out / "tta.json", json.dumps(result(False), indent=2) + "\n")
+        if rec.get("interrupted"):
+            log(f"interrupted: {len(runs)} of {len(planned)} runs; {out / 'tta.json'} keeps them (complete: false)")
+            break
+    final = result(len(runs) == len(planned) and not runs[-1].get("interrupted"))
     final["plot"] = str(plot_tta(final, out / "tta.png"))
     atomic_write_text(out / "tta.json", json.dumps(final, indent=2) + "\n")
     return final

@@ -223,3 +223,23 @@ def test_tta_json_keeps_finished_runs_when_the_bench_is_interrupted(loader_pack,
     kept = json.loads((tmp_path / "tta" / "tta.json").read_text())
     assert kept["complete"] is False and kept["runs"][0]["test_balanced_accuracy"] == 0.55
     assert not (tmp_path / "tta" / "tta.png").exists()
+
+
+def test_an_interrupted_run_stops_the_bench(loader_pack, tmp_path, monkeypatch):
+    """Ctrl-C inside a run: fit returns interrupted (last.pt kept); the bench records it and stops
+    instead of starting the next run."""
+    import hamengine.engine.train as train
+
+    seeds = []
+
+    def fit_interrupted_at_seed_1(cfg, opts):
+        seeds.append(cfg.seed)
+        return {"interrupted": True} if cfg.seed == 1 else _fake_fit(cfg, opts)
+
+    monkeypatch.setattr(train, "fit", fit_interrupted_at_seed_1)
+    spec = TTASpec(pack=str(loader_pack), out=str(tmp_path / "tta"), budget="1m", recipes=["fast"],
+                   seeds=[0, 1, 2], targets=[0.5])
+    result = run_bench_tta(spec)
+    assert seeds == [0, 1] and result["complete"] is False
+    assert result["runs"][1]["error"].startswith("interrupted") and result["runs"][0]["error"] is None
+    assert json.loads((tmp_path / "tta" / "tta.json").read_text())["complete"] is False

@@ -67,6 +67,8 @@ def bench_tta(pack: str, recipes: str, budget: str, seeds: str, out: str, source
         emit_json(result)
         return
     _table(result)
+    if not result["complete"]:
+        console.print("[yellow]interrupted[/]: the table holds the runs that finished before it", highlight=False)
     console.print(f"clock: {result['clock']} (validation seconds in the eval s column); wrote "
                   f"{Path(out) / 'tta.json'} and {result['plot']}", highlight=False)
 
