@@ -173,8 +173,11 @@ def test_end_to_end_baseline_reads_the_originals(loader_pack, synth_source, tmp_
                                     "--targets", "0.1,0.99", "--json"])
     assert res.exit_code == 0, res.output
     result = json.loads((out / "tta.json").read_text())
-    assert {"budget_s", "clock", "targets", "runs", "recipes", "hardware", "command"} <= set(result)
-    assert result["clock"] == CLOCK and result["budget_s"] == 15.0
+    assert {"budget_s", "clock", "targets", "runs", "recipes", "hardware", "command", "complete",
+            "versus_baseline"} <= set(result)
+    assert result["clock"] == CLOCK and result["budget_s"] == 15.0 and result["complete"] is True
+    (pair,) = result["versus_baseline"]["fast"]["seeds"]  # fast beside the baseline of the same seed
+    assert pair["seed"] == 0 and pair["baseline_s"] > 0 and pair["test_gain"] is not None
     by_recipe = {r["recipe"]: r for r in result["runs"]}
     for r in by_recipe.values():
         assert RUN_KEYS <= set(r) and r["error"] is None, r["error"]
