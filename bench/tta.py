@@ -233,14 +233,13 @@ def versus_baseline(runs: list[dict[str, Any]], baseline: str = BASELINE) -> dic
     number exists (`reached` counts the seeds with a ratio). Val curves, because the test split is
     scored once, at the end of each run."""
     ok = {(r["recipe"], r["seed"]): r for r in runs if not r["error"]}
+    bases = [r for r in ok.values() if r["recipe"] == baseline and r["best_val_balanced_accuracy"] is not None]
     out: dict[str, Any] = {}
-    for recipe in dict.fromkeys(r["recipe"] for r in runs):
-        if recipe == baseline:
-            continue
+    for recipe in dict.fromkeys(r["recipe"] for r in runs if r["recipe"] != baseline):
         seeds = []
-        for (name, seed), base in ok.items():
-            other = ok.get((recipe, seed))
-            if name != baseline or other is None or base["best_val_balanced_accuracy"] is None:
+        for base in bases:
+            seed, other = base["seed"], ok.get((recipe, base["seed"]))
+            if other is None:
                 continue
             score = base["best_val_balanced_accuracy"]
             t_base = next(t for t, acc in base["curve"] if acc >= score)

@@ -181,14 +181,14 @@ def replan(t: Any, plan: BudgetPlan, elapsed_s: float, epoch_s: float, done: int
     `epoch_s` is epoch 1's cost after epoch 1, and afterwards the MEAN cost of epochs 2..done (the
     steady state): epoch 1 carries one-time costs (torch.compile, allocator and loader warm-up; 25% of
     the epoch on 2 CPU cores), and one later epoch alone is noisy (a plan scaled by epoch 2 alone
-    used 75-94% of 20-minute budgets). The late re-plan (replan_due) falls at 10% of the epochs,
-    inside one-cycle's warm-up (20% of the epochs): moving the schedule's end there only stretches
-    the remaining ramp and decay; no step already taken changes.
+    used 75-94% of 20-minute budgets). The late re-plan (replan_due) falls about 10% into the run:
+    moving the schedule's end there only re-slopes the remaining ramp or decay; no step already
+    taken changes.
     Returns whether cfg.epochs changed (the caller then re-targets the LR schedule)."""
     cfg = t.cfg
     sizes = train_sizes(cfg, plan.epochs)
     images = t.steps_per_epoch * cfg.batch_size
-    measured = range(done - 1, done) if done == 1 else range(1, done)  # epoch indices epoch_s covers
+    measured = range(0, 1) if done == 1 else range(1, done)  # the epoch indices epoch_s covers
     estimated = sum(images / plan.train_img_per_s[sizes[e]] + plan.val_s for e in measured) / len(measured)
     # Floor 0.5: a last epoch far cheaper than the probe is noise, not a reason to plan double.
     plan.epoch_scale = max(0.5, epoch_s / max(1e-6, estimated))

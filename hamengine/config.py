@@ -242,7 +242,7 @@ class TrainConfig:
                                         default_help="0.05 with adamw, 1e-4 with sgd")
     optimizer: Optimizer = option(Optimizer.ADAMW, "Optimizer.")
     schedule: Schedule = option(Schedule.COSINE, "LR schedule after the linear warm-up (onecycle: warm-up "
-                                "over max(--warmup-epochs, 20% of the epochs), then linear to 0).")
+                                "over max(--warmup-epochs, --onecycle-peak of the epochs), then linear to 0).")
     warmup_epochs: float = option(1.0, "Linear LR warm-up epochs.")
     onecycle_peak: float = option(0.2, "With --schedule onecycle: the share of the epochs over which the LR rises to "
                                   "its peak (at least --warmup-epochs); FFCV's ResNet recipes peak at epoch 2.")
