@@ -7,7 +7,8 @@ The clock: `elapsed_s` (wall seconds since fit started: setup, the budget probe 
 the cumulative `val_s` of the epochs so far, so per-epoch validation is EXCLUDED (its total is
 reported as eval_s). An accuracy is reached at the end of the epoch whose validation measured it.
 The test score is the run's own end-of-training evaluation (RUN/eval-test/metrics.json, the same
-`evaluate_run` path for every recipe), with its lesion-bootstrap 95% interval.
+`evaluate_run` path for every recipe) of the weights the recipe is judged by (best or last, with its
+test TTA: `test_weights`), with its lesion-bootstrap 95% interval.
 
 `versus_baseline` puts each recipe beside `baseline` seed by seed: the train-clock seconds it takes
 to reach the baseline's best val balanced accuracy against the baseline's own time to it, and the
@@ -196,6 +197,9 @@ def run_one(spec: TTASpec, recipe: str, seed: int, console=None) -> dict[str, An
     except Exception:  # noqa: BLE001 -- no test evaluation (failed or interrupted run): scores are null
         test = None
     record["test_balanced_accuracy"], record["test_balanced_accuracy_ci"] = held_out_scores(test)
+    scored = (test or {}).get("eval") or {}
+    record["test_weights"] = {"checkpoint": scored.get("checkpoint"), "epoch": scored.get("epoch"),
+                              "tta": scored.get("tta")} if scored else None  # what the test score scored
     return record
 
 

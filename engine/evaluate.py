@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from hamengine.config import ISIC_COLUMNS, LoaderConfig, LoaderKind, Precision
 from hamengine.engine import calibration, metrics
-from hamengine.engine.predict import TTA, CheckpointName, LoadedRun, load_run, predict_batch
+from hamengine.engine.predict import TTA, CheckpointName, LoadedRun, load_run, predict_batch, run_default
 from hamengine.engine.run import RunDir, RunError, check_split
 from hamengine.fileio import atomic_write_bytes
 
@@ -32,8 +32,8 @@ GROUND_TRUTH = "isic2018_ground_truth.csv"
 @dataclass
 class EvalOptions:
     split: str = "test"
-    checkpoint: CheckpointName = CheckpointName.BEST
-    tta: TTA = TTA.NONE
+    checkpoint: CheckpointName | None = None  # None: the run's own (config.json checkpoint; best by default)
+    tta: TTA | None = None  # None: the run's own (config.json test_tta; none by default)
     calibrate: bool = False  # fit a temperature on val, save RUN/calibration.json
     fit_bias: bool = False  # fit per-class decision biases on val (balanced accuracy), save them there too
     n_boot: int = 1000  # lesion bootstrap replicates for the 95% intervals (0 = none)
@@ -271,6 +271,7 @@ def fit_decision(run_dir: str | Path, opts: EvalOptions, progress: bool = False)
     opts.tta and store them in RUN/calibration.json (the temperature there is kept). The end of
     training calls this when cfg.decision is val-bias; `hamengine eval --fit-bias` does it too."""
     run = load_run(run_dir, opts.checkpoint, opts.device)
+    opts = replace(opts, tta=run_default(run.config, "test_tta", opts.tta, TTA))
     pack = resolve_pack(run, opts.pack)
     return fit_bias_on(run, opts, collect(run, pack, "val", opts, progress))
 
@@ -289,6 +290,7 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) 
     `hamengine eval` and the end of training both come here: one schema, one precision (fp32)."""
     check_split(opts.split)
     run = load_run(run_dir, opts.checkpoint, opts.device)
+    opts = replace(opts, tta=run_default(run.config, "test_tta", opts.tta, TTA))
     pack = resolve_pack(run, opts.pack)
     provenance = check_no_training_images(run, pack, opts.split, opts.unchecked_pack)
     sp = collect(run, pack, opts.split, opts, progress)

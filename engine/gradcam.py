@@ -153,7 +153,7 @@ def save_contact_sheet(items: Sequence[tuple[str, Explanation]], classes: Sequen
 
 
 def explain_files(run: str | Path, images: Sequence[str | Path], out: str | Path, dx: str | None = None,
-                  checkpoint: str = "best", device: str = "auto") -> dict:
+                  checkpoint: str | None = None, device: str = "auto") -> dict:
     """`hamengine explain`: a panel PNG per readable image plus contact_sheet.png in `out`."""
     from hamengine.engine.predict import Predictor
     from hamengine.loaders.imaging import BadImage

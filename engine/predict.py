@@ -19,18 +19,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, TTA, StrEnum  # noqa: F401 (TTA re-exported)
+from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, TTA, CheckpointName, StrEnum  # noqa: F401 (re-exported)
 from hamengine.engine.calibration import Adjustment, load_adjustment
 from hamengine.engine.checkpoint import CheckpointError, load_checkpoint, model_weights
 from hamengine.engine.run import RunDir, RunError
 from hamengine.loaders.imaging import BadImage, open_rgb
 from hamengine.loaders.metadata import META_FILE, MetadataError, MetaSchema
 from hamengine.runtime import resolve_device
-
-
-class CheckpointName(StrEnum):
-    BEST = "best"
-    LAST = "last"
 
 
 def tta_views(x: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
@@ -80,9 +75,26 @@ class LoadedRun:
     meta_schema: MetaSchema | None = None  # a --meta run: how age, sex and site are encoded for its model
 
 
-def checkpoint_path(run: Path, which: CheckpointName | str) -> Path:
+def run_default(config: Mapping[str, Any], key: str, given: Any, kind: type[StrEnum]) -> Any:
+    """`given`, or (None) what the run was trained to be judged with: config.json's `key` (`checkpoint`,
+    `test_tta`), or the TrainConfig default for runs written before the key existed."""
+    from hamengine.config import TrainConfig
+
+    value = given if given is not None else config.get(key) or getattr(TrainConfig, key, None)
+    try:
+        return kind(value)
+    except ValueError:
+        raise RunError(f"config.json: {key} {value!r} is not one of {', '.join(k.value for k in kind)}") from None
+
+
+def weights_of(run: str | Path, which: CheckpointName | str | None = None) -> CheckpointName:
+    """`which`, or (None) the weights the run is judged by (config.json `checkpoint`; best by default)."""
+    return run_default(RunDir(Path(run)).read_config(), "checkpoint", which, CheckpointName)
+
+
+def checkpoint_path(run: Path, which: CheckpointName | str | None = None) -> Path:
     run_dir = RunDir(run)
-    path = run_dir.checkpoint(CheckpointName(which).value)
+    path = run_dir.checkpoint(weights_of(run, which).value)
     if not path.is_file():
         others = sorted(p.name for p in run_dir.checkpoints.glob("*.pt")) if run_dir.checkpoints.is_dir() else []
         hint = f"; available: {', '.join(others)} (use --checkpoint)" if others else \
@@ -91,9 +103,10 @@ def checkpoint_path(run: Path, which: CheckpointName | str) -> Path:
     return path
 
 
-def load_run(run: str | Path, checkpoint: CheckpointName | str = CheckpointName.BEST,
+def load_run(run: str | Path, checkpoint: CheckpointName | str | None = None,
              device: str | torch.device = "auto") -> LoadedRun:
-    """Model of a run, in eval mode on `device`. Architecture and input size from RUN/config.json."""
+    """Model of a run, in eval mode on `device`. Architecture and input size from RUN/config.json;
+    checkpoint None: the weights the run is judged by (config.json `checkpoint`)."""
     from hamengine.models import create_model
 
     run = Path(run)
@@ -101,7 +114,7 @@ def load_run(run: str | Path, checkpoint: CheckpointName | str = CheckpointName.
         raise RunError(f"{run}: no such run directory")
     run_dir = RunDir(run)
     config = run_dir.read_config()
-    path = checkpoint_path(run, checkpoint)
+    path = checkpoint_path(run, run_default(config, "checkpoint", checkpoint, CheckpointName))
     try:
         ckpt = load_checkpoint(path)  # weights_only=True; damage -> CheckpointError naming the file
         weights = model_weights(ckpt, path)
@@ -162,8 +175,8 @@ class Predictor:
     Thread safety: not re-entrant (one model); serve wraps it in its own batcher lock.
     """
 
-    def __init__(self, run: str | Path, checkpoint: CheckpointName | str = CheckpointName.BEST,
-                 device: str | torch.device = "auto", tta: TTA | str = TTA.NONE,
+    def __init__(self, run: str | Path, checkpoint: CheckpointName | str | None = None,
+                 device: str | torch.device = "auto", tta: TTA | str | None = None,
                  temperature: float | None = None, batch_size: int = 32):
         self.loaded = load_run(run, checkpoint, device)
         self.run = self.loaded.run
@@ -173,7 +186,7 @@ class Predictor:
         self.size = self.loaded.size
         self.device = self.loaded.device
         self.checkpoint_name = self.loaded.checkpoint.name
-        self.tta = TTA(tta)
+        self.tta = run_default(self.loaded.config, "test_tta", tta, TTA)  # None: the run's own
         self.batch_size = batch_size
         try:
             adj = load_adjustment(self.run, len(self.classes))  # temperature and class bias of the run

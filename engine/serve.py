@@ -208,7 +208,7 @@ def predict_response(probs: Any, classes: tuple[str, ...], info: dict[str, Any],
 
 
 def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float = 10.0, *,
-               checkpoint: str = "best", limits: ServeLimits | None = None,
+               checkpoint: str | None = None, limits: ServeLimits | None = None,
                backend: Backend | None = None) -> Any:
     """The FastAPI app for one run. The model loads here, once (not per request or per worker).
     `limits` overrides `max_upload_mb`; `backend` replaces the run's Predictor (another model source)."""

@@ -55,7 +55,7 @@ class PredictorBackend:
     """Adapter over hamengine.engine.predict.Predictor (the same preprocessing, calibration and
     weights as `hamengine predict`) and hamengine.engine.gradcam."""
 
-    def __init__(self, run_dir: str | Path, device: str = "auto", checkpoint: str = "best"):
+    def __init__(self, run_dir: str | Path, device: str = "auto", checkpoint: str | None = None):
         from hamengine.engine.predict import Predictor
 
         self.run_dir = Path(run_dir)
@@ -68,7 +68,7 @@ class PredictorBackend:
                 "temperature": float(p.temperature), "decision": p.adjustment.decision,
                 "class_bias": None if p.adjustment.class_bias is None else list(p.adjustment.class_bias),
                 "device": str(p.device),
-                "checkpoint": p.checkpoint_name, "epoch": p.loaded.epoch,
+                "checkpoint": p.checkpoint_name, "epoch": p.loaded.epoch, "tta": str(p.tta),
                 # a --meta model: the optional fields and their choices (None: image only)
                 "metadata": p.meta_schema.record() if p.meta_schema is not None else None}
 

@@ -490,18 +490,21 @@ def explain_interrupt(t: Trainer, signum: int | None) -> None:
 
 
 def test_evaluation(t: Trainer) -> dict[str, Any]:
-    """The best checkpoint on the test split through `evaluate_run`, exactly as `hamengine eval`
-    scores it (same metrics.json, predictions, ISIC files and figures in RUN/eval-test/)."""
+    """The run's judged weights (cfg.checkpoint: best or last) on the test split through `evaluate_run`,
+    exactly as `hamengine eval` scores them (same metrics.json, predictions, ISIC files and figures in
+    RUN/eval-test/)."""
     from hamengine.engine.evaluate import EvalOptions, evaluate_run
 
     start = time.perf_counter()
-    # --decision val-bias: per-class biases are fitted on val predictions of the best checkpoint (same
+    # --decision val-bias: per-class biases are fitted on val predictions of the same weights (same
     # TTA), saved in RUN/calibration.json, then applied to the test predictions (eval --fit-bias).
     fit_bias = Decision(t.cfg.decision) == Decision.VAL_BIAS
-    m = evaluate_run(t.run.path, EvalOptions(split="test", tta=t.cfg.test_tta, loader=t.cfg.loader, fit_bias=fit_bias,
+    m = evaluate_run(t.run.path, EvalOptions(split="test", checkpoint=t.cfg.checkpoint, tta=t.cfg.test_tta,
+                                             loader=t.cfg.loader, fit_bias=fit_bias,
                                              batch_size=t.cfg.batch_size,
                                              workers=t.cfg.workers, device=str(t.ex.device)),
                      progress=t.opts.console.is_terminal)
     test = {k: m[k] for k in ("balanced_accuracy", "accuracy", "macro_auc", "n")}
+    test["checkpoint"], test["tta"] = m["eval"]["checkpoint"], m["eval"]["tta"]
     test["per_class_recall"] = {k: v["recall"] for k, v in m["per_class"].items()}
     return {"test": test, "test_eval_s": time.perf_counter() - start}

@@ -114,6 +114,13 @@ class Decision(StrEnum):
     VAL_BIAS = "val-bias"  # per-class biases on log-probabilities, fitted on val for balanced accuracy
 
 
+class CheckpointName(StrEnum):
+    """The weights of a run: checkpoints/<name>.pt."""
+
+    BEST = "best"  # written when the val balanced accuracy improves (val picks the epoch)
+    LAST = "last"  # written after every epoch: the final weights once training ends (EMA when on)
+
+
 class CompileMode(StrEnum):
     AUTO = "auto"  # on with CUDA, off on CPU
     ON = "on"
@@ -262,6 +269,12 @@ class TrainConfig:
                                 "biases fitted on the val split to maximize val balanced accuracy, stored in the "
                                 "run and applied by eval, predict, serve and the ISIC CSV).")
     test_tta: TTA = option(TTA.NONE, "Test-time augmentation of the test evaluation that ends training.")
+    checkpoint: CheckpointName = option(CheckpointName.BEST, "The weights the run is judged by: best (highest "
+                                        "val balanced accuracy; val picks the epoch) or last (the final "
+                                        "weights, EMA when on: what a one-cycle schedule ends on). The test "
+                                        "evaluation that ends training scores them; eval, predict, explain "
+                                        "and serve load them unless given --checkpoint.",
+                                        resume=OnResume.FREE)
     ema: float | None = option(None, "EMA decay of the weights (e.g. 0.999).", default_help="off")
     grad_clip: float | None = option(None, "Clip the gradient norm to this value.", default_help="off")
     loader: LoaderKind = option(LoaderKind.AUTO, "Data loader kind (folder, the per-file baseline, is for "

@@ -12,7 +12,7 @@ from typing import Any
 RECIPE_HELP: dict[str, str] = {
     "default": "the TrainConfig defaults",
     "fast": "time-to-accuracy: hamnet at 160 px, class-balanced sampler, batch 32, one-cycle LR peaking at "
-            "epoch 2, label smoothing 0.1, EMA weights (use with --budget)",
+            "epoch 2, label smoothing 0.1, judged by its final EMA weights with flip TTA (use with --budget)",
     "baseline": "what a typical HAM10000 project does: resnet18 at 128 px, weighted loss, batch 32, fp32 "
                 "eager, full augmentation, cosine LR, no label smoothing",
 }
@@ -20,7 +20,7 @@ RECIPE_HELP: dict[str, str] = {
 # Measured on the real dev set (BENCHMARKS.md, "Class-imbalance handling"), 3 seeds, resnet18 128 px,
 # batch 32, sampler: flip TTA at test time 0.450 vs 0.459 without, and val-fitted decision biases
 # 0.435-0.439 vs 0.459 with plain argmax (the sampler already balances the classes; a bias fitted on a
-# ~300-image val split overfits it). So the recipe keeps argmax and no TTA; both stay one flag away.
+# ~300-image val split overfits it). So the recipe keeps argmax; TTA: see below (hamnet, 70 epochs).
 # Progressive resizing (--progressive-min-size) is not in it: the `bench tta` runs in BENCHMARKS.md
 # measured the recipe without it, and it stays out until a measurement shows it helps.
 # Model and side: hamnet (2.5 M parameters) trains 2.3x as many img/s as resnet18 at 160 px vs 128 px
@@ -29,10 +29,17 @@ RECIPE_HELP: dict[str, str] = {
 # the switch: best val balanced accuracy 0.674 vs 0.618 for resnet18 128 px (same seed and split).
 # The LR peaks at epoch 2 (FFCV's ResNet recipes) instead of 20% in, so that accuracy climbs early:
 # time to the baseline's accuracy is one of the recipe's two targets (BENCHMARKS.md, bench tta).
+# Judged by its final (EMA) weights with flip TTA, not by the best-val checkpoint: the one-cycle LR ends
+# at 0 with EMA on, the weights FFCV and airbench evaluate; picking one of ~70 epochs by 453 val images
+# fits val noise (best val 0.67 vs test 0.53 at 2e25b9c). The three 20-minute runs at 2e25b9c, re-scored:
+# flips raised the final weights' val balanced accuracy on each seed (0.608/0.638/0.596 -> 0.620/0.647/
+# 0.611), so TTA was chosen on val; best-vs-last cannot be read on val (best is chosen there), and their
+# test scores were seen (best 0.534, last 0.549, last + flips 0.556), so the recipe was re-measured on
+# fresh seeds (BENCHMARKS.md, "Time to balanced accuracy").
 FAST: dict[str, Any] = {
     "model": "hamnet", "size": 160, "batch_size": 32, "balance": "sampler", "schedule": "onecycle",
-    "warmup_epochs": 2.0, "onecycle_peak": 0.0, "label_smoothing": 0.1, "ema": 0.999, "test_tta": "none",
-    "epochs": 30, "decision": "argmax",
+    "warmup_epochs": 2.0, "onecycle_peak": 0.0, "label_smoothing": 0.1, "ema": 0.999, "test_tta": "flips",
+    "checkpoint": "last", "epochs": 30, "decision": "argmax",
 }
 
 # The seed-style script of the recipe issue: ResNet-18 from scratch at 128 px (every `bench tta`

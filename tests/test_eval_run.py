@@ -302,3 +302,36 @@ def test_eval_refuses_a_pack_whose_split_holds_training_images(trained, eval_sou
         evaluate_run(moved, EvalOptions(pack=str(other), **opts), progress=False)
     m = evaluate_run(moved, EvalOptions(pack=str(other), unchecked_pack=True, **opts), progress=False)
     assert "NOT checked" in m["eval"]["pack_check"]
+
+
+def test_a_run_judged_by_its_last_weights_is_scored_and_served_by_them(loader_pack, tmp_path) -> None:
+    """--checkpoint last --test-tta flips (the fast recipe's choice): the test evaluation that ends
+    training scores last.pt with flips, and eval / predict default to the same; flags override."""
+    from builders import trained
+
+    from hamengine.config import CheckpointName
+
+    run = trained(loader_pack, tmp_path / "run", model="hamnet", epochs=2, size=48, batch_size=16,
+                  loader="resident", max_steps_per_epoch=3, warmup_epochs=0.0,
+                  checkpoint=CheckpointName.LAST, test_tta=TTA.FLIPS)
+    scored = json.loads((run / "eval-test" / "metrics.json").read_text())["eval"]
+    assert scored["checkpoint"] == "last.pt" and scored["tta"] == "flips" and scored["epoch"] == 2
+    p = Predictor(run, device="cpu")
+    assert p.checkpoint_name == "last.pt" and p.tta == TTA.FLIPS
+    p = Predictor(run, checkpoint="best", tta="none", device="cpu")
+    assert p.checkpoint_name == "best.pt" and p.tta == TTA.NONE
+    res = CliRunner().invoke(cli, ["eval", str(run), "--checkpoint", "best", "--tta", "none", "--boot", "0",
+                                   "--no-plots", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.output)
+    assert m["eval"]["checkpoint"] == "best.pt" and m["eval"]["tta"] == "none"
+    # A run from before the key existed (no `checkpoint` in config.json) is judged by best.pt.
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["checkpoint"], cfg["test_tta"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    p = Predictor(run, device="cpu")
+    assert p.checkpoint_name == "best.pt" and p.tta == TTA.NONE
+    cfg["checkpoint"] = "middle"
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RunError, match="checkpoint 'middle' is not one of best, last"):
+        Predictor(run, device="cpu")

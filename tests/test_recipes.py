@@ -38,6 +38,7 @@ def test_every_recipe_builds_a_valid_config():
     assert fast.model == "hamnet" and fast.size == 160 and fast.progressive_min_size == 0
     assert str(fast.schedule) == "onecycle" and fast.ema == 0.999
     assert fast.warmup_epochs == 2.0 and fast.onecycle_peak == 0.0  # the LR peaks at epoch 2
+    assert str(fast.checkpoint) == "last" and str(fast.test_tta) == "flips"  # judged by its final EMA weights
     baseline = from_dict(TrainConfig, apply_recipe("baseline", {}))
     assert baseline.model == "resnet18" and baseline.size == 128 and baseline.amp is False
     assert from_dict(TrainConfig, apply_recipe("default", {})) == TrainConfig()

@@ -209,7 +209,8 @@ def test_serving_writes_nothing_into_the_run(serve_run, jpeg):
 def test_cli_rejects_a_folder_without_checkpoint(tmp_path):
     out = subprocess.run([sys.executable, "-m", "hamengine", "serve", str(tmp_path)], capture_output=True,
                          text=True, timeout=120)
-    assert out.returncode != 0 and "checkpoints/best.pt" in out.stderr
+    # no config.json: the run's own checkpoint cannot be known, and the message says what RUN must be
+    assert out.returncode != 0 and "config.json" in out.stderr and "made by `hamengine train`" in out.stderr
 
 
 def test_loopback_detection():

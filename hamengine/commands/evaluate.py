@@ -9,6 +9,10 @@ from hamengine.commands.common import console, emit_json, fail
 
 TTA_CHOICES = ["none", "flips", "flips+rot"]
 CKPT_CHOICES = ["best", "last"]
+CKPT_HELP = ("Which weights of the run: best (highest val balanced accuracy) or last (the final weights). "
+             "[default: the run's own, config.json checkpoint (train --checkpoint; best for older runs)]")
+TTA_HELP = ("Test-time augmentation: average probabilities over flips, or flips and 90-degree rotations. "
+            "[default: the run's own, config.json test_tta (train --test-tta; none for older runs)]")
 RUN_ARG = click.Path(file_okay=False, path_type=Path)
 
 
@@ -16,10 +20,8 @@ RUN_ARG = click.Path(file_okay=False, path_type=Path)
 @click.argument("run", type=RUN_ARG)
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
               help="Pack split to evaluate.")
-@click.option("--checkpoint", type=click.Choice(CKPT_CHOICES), default="best", show_default=True,
-              help="Which checkpoint of the run: best (validation balanced accuracy) or last.")
-@click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
-              help="Test-time augmentation: average probabilities over flips, or flips and 90-degree rotations.")
+@click.option("--checkpoint", type=click.Choice(CKPT_CHOICES), default=None, help=CKPT_HELP)
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default=None, help=TTA_HELP)
 @click.option("--fit-bias", is_flag=True,
               help="Fit per-class decision biases on val (maximizing val balanced accuracy), save them in "
                    "RUN/calibration.json and apply them here and in predict, serve and the ISIC CSV.")
@@ -41,7 +43,7 @@ RUN_ARG = click.Path(file_okay=False, path_type=Path)
               "(how it does without metadata), into RUN/eval-<split>-no-meta/.")
 @click.option("--no-plots", is_flag=True, help="Skip the figures (metrics and CSV files only).")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of a table.")
-def eval_run(run: Path, split: str, checkpoint: str, tta: str, fit_bias: bool, calibrate: bool, n_boot: int,
+def eval_run(run: Path, split: str, checkpoint: str | None, tta: str | None, fit_bias: bool, calibrate: bool, n_boot: int,
              pack: str | None, unchecked_pack: bool, loader: str, batch_size: int, device: str,
              no_meta: bool, no_plots: bool, as_json: bool) -> None:
     """Evaluate RUN on a pack split: metrics with lesion-bootstrap CIs, predictions.csv, an ISIC 2018
@@ -51,7 +53,8 @@ def eval_run(run: Path, split: str, checkpoint: str, tta: str, fit_bias: bool, c
     from hamengine.engine.predict import TTA, CheckpointName
     from hamengine.engine.report import metrics_table
 
-    opts = EvalOptions(split=split, checkpoint=CheckpointName(checkpoint), tta=TTA(tta), calibrate=calibrate,
+    opts = EvalOptions(split=split, checkpoint=CheckpointName(checkpoint) if checkpoint else None,
+                       tta=TTA(tta) if tta else None, calibrate=calibrate,
                        fit_bias=fit_bias, n_boot=n_boot, pack=pack, unchecked_pack=unchecked_pack, loader=LoaderKind(loader),
                        batch_size=batch_size,
                        device=device, plots=not no_plots, meta=not no_meta)
@@ -77,10 +80,8 @@ def eval_run(run: Path, split: str, checkpoint: str, tta: str, fit_bias: bool, c
 @click.command("predict")
 @click.argument("run", type=RUN_ARG)
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--checkpoint", type=click.Choice(CKPT_CHOICES), default="best", show_default=True,
-              help="Which checkpoint of the run.")
-@click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
-              help="Average probabilities over flips / flips and 90-degree rotations.")
+@click.option("--checkpoint", type=click.Choice(CKPT_CHOICES), default=None, help=CKPT_HELP)
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default=None, help=TTA_HELP)
 @click.option("--top-k", type=click.IntRange(1, 7), default=3, show_default=True,
               help="Classes to list per image.")
 @click.option("--age", default=None, help="Patient age in years, for every IMAGE (a --meta run only).")
@@ -92,7 +93,7 @@ def eval_run(run: Path, split: str, checkpoint: str, tta: str, fit_bias: bool, c
                    "sex, localization (or site). Images it does not list predict without metadata.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (per-image results).")
-def predict(run: Path, images: tuple[Path, ...], checkpoint: str, tta: str, top_k: int, age: str | None,
+def predict(run: Path, images: tuple[Path, ...], checkpoint: str | None, tta: str | None, top_k: int, age: str | None,
             sex: str | None, site: str | None, meta_csv: Path | None, device: str, as_json: bool) -> None:
     """Classify IMAGE files (JPEG/PNG, any size) with RUN. Unreadable files are reported and the
     others still predicted; the exit status is non-zero if any file failed. A run trained with
@@ -147,11 +148,10 @@ def predict(run: Path, images: tuple[Path, ...], checkpoint: str, tta: str, top_
               help="Folder for one PNG per image and contact_sheet.png.")
 @click.option("--class", "dx", default=None,
               help="Explain this class (akiec, bcc, bkl, df, mel, nv, vasc) instead of the predicted one.")
-@click.option("--checkpoint", type=click.Choice(CKPT_CHOICES), default="best", show_default=True,
-              help="Which checkpoint of the run.")
+@click.option("--checkpoint", type=click.Choice(CKPT_CHOICES), default=None, help=CKPT_HELP)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the written files and classes as JSON.")
-def explain(run: Path, images: tuple[Path, ...], out: Path, dx: str | None, checkpoint: str, device: str,
+def explain(run: Path, images: tuple[Path, ...], out: Path, dx: str | None, checkpoint: str | None, device: str,
             as_json: bool) -> None:
     """Grad-CAM overlays of RUN's decision for each IMAGE (the predicted class, or --class)."""
     from hamengine.engine.gradcam import explain_files

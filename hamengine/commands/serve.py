@@ -30,8 +30,9 @@ def is_loopback(host: str) -> bool:
               help="TCP port to listen on.")
 @click.option("--device", default="auto", show_default=True,
               help="Inference device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
-@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Which checkpoint of the run to serve.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default=None,
+              help="Which weights of the run to serve: best (highest val balanced accuracy) or last (the final "
+                   "weights). [default: the run's own, config.json checkpoint; best for older runs]")
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Largest accepted upload in MiB; larger requests get HTTP 413.")
 @click.option("--max-pixels", default=MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
@@ -49,10 +50,11 @@ def is_loopback(host: str) -> bool:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               help="uvicorn log level.")
-def serve(run: Path, host: str, port: int, device: str, checkpoint: str, max_upload_mb: float, max_pixels: int,
+def serve(run: Path, host: str, port: int, device: str, checkpoint: str | None, max_upload_mb: float, max_pixels: int,
           threads: int, max_batch: int, max_wait_ms: float, log_level: str) -> None:
     """Serve a web page and JSON API that classify and explain dermatoscopic images with a
-    checkpoint of RUN, best by default (research software, not a diagnosis).
+    checkpoint of RUN, the one it was trained to be judged by unless --checkpoint (research software, not a
+    diagnosis).
 
     \b
     GET  /              upload page: probabilities of the 7 classes and a Grad-CAM overlay
@@ -66,6 +68,12 @@ def serve(run: Path, host: str, port: int, device: str, checkpoint: str, max_upl
         from hamengine.engine.serve import ServeLimits, create_app
     except ImportError as exc:
         fail(f"serving needs the 'serve' extra ({exc.name} is missing): pip install 'hamengine[serve]'")
+    from hamengine.engine.predict import weights_of
+
+    try:
+        checkpoint = str(weights_of(run, checkpoint))
+    except UserError as exc:  # config.json missing or unreadable: not a run directory
+        fail(f"cannot serve {run}: {exc}", exc.exit_code)
     if not RunDir(run).checkpoint(checkpoint).is_file():
         fail(f"{run} has no checkpoints/{checkpoint}.pt: give a run directory written by `hamengine train`")
     if not is_loopback(host):

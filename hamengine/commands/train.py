@@ -196,7 +196,10 @@ def report(summary: dict, as_json: bool) -> None:
         return
     from rich.table import Table
 
-    table = Table(title=f"test split, best checkpoint (epoch {summary['best_epoch']})")
+    which = (f"best checkpoint (epoch {summary['best_epoch']})" if test.get("checkpoint") == "best.pt"
+             else f"final weights (epoch {summary['epochs']})")
+    tta = f", TTA {test['tta']}" if test.get("tta") not in (None, "none") else ""
+    table = Table(title=f"test split, {which}{tta}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k in ("balanced_accuracy", "accuracy", "macro_auc"):
