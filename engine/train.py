@@ -51,7 +51,7 @@ class FitOptions:
     prefetch: bool | None = None  # background-thread prefetch; None: off (loaders run ahead already)
     console: Console = field(default_factory=Console)
     source: Any = None  # a PackSource-like object (labels, loader, classes); None: PackSource(cfg.pack)
-    test_eval: bool = True  # score the best checkpoint on the test split when training ends
+    test_eval: bool = True  # score the run's judged weights (cfg.checkpoint) on the test split when training ends
 
 
 @dataclass
