@@ -97,8 +97,11 @@ def explain_tensor(predictor, x: torch.Tensor, target: int | None = None) -> tup
 
 def explain(predictor, image, target: int | None = None) -> Explanation:
     crop, x = predictor.preprocess(image)
-    maps, cls = explain_tensor(predictor, x[None], target)
     probs = predictor.predict_tensor(x[None])[0]
+    # No class asked for: explain the predicted one as predict and serve report it (the run's TTA,
+    # temperature and decision biases), not the argmax of a single unadjusted view.
+    target = int(probs.argmax()) if target is None else target
+    maps, cls = explain_tensor(predictor, x[None], target)
     return Explanation(crop, maps[0], overlay(crop, maps[0]), int(cls[0]), probs)
 
 

@@ -208,14 +208,15 @@ def predict_response(probs: Any, classes: tuple[str, ...], info: dict[str, Any],
 
 
 def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float = 10.0, *,
-               checkpoint: str | None = None, limits: ServeLimits | None = None,
+               checkpoint: str | None = None, tta: str | None = None, limits: ServeLimits | None = None,
                backend: Backend | None = None) -> Any:
     """The FastAPI app for one run. The model loads here, once (not per request or per worker).
+    checkpoint / tta None: the run's own (config.json checkpoint and test_tta).
     `limits` overrides `max_upload_mb`; `backend` replaces the run's Predictor (another model source)."""
     run_dir = Path(run_dir)
     if limits is None:
         limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024))
-    backend = backend if backend is not None else PredictorBackend(run_dir, device, checkpoint)
+    backend = backend if backend is not None else PredictorBackend(run_dir, device, checkpoint, tta)
     batcher = MicroBatcher(backend, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms)
     info = {**backend.describe(), "classes": class_table(backend.classes),
             "max_upload_mb": limits.max_upload_bytes / (1024 * 1024), "max_pixels": limits.max_pixels,

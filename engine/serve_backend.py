@@ -55,11 +55,12 @@ class PredictorBackend:
     """Adapter over hamengine.engine.predict.Predictor (the same preprocessing, calibration and
     weights as `hamengine predict`) and hamengine.engine.gradcam."""
 
-    def __init__(self, run_dir: str | Path, device: str = "auto", checkpoint: str | None = None):
+    def __init__(self, run_dir: str | Path, device: str = "auto", checkpoint: str | None = None,
+                 tta: str | None = None):
         from hamengine.engine.predict import Predictor
 
         self.run_dir = Path(run_dir)
-        self.predictor = Predictor(self.run_dir, checkpoint=checkpoint, device=device)
+        self.predictor = Predictor(self.run_dir, checkpoint=checkpoint, device=device, tta=tta)
         self.classes = tuple(self.predictor.classes)
 
     def describe(self) -> dict[str, Any]:

@@ -155,7 +155,7 @@ def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
         summary = summarize(t, interrupted)
         if interrupted:
             explain_interrupt(t, stop.signum)
-        elif opts.test_eval and info.is_main and t.run.best.exists():
+        elif opts.test_eval and info.is_main and t.run.checkpoint(str(cfg.checkpoint)).exists():
             summary.update(test_evaluation(t))
         D.barrier(info)
         return summary

@@ -268,13 +268,13 @@ class TrainConfig:
     decision: Decision = option(Decision.ARGMAX, "Decision rule after training: argmax, or val-bias (per-class "
                                 "biases fitted on the val split to maximize val balanced accuracy, stored in the "
                                 "run and applied by eval, predict, serve and the ISIC CSV).")
-    test_tta: TTA = option(TTA.NONE, "Test-time augmentation of the test evaluation that ends training.")
+    test_tta: TTA = option(TTA.NONE, "Test-time augmentation of the test evaluation that ends training; eval, "
+                           "predict, explain and serve use it too unless given --tta.")
     checkpoint: CheckpointName = option(CheckpointName.BEST, "The weights the run is judged by: best (highest "
                                         "val balanced accuracy; val picks the epoch) or last (the final "
                                         "weights, EMA when on: what a one-cycle schedule ends on). The test "
                                         "evaluation that ends training scores them; eval, predict, explain "
-                                        "and serve load them unless given --checkpoint.",
-                                        resume=OnResume.FREE)
+                                        "and serve load them unless given --checkpoint.")
     ema: float | None = option(None, "EMA decay of the weights (e.g. 0.999).", default_help="off")
     grad_clip: float | None = option(None, "Clip the gradient norm to this value.", default_help="off")
     loader: LoaderKind = option(LoaderKind.AUTO, "Data loader kind (folder, the per-file baseline, is for "

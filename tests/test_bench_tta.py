@@ -83,7 +83,8 @@ def _fake_fit(cfg, opts):
     (run / "eval-test").mkdir(parents=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps(_row(e, 0.3 * e, 4.0 * e, 1.0)) + "\n" for e in (1, 2)))
     (run / "eval-test" / "metrics.json").write_text(json.dumps(
-        {"balanced_accuracy": 0.55, "ci": {"balanced_accuracy": [0.4, 0.7]}}))
+        {"balanced_accuracy": 0.55, "ci": {"balanced_accuracy": [0.4, 0.7]},
+         "eval": {"checkpoint": "last.pt", "epoch": 2, "tta": "flips"}}))
     return {"test_eval_s": 1.5}
 
 
@@ -99,6 +100,7 @@ def test_failed_recipe_is_recorded_and_the_others_still_run(loader_pack, tmp_pat
     assert ok["error"] is None and ok["time_to_target"] == {"0.5": 6.0}
     assert ok["test_balanced_accuracy"] == 0.55 and ok["test_balanced_accuracy_ci"] == [0.4, 0.7]
     assert ok["test_eval_s"] == 1.5
+    assert ok["test_weights"] == {"checkpoint": "last.pt", "epoch": 2, "tta": "flips"}  # what was scored
     written = json.loads((tmp_path / "tta" / "tta.json").read_text())
     assert written["budget_s"] == 60.0 and written["complete"] is True
     assert len(written["runs"]) == 2 and written["versus_baseline"] == {}

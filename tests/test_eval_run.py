@@ -310,6 +310,9 @@ def test_a_run_judged_by_its_last_weights_is_scored_and_served_by_them(loader_pa
     from builders import trained
 
     from hamengine.config import CheckpointName
+    from hamengine.engine.calibration import save_class_bias
+    from hamengine.engine.gradcam import explain
+    from hamengine.engine.serve_backend import PredictorBackend
 
     run = trained(loader_pack, tmp_path / "run", model="hamnet", epochs=2, size=48, batch_size=16,
                   loader="resident", max_steps_per_epoch=3, warmup_epochs=0.0,
@@ -318,6 +321,20 @@ def test_a_run_judged_by_its_last_weights_is_scored_and_served_by_them(loader_pa
     assert scored["checkpoint"] == "last.pt" and scored["tta"] == "flips" and scored["epoch"] == 2
     p = Predictor(run, device="cpu")
     assert p.checkpoint_name == "last.pt" and p.tta == TTA.FLIPS
+    served = PredictorBackend(run, device="cpu").describe()
+    assert served["checkpoint"] == "last.pt" and served["tta"] == "flips"
+    res = CliRunner().invoke(cli, ["eval", str(run), "--split", "val", "--boot", "0", "--no-plots",
+                                   "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["eval"].items() >= {"checkpoint": "last.pt", "tta": "flips", "epoch": 2}.items()
+    # explain (Grad-CAM), no class asked for: it explains the class predict reports (the run's TTA and
+    # decision biases), here df forced by a large bias, not the argmax of one unadjusted view
+    save_class_bias(run, np.array([-2.0, -2.0, -2.0, 12.0, -2.0, -2.0, -2.0]), {"fitted_on": "test"})
+    p = Predictor(run, device="cpu")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        e = explain(p, Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)))
+        assert e.target == int(e.probs.argmax()) == CLASSES.index("df")
     p = Predictor(run, checkpoint="best", tta="none", device="cpu")
     assert p.checkpoint_name == "best.pt" and p.tta == TTA.NONE
     res = CliRunner().invoke(cli, ["eval", str(run), "--checkpoint", "best", "--tta", "none", "--boot", "0",

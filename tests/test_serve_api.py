@@ -211,6 +211,11 @@ def test_cli_rejects_a_folder_without_checkpoint(tmp_path):
                          text=True, timeout=120)
     # no config.json: the run's own checkpoint cannot be known, and the message says what RUN must be
     assert out.returncode != 0 and "config.json" in out.stderr and "made by `hamengine train`" in out.stderr
+    # a run judged by its last weights, without them: the message names the file it looked for
+    (tmp_path / "config.json").write_text('{"model": "hamnet", "checkpoint": "last"}')
+    out = subprocess.run([sys.executable, "-m", "hamengine", "serve", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "checkpoints/last.pt" in out.stderr
 
 
 def test_loopback_detection():

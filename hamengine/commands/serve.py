@@ -33,6 +33,9 @@ def is_loopback(host: str) -> bool:
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default=None,
               help="Which weights of the run to serve: best (highest val balanced accuracy) or last (the final "
                    "weights). [default: the run's own, config.json checkpoint; best for older runs]")
+@click.option("--tta", type=click.Choice(["none", "flips", "flips+rot"]), default=None,
+              help="Test-time augmentation of every prediction (flips: 4 forward passes per image). "
+                   "[default: the run's own, config.json test_tta; none for older runs]")
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Largest accepted upload in MiB; larger requests get HTTP 413.")
 @click.option("--max-pixels", default=MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
@@ -50,7 +53,7 @@ def is_loopback(host: str) -> bool:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               help="uvicorn log level.")
-def serve(run: Path, host: str, port: int, device: str, checkpoint: str | None, max_upload_mb: float, max_pixels: int,
+def serve(run: Path, host: str, port: int, device: str, checkpoint: str | None, tta: str | None, max_upload_mb: float, max_pixels: int,
           threads: int, max_batch: int, max_wait_ms: float, log_level: str) -> None:
     """Serve a web page and JSON API that classify and explain dermatoscopic images with a
     checkpoint of RUN, the one it was trained to be judged by unless --checkpoint (research software, not a
@@ -82,7 +85,7 @@ def serve(run: Path, host: str, port: int, device: str, checkpoint: str | None, 
     limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
                          max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads or None)
     try:
-        app = create_app(run, device=device, checkpoint=checkpoint, limits=limits)
+        app = create_app(run, device=device, checkpoint=checkpoint, tta=tta, limits=limits)
     except UserError as exc:  # RunError, a bad --device, an unloadable checkpoint: one clear line
         fail(f"cannot serve {run}: {exc}", exc.exit_code)
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
