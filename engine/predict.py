@@ -89,6 +89,8 @@ def run_default(config: Mapping[str, Any], key: str, given: Any, kind: type[StrE
 
 def weights_of(run: str | Path, which: CheckpointName | str | None = None) -> CheckpointName:
     """`which`, or (None) the weights the run is judged by (config.json `checkpoint`; best by default)."""
+    if which is not None:  # given: no need to read config.json (load_run passes it resolved)
+        return CheckpointName(which)
     return run_default(RunDir(Path(run)).read_config(), "checkpoint", which, CheckpointName)
 
 

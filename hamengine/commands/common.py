@@ -8,7 +8,16 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 
+from hamengine.config import TTA, CheckpointName
 from hamengine.runtime import cpu_count
+
+# --checkpoint / --tta of eval, predict, explain and serve: None = the run's own (config.json).
+CKPT_CHOICES = [k.value for k in CheckpointName]
+TTA_CHOICES = [k.value for k in TTA]
+CKPT_HELP = ("Which weights of the run: best (highest val balanced accuracy) or last (the final weights). "
+             "[default: the run's own, config.json checkpoint (train --checkpoint; best for older runs)]")
+TTA_HELP = ("Test-time augmentation: average probabilities over flips (4 views), or flips and 90-degree "
+            "rotations (8). [default: the run's own, config.json test_tta (train --test-tta; none for older runs)]")
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)

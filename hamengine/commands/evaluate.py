@@ -5,14 +5,8 @@ from pathlib import Path
 
 import click
 
-from hamengine.commands.common import console, emit_json, fail
+from hamengine.commands.common import CKPT_CHOICES, CKPT_HELP, TTA_CHOICES, TTA_HELP, console, emit_json, fail
 
-TTA_CHOICES = ["none", "flips", "flips+rot"]
-CKPT_CHOICES = ["best", "last"]
-CKPT_HELP = ("Which weights of the run: best (highest val balanced accuracy) or last (the final weights). "
-             "[default: the run's own, config.json checkpoint (train --checkpoint; best for older runs)]")
-TTA_HELP = ("Test-time augmentation: average probabilities over flips, or flips and 90-degree rotations. "
-            "[default: the run's own, config.json test_tta (train --test-tta; none for older runs)]")
 RUN_ARG = click.Path(file_okay=False, path_type=Path)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from hamengine.commands.common import err_console, fail
+from hamengine.commands.common import CKPT_CHOICES, CKPT_HELP, TTA_CHOICES, TTA_HELP, err_console, fail
 from hamengine.engine.run import RunDir
 from hamengine.errors import UserError
 from hamengine.loaders.imaging import MAX_PIXELS
@@ -30,12 +30,8 @@ def is_loopback(host: str) -> bool:
               help="TCP port to listen on.")
 @click.option("--device", default="auto", show_default=True,
               help="Inference device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
-@click.option("--checkpoint", type=click.Choice(["best", "last"]), default=None,
-              help="Which weights of the run to serve: best (highest val balanced accuracy) or last (the final "
-                   "weights). [default: the run's own, config.json checkpoint; best for older runs]")
-@click.option("--tta", type=click.Choice(["none", "flips", "flips+rot"]), default=None,
-              help="Test-time augmentation of every prediction (flips: 4 forward passes per image). "
-                   "[default: the run's own, config.json test_tta; none for older runs]")
+@click.option("--checkpoint", type=click.Choice(CKPT_CHOICES), default=None, help=CKPT_HELP)
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default=None, help=TTA_HELP)
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Largest accepted upload in MiB; larger requests get HTTP 413.")
 @click.option("--max-pixels", default=MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
