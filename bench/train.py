@@ -42,14 +42,14 @@ def run_bench_train(cfg: TrainConfig, steps: int = 30, warmup: int = 5, prefetch
                     log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Measure with the engine's own TrainStep, execution choices and loader wiring (engine/train.py)."""
     from hamengine.engine.environment import hardware
-    from hamengine.engine.execution import configure_backends, resolve_execution
+    from hamengine.engine.execution import RunShape, configure_backends, resolve_execution
     from hamengine.engine.optim import build_optimizer
     from hamengine.engine.step import TrainStep
     from hamengine.loaders.base import DTYPES
     from hamengine.models import create_model
 
     cfg.check()
-    ex = resolve_execution(cfg)
+    ex = resolve_execution(cfg, shape=RunShape(images=(steps + warmup) * 2 * cfg.batch_size))
     device = ex.device
     configure_backends(device)
     torch.manual_seed(cfg.seed)
@@ -85,6 +85,7 @@ def run_bench_train(cfg: TrainConfig, steps: int = 30, warmup: int = 5, prefetch
     res = {"model": cfg.model, "loader": getattr(lcfg.kind, "value", lcfg.kind), "img_per_s": None,
            "synthetic_img_per_s": syn_per_s, "stall_ratio": None, "warmup_s": warm_s, "hardware": hardware(), "device": str(device), "size": s,
            "batch_size": b, "amp_dtype": ex.amp_name, "channels_last": ex.channels_last,
+           "plan": ex.plan.record(), "plan_lines": ex.explain(),
            "compile": ex.compile and step.compile_failed is None, "compile_failed": step.compile_failed,
            "prefetch": use_prefetch, "steps": steps, "warmup_steps": warmup, "data_fraction": None,
            "loader_setup_s": None, "error": None, "notes": notes}

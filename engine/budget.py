@@ -49,6 +49,7 @@ class BudgetPlan:
     replanned_after: list[int] = field(default_factory=list)  # epochs after which replan ran
 
     epoch_scale: float = 1.0  # measured / estimated cost of the last re-planned epoch (set by replan)
+    side_choice: dict[str, Any] | None = None  # --budget-sides: the sides weighed and the one chosen
 
     def expired(self) -> bool:
         return time.perf_counter() - self.started >= self.deadline_s
@@ -146,14 +147,46 @@ def plan_budget(t: Any, started: float, replan: bool = True) -> BudgetPlan:
         planned = probe_s + test_s + sum(train_images / train_ips[s] + val_s for s in train_sizes(cfg, cfg.epochs))
     # Hard guard: stop training when only the test evaluation's time (with margin) is left.
     deadline = max(0.0, 0.98 * budget_s - 1.5 * test_s)
-    plan = BudgetPlan(budget_s, probe_s, cfg.epochs, train_ips, eval_ips, val_s, test_s, planned, deadline, started)
+    plan = BudgetPlan(budget_s, probe_s, cfg.epochs, train_ips, eval_ips, val_s, test_s, planned, deadline, started,
+                      side_choice=getattr(t, "side_choice", None))
     if t.info.is_main:
         write_plan(t, plan)
         ips = ", ".join(f"{s}px {v:.0f}" for s, v in sorted(train_ips.items()))
+        if plan.side_choice and "estimated_epochs" in plan.side_choice:
+            est = ", ".join(f"{k}px ~{v}" for k, v in plan.side_choice["estimated_epochs"].items())
+            t.say(f"[bold]budget side[/] estimated epochs {est} -> {plan.side_choice['why']}")
         t.say(f"[bold]budget[/] {budget_s:.0f} s: setup {probe_s:.1f} s, train img/s {ips}, val {val_s:.1f} s/epoch, "
               f"test {test_s:.1f} s -> {cfg.epochs} epochs (estimate {planned:.0f} s, {FILL:.0%} of the budget); "
               f"training stops by {deadline:.0f} s")
     return plan
+
+
+# --budget-sides: an epoch costs about this many times its probe estimate (loader hand-over, validation
+# at a third of the train cost per image, checkpoints): the re-plans' epoch_scale on 2 CPU cores.
+SIDE_EPOCH_OVERHEAD = 1.3
+
+
+def choose_side(cfg: TrainConfig, train_images: int, val_images: int, rate_at: Any) -> dict[str, Any]:
+    """--budget with --budget-sides: the largest side whose estimated epochs in the budget reach
+    --budget-min-epochs, else the smallest side (a slow host trains small for enough epochs rather
+    than large for a few). rate_at(side) -> train img/s of the run's own plan at that side (the
+    resolve_execution probe, cached per host), or None where nothing was measured (CUDA: --size stays).
+    Returns the record kept in budget.json; its "size" is the side to train at."""
+    budget_s = parse_duration(cfg.budget)
+    sides = sorted(cfg.budget_side_list())
+    rates = {s: rate_at(s) for s in sides}
+    if any(r is None for r in rates.values()):
+        return {"sides": sides, "size": cfg.size, "why": "no CPU probe on this device: --size kept"}
+    # an epoch: train images at the probe's rate, val images forward only (about 3x cheaper each)
+    epochs = {s: int(FILL * budget_s / (SIDE_EPOCH_OVERHEAD * (train_images + val_images / 3) / rates[s]))
+              for s in sides}
+    fit = [s for s in sides if epochs[s] >= cfg.budget_min_epochs]
+    size = fit[-1] if fit else sides[0]
+    why = (f"{size}px: the largest side with >= {cfg.budget_min_epochs} estimated epochs" if fit else
+           f"{size}px: no side reaches {cfg.budget_min_epochs} estimated epochs, the smallest trains the most")
+    return {"sides": sides, "img_per_s": {str(s): rates[s] for s in sides},
+            "estimated_epochs": {str(s): epochs[s] for s in sides}, "min_epochs": cfg.budget_min_epochs,
+            "size": size, "why": why}
 
 
 def write_plan(t: Any, plan: BudgetPlan) -> None:

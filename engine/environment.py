@@ -88,3 +88,14 @@ def doctor_report() -> dict[str, Any]:
         "dali_gpu_pipeline": dali is not None and cuda and _try_dali_pipeline(gpu=True),
         "cpus": cpu_count(),
     }
+
+
+def execution_plan(model: str = "hamnet", size: int = 128, batch_size: int = 32, device: str = "auto") -> dict[str, Any]:
+    """What `train --model MODEL --size SIZE --batch-size B` would run here with every option on
+    auto (resolve_execution, probe included): the record, its explanation and the cache file."""
+    from hamengine.config import TrainConfig
+    from hamengine.engine.execution import resolve_execution
+    from hamengine.engine.hostplan import CACHE_FILE, cache_dir
+
+    ex = resolve_execution(TrainConfig(model=model, size=size, batch_size=batch_size, device=device))
+    return {**ex.record(), "lines": ex.explain(), "cache": str(cache_dir() / CACHE_FILE)}

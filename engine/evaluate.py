@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hamengine.config import ISIC_COLUMNS, LoaderConfig, LoaderKind, Precision
+from hamengine.config import ISIC_COLUMNS, LoaderConfig, LoaderKind, MemoryFormat, Precision
 from hamengine.engine import calibration, metrics
 from hamengine.engine.predict import TTA, CheckpointName, LoadedRun, load_run, predict_batch, run_default
 from hamengine.engine.run import RunDir, RunError, check_split
@@ -108,14 +108,17 @@ def check_no_training_images(run: LoadedRun, pack, split: str, unchecked: bool) 
                    f"split cannot be checked for training images. Pass --unchecked-pack to evaluate anyway")
 
 
-def eval_loader(pack, split: str, size: int, opts: EvalOptions, device: torch.device, meta_schema=None):
+def eval_loader(pack, split: str, size: int, opts: EvalOptions, device: torch.device, meta_schema=None,
+                memory_format: torch.memory_format = torch.contiguous_format):
     """The split's eval loader: (images [B, 3, S, S], labels [B]) in storage order, unaugmented; with a
     --meta run's schema also metadata [B, M] encoded as the run was trained (whatever pack it is)."""
     from hamengine.loaders import build_loader
 
     # fp32 batches: evaluation precision matters more than its speed (see predict_batch).
+    fmt = MemoryFormat.CHANNELS_LAST if memory_format == torch.channels_last else MemoryFormat.CONTIGUOUS
     cfg = LoaderConfig(kind=opts.loader, size=size, batch_size=opts.batch_size, dtype=Precision.FP32,
-                       workers=opts.workers, seed=opts.seed, meta=meta_schema is not None, meta_schema=meta_schema)
+                       workers=opts.workers, seed=opts.seed, meta=meta_schema is not None, meta_schema=meta_schema,
+                       memory_format=fmt)  # the format the run's model was placed in (load_run)
     return build_loader(pack, split, cfg, device)
 
 
@@ -127,7 +130,8 @@ def collect(run: LoadedRun, pack, split: str, opts: EvalOptions, progress: bool 
         raise RunError(f"{pack.path}: split {split!r} has no samples")
     if tuple(pack.classes) != tuple(run.classes):
         raise RunError(f"{pack.path}: pack classes {pack.classes} differ from the run's {run.classes}")
-    loader = eval_loader(pack, split, run.size, opts, run.device, run.meta_schema if opts.meta else None)
+    loader = eval_loader(pack, split, run.size, opts, run.device, run.meta_schema if opts.meta else None,
+                         run.memory_format)
     probs, labels = [], []
     try:
         with Progress(TextColumn(f"eval {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -1,19 +1,38 @@
 """How a model runs on this machine: device, autocast dtype, memory format and torch.compile,
-decided once from a TrainConfig. `fit`, evaluation and `bench train` all use `resolve_execution`,
-so the three never disagree on what a config means.
+decided once from a TrainConfig and, on a CPU, from measurement (engine/hostplan.py). `fit`,
+`bench train`, `bench tta`, the demo, the recipes, eval, predict, explain, serve and `doctor` all use
+`resolve_execution`, so none disagrees on what a config means on this host.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from hamengine.config import Balance, CompileMode, LoaderConfig, MemoryFormat, Precision, TrainConfig
+from hamengine.engine.hostplan import Candidate, Probe, cpu_info, native_bf16, probe_table
 from hamengine.runtime import resolve_device
 
 _PRECISION = {torch.bfloat16: Precision.BF16, torch.float16: Precision.FP16, None: Precision.FP32}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Why an Execution is what it is: one reason per choice, and the CPU probe's table."""
+
+    why: dict[str, str]  # amp / channels_last / compile -> reason
+    auto: tuple[str, ...] = ()  # the options left to auto (printed "amp auto -> ...")
+    img_per_s: dict[str, float] = field(default_factory=dict)  # candidate -> train img/s (CPU probe)
+    cached: bool | None = None  # the table came from the cache (None: nothing probed)
+    chosen_img_per_s: float | None = None  # the chosen candidate's probe rate
+    host: dict[str, Any] | None = None  # CPU model, flags, torch's capability (CPU runs)
+
+    def record(self) -> dict[str, Any]:
+        return {"why": self.why, "auto": list(self.auto), "probe_img_per_s": self.img_per_s, "probe_cached": self.cached,
+                "chosen_img_per_s": self.chosen_img_per_s, **(self.host or {})}
 
 
 @dataclass(frozen=True)
@@ -22,6 +41,7 @@ class Execution:
     amp_dtype: torch.dtype | None  # None: fp32, no autocast
     channels_last: bool
     compile: bool
+    plan: Plan = field(default_factory=lambda: Plan({}), compare=False)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -52,27 +72,149 @@ class Execution:
         return (f"{self.device}, amp {self.amp_name if self.amp_dtype else 'off'}, "
                 f"{'channels_last' if self.channels_last else 'NCHW'}, compile {'on' if self.compile else 'off'}")
 
+    def explain(self) -> list[str]:
+        """One line per choice, e.g. 'amp auto -> fp32 (bf16 0.06x fp32 here: no native bf16)'."""
+        chosen = {"amp": "bf16" if self.amp_dtype == torch.bfloat16 else "fp16" if self.amp_dtype else "fp32",
+                  "channels_last": "channels_last" if self.channels_last else "NCHW",
+                  "compile": "on" if self.compile else "off"}
+        return [f"{k}{' auto' if k in self.plan.auto else ''} -> {chosen[k]} ({why})" for k, why in self.plan.why.items()]
 
-def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """None = fp32. bf16 on CPU and GPUs that support it; fp16 on request (with GradScaler)."""
-    if not cfg.amp or cfg.amp_dtype == Precision.FP32:
-        return None
+    def record(self) -> dict[str, Any]:
+        """env.json's execution record."""
+        return {"device": str(self.device), "amp_dtype": self.amp_name, "channels_last": self.channels_last,
+                "compile": self.compile, "plan": self.plan.record()}
+
+
+BF16_MIN_GAIN = 1.1  # auto keeps bf16 only when it trains at least this much faster than fp32
+# torch.compile on CPU: inductor costs ~1-3 minutes on 2 cores (C++ codegen) before the first step.
+# auto compiles there only when even a generous speed-up could earn that back within the run.
+CPU_COMPILE_COST_S = 120.0
+CPU_COMPILE_GAIN = 0.25  # the most step time a CPU compile saved in our measurements (BENCHMARKS.md)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What the decision needs to know of the run beyond its config: how many training images it
+    will push through (compile pays back over them), or its budget in seconds."""
+
+    images: int | None = None  # epochs x images per epoch; None: unknown (compile auto stays off on CPU)
+    budget_s: float | None = None
+
+
+def _forced_precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, str] | None:
+    """The autocast dtype a flag forces, with the reason; None when `auto` must decide."""
+    if not cfg.amp:
+        return None, "--no-amp"
+    if cfg.amp_dtype == Precision.FP32:
+        return None, "--amp-dtype fp32"
     if cfg.amp_dtype == Precision.FP16:
-        return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        warnings.warn("this GPU has no bf16: using fp16 autocast with a GradScaler", stacklevel=2)
-        return torch.float16
-    return torch.bfloat16
+        return torch.float16, "--amp-dtype fp16 (GradScaler)"
+    if cfg.amp_dtype == Precision.BF16:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            warnings.warn("this GPU has no bf16: using fp16 autocast with a GradScaler", stacklevel=3)
+            return torch.float16, "--amp-dtype bf16 asked, no bf16 on this GPU: fp16 (GradScaler)"
+        return torch.bfloat16, "--amp-dtype bf16"
+    if device.type == "cuda":  # auto on CUDA: tensor cores run both; bf16 needs no scaler
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "CUDA with bf16"
+        return torch.float16, "CUDA without bf16: fp16 with a GradScaler"
+    return None
 
 
-def resolve_execution(cfg: TrainConfig, device: torch.device | str | None = None) -> Execution:
-    """channels_last and compile default to on with CUDA, off on CPU (NCHW + bf16 measured faster
-    on CPU; inductor's CPU compile costs minutes for little gain on 2 cores)."""
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
+def resolve_execution(cfg: TrainConfig, device: torch.device | str | None = None, *, shape: RunShape | None = None,
+                      inference: bool = False, probe: Probe | None = None) -> Execution:
+    """The one decision of how a model runs here: device, autocast dtype, memory format, compile.
+
+    Flags force (`--no-amp`, `--amp-dtype bf16|fp16|fp32`, `--channels-last/--no-channels-last`,
+    `--compile on|off`); `auto` decides. On CUDA: bf16 where supported (fp16 + GradScaler
+    otherwise), channels_last, compile on. On CPU: measured (engine/hostplan.py) -- fp32 vs bf16 and
+    NCHW vs channels_last for this model, side and batch, the fastest kept, bf16 only when at least
+    BF16_MIN_GAIN faster than fp32; compile only when the run is long enough to pay for it.
+    `inference`: eval/predict/serve/explain, which run fp32 (scores before speed) and never compile;
+    their memory format follows the same measurement (the run's model, side and batch).
+    `probe` replaces the measurement (tests). The Execution carries the reasons and the table."""
     dev = resolve_device(device if device is not None else cfg.device)
     cuda = dev.type == "cuda"
-    channels_last = cfg.channels_last if cfg.channels_last is not None else cuda
-    use_compile = cfg.compile == CompileMode.ON or (cfg.compile == CompileMode.AUTO and cuda)
-    return Execution(dev, amp_dtype_for(cfg, dev), channels_last, use_compile)
+    forced = (None, "inference runs fp32") if inference else _forced_precision(cfg, dev)
+    why: dict[str, str] = {}
+    table: dict[str, float] = {}
+    cached = None
+    candidates = _candidates(cfg, dev, forced)
+    if candidates:
+        table, cached = probe_table(cfg.model, cfg.size, cfg.batch_size, candidates, probe)
+    # precision
+    if forced is not None:
+        amp_dtype, why["amp"] = forced
+    else:  # CPU auto: compare the best of each precision
+        fp32 = max(v for k, v in table.items() if k.startswith("fp32/"))
+        bf16 = max(v for k, v in table.items() if k.startswith("bf16/"))
+        amp_dtype = torch.bfloat16 if bf16 >= BF16_MIN_GAIN * fp32 else None
+        hint = "" if amp_dtype is not None else (
+            ": no native bf16" if not native_bf16(cpu_info()) else f": under the {BF16_MIN_GAIN}x bar")
+        why["amp"] = f"bf16 {_ratio(bf16, fp32)} fp32 here{hint}"
+    # memory format
+    prec = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
+    if cfg.channels_last is not None:
+        channels_last = cfg.channels_last
+        why["channels_last"] = "--channels-last" if channels_last else "--no-channels-last"
+    elif cuda or amp_dtype == torch.float16:
+        channels_last, why["channels_last"] = cuda, "CUDA: tensor-core convolutions" if cuda else "fp16 on CPU: default"
+    else:
+        nchw, cl = table[f"{prec}/NCHW"], table[f"{prec}/channels_last"]
+        channels_last = cl > nchw
+        why["channels_last"] = f"channels_last {_ratio(cl, nchw)} NCHW at {prec} here"
+    # compile
+    use_compile, why["compile"] = _compile_choice(cfg, dev, inference, shape, table, prec, channels_last)
+    best = table.get(f"{prec}/{'channels_last' if channels_last else 'NCHW'}")
+    auto = tuple(k for k, left in (("amp", not inference and cfg.amp and cfg.amp_dtype == Precision.AUTO),
+                                   ("channels_last", cfg.channels_last is None),
+                                   ("compile", not inference and cfg.compile == CompileMode.AUTO)) if left)
+    return Execution(dev, amp_dtype, channels_last, use_compile,
+                     plan=Plan(why, auto, table, cached, best, cpu_info() if not cuda else None))
+
+
+def _candidates(cfg: TrainConfig, dev: torch.device, forced: tuple[torch.dtype | None, str] | None) -> list[Candidate]:
+    """What the CPU probe must time: both precisions when auto decides it, both memory formats when
+    --channels-last is not given (fp16 on CPU is only ever forced, and not probed)."""
+    if dev.type != "cpu":
+        return []
+    if forced is None:
+        precisions = [Precision.FP32, Precision.BF16]
+    elif forced[0] is None:
+        precisions = [Precision.FP32]
+    elif forced[0] == torch.bfloat16:
+        precisions = [Precision.BF16]
+    else:
+        return []
+    formats = [False, True] if cfg.channels_last is None else []
+    if not formats and forced is not None:
+        return []
+    return [Candidate(p, cl) for p in precisions for cl in (formats or [bool(cfg.channels_last)])]
+
+
+def _compile_choice(cfg: TrainConfig, dev: torch.device, inference: bool, shape: RunShape | None,
+                    table: dict[str, float], prec: str, channels_last: bool) -> tuple[bool, str]:
+    if inference:
+        return False, "inference: eager"
+    if cfg.compile == CompileMode.ON:
+        return True, "--compile on"
+    if cfg.compile == CompileMode.OFF:
+        return False, "--compile off"
+    if dev.type == "cuda":
+        return True, "CUDA"
+    # CPU: the most it could save is CPU_COMPILE_GAIN of the run's step time; it costs CPU_COMPILE_COST_S first.
+    rate = table.get(f"{prec}/{'channels_last' if channels_last else 'NCHW'}")
+    if shape is None or rate is None or (shape.images is None and shape.budget_s is None):
+        return False, "CPU, run length unknown: eager"
+    run_s = shape.budget_s if shape.budget_s is not None else shape.images / rate
+    saved = CPU_COMPILE_GAIN * run_s
+    if saved <= CPU_COMPILE_COST_S:
+        return False, f"CPU run ~{run_s / 60:.0f} min: a compile (~{CPU_COMPILE_COST_S / 60:.0f} min) cannot pay back"
+    return True, f"CPU run ~{run_s / 60:.0f} min: a compile (~{CPU_COMPILE_COST_S / 60:.0f} min) can pay back"
 
 
 def configure_backends(device: torch.device, deterministic: bool = False) -> None:

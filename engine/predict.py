@@ -73,6 +73,11 @@ class LoadedRun:
     epoch: int | None
     device: torch.device
     meta_schema: MetaSchema | None = None  # a --meta run: how age, sex and site are encoded for its model
+    execution: Any = None  # engine.execution.Execution (inference: fp32, eager; the measured memory format)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return self.execution.memory_format if self.execution is not None else torch.contiguous_format
 
 
 def run_default(config: Mapping[str, Any], key: str, given: Any, kind: type[StrEnum]) -> Any:
@@ -135,12 +140,23 @@ def load_run(run: str | Path, checkpoint: CheckpointName | str | None = None,
         model.load_state_dict(weights)
     except (ValueError, RuntimeError) as e:
         raise RunError(f"{path}: weights do not fit model {model_name!r} ({str(e).splitlines()[0]})") from None
-    # channels_last on CUDA (what the loaders deliver there); NCHW on CPU (measured faster there)
-    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-    model.eval()
+    ex = inference_execution(config, model_name, size, device)
+    ex.place(model).eval()  # the memory format resolve_execution chose for this model, side and host
     epoch = ckpt.get("epoch")
     return LoadedRun(run, config, model, model_name, size, classes, path,
-                     int(epoch) if isinstance(epoch, int) else None, device, schema)
+                     int(epoch) if isinstance(epoch, int) else None, device, schema, ex)
+
+
+def inference_execution(config: Mapping[str, Any], model_name: str, size: int, device: torch.device) -> Any:
+    """The run's model as eval/predict/explain/serve run it: resolve_execution's inference plan
+    (fp32, eager; memory format measured for this model, side and batch, or the run's forced one)."""
+    from hamengine.config import TrainConfig
+    from hamengine.engine.execution import resolve_execution
+
+    forced = config.get("channels_last")
+    cfg = TrainConfig(model=model_name, size=size, batch_size=int(config.get("batch_size") or 32),
+                      channels_last=forced if isinstance(forced, bool) else None)
+    return resolve_execution(cfg, device, inference=True)
 
 
 def run_meta_schema(run_dir: RunDir, config: dict[str, Any]) -> MetaSchema | None:
@@ -226,7 +242,8 @@ class Predictor:
         """x [N, 3, S, S] normalized (meta [N, M] for a --meta run, None = unknown) -> probabilities
         float64 [N, C] (TTA averaged, adjusted)."""
         m = meta.to(self.device) if meta is not None else None
-        return self.calibrate(predict_batch(self.model, x.to(self.device), self.tta, m))
+        x = x.to(self.device).contiguous(memory_format=self.loaded.memory_format)
+        return self.calibrate(predict_batch(self.model, x, self.tta, m))
 
     def predict(self, images: Sequence[bytes | Image.Image | str | Path],
                 meta: Sequence[Mapping[str, Any] | None] | None = None) -> np.ndarray:

@@ -11,6 +11,7 @@ exit cleanly WITHOUT saving the partial epoch: last.pt stays the last completed 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -25,12 +26,12 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from hamengine.config import CLASSES, ConfigError, Decision, TrainConfig, to_dict
+from hamengine.config import CLASSES, ConfigError, Decision, TrainConfig, parse_duration, to_dict
 from hamengine.engine import distributed as D
 from hamengine.engine.budget import replan_due
 from hamengine.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from hamengine.engine.data import PackSource
-from hamengine.engine.execution import Execution, configure_backends, resolve_execution
+from hamengine.engine.execution import Execution, RunShape, configure_backends, resolve_execution
 from hamengine.engine.logger import EpochMeter, LiveDisplay
 from hamengine.engine.optim import build_criterion, build_optimizer, build_scheduler
 from hamengine.engine.prefetch import ThreadPrefetcher
@@ -107,6 +108,7 @@ class Trainer:
     started: float = 0.0  # perf_counter when fit began: metrics rows' elapsed_s
     budget: Any = None  # engine/budget.BudgetPlan with --budget
     budget_mark: float = 0.0  # seconds since start at the end of epoch 1 (later re-plans cost epochs 2..done)
+    side_choice: dict[str, Any] | None = None  # --budget-sides: the sides weighed, the one chosen (budget.json)
     meta_schema: Any = None  # loaders.metadata.MetaSchema with --meta (RUN/metadata.json)
 
     @property
@@ -183,12 +185,13 @@ def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.de
     if info.is_main:
         run.prepare(cfg)
     D.barrier(info)
-    ex = resolve_execution(cfg, device)
+    source = opts.source or PackSource(cfg.pack)
+    check_splits(cfg, source)
+    side_choice = choose_budget_side(cfg, source, info, device)  # --budget-sides: may set cfg.size
+    ex = resolve_execution(cfg, device, shape=run_shape(cfg, source, info.world_size))
     configure_backends(device, opts.deterministic)
     seed_all(cfg.seed + info.rank)
 
-    source = opts.source or PackSource(cfg.pack)
-    check_splits(cfg, source)
     classes = tuple(getattr(source, "classes", CLASSES))
     schema = meta_schema_of(cfg, source)
     lcfg = ex.loader_config(cfg)
@@ -208,7 +211,7 @@ def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.de
     t = Trainer(cfg, opts, info, ex, run, source, classes, train_loader, val_loader, steps, model, optimizer,
                 scheduler=build_scheduler(optimizer, cfg, steps),
                 scaler=torch.amp.GradScaler(device.type) if ex.amp_dtype == torch.float16 else None,
-                ema=EMA(model, cfg.ema) if cfg.ema else None, meta_schema=schema)
+                ema=EMA(model, cfg.ema) if cfg.ema else None, meta_schema=schema, side_choice=side_choice)
     if cfg.resume:
         restore(t)
     if info.is_main:
@@ -217,7 +220,35 @@ def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.de
     t.say(f"[bold]train[/] {cfg.model} on {info.world_size} process(es): {ex.describe()}, {steps} steps/epoch "
           f"x {cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.size}px, loader "
           f"{getattr(train_loader, 'kind', cfg.loader)} -> {run.path}")
+    for line in ex.explain():  # e.g. "amp auto -> fp32 (bf16 0.06x fp32 here: no native bf16)"
+        t.say(f"  [dim]{line}[/]")
     return t
+
+
+def choose_budget_side(cfg: TrainConfig, source: Any, info: D.DistInfo, device: torch.device) -> dict[str, Any] | None:
+    """--budget with --budget-sides (a new, single-process run): set cfg.size to the side the host
+    can train for enough epochs, from the same measured plan resolve_execution uses at each side."""
+    from hamengine.engine.budget import choose_side
+
+    if not (cfg.budget and cfg.budget_sides) or cfg.resume:
+        return None
+    if info.world_size > 1:  # each rank would measure on its own and could choose differently
+        return {"size": cfg.size, "why": "distributed run: --size kept"}
+
+    def rate_at(side: int) -> float | None:
+        return resolve_execution(dataclasses.replace(cfg, size=side), device).plan.chosen_img_per_s
+
+    choice = choose_side(cfg, len(source.labels("train")), len(source.labels("val")), rate_at)
+    cfg.size = int(choice["size"])
+    return choice
+
+
+def run_shape(cfg: TrainConfig, source: Any, world_size: int) -> RunShape:
+    """The run's length for the compile decision: images it will train on, or its budget."""
+    per_epoch = len(source.labels("train")) // max(1, world_size)
+    if cfg.max_steps_per_epoch:
+        per_epoch = min(per_epoch, cfg.max_steps_per_epoch * cfg.batch_size)
+    return RunShape(images=per_epoch * cfg.epochs, budget_s=parse_duration(cfg.budget) if cfg.budget else None)
 
 
 def apply_budget(t: Trainer) -> None:
@@ -283,8 +314,7 @@ def write_run_files(t: Trainer) -> None:
     from hamengine.engine.environment import hardware
 
     t.run.write_config(t.cfg)
-    t.run.write_env({**hardware(), "device": str(t.ex.device), "world_size": t.info.world_size,
-                     "amp_dtype": t.ex.amp_name, "channels_last": t.ex.channels_last,
+    t.run.write_env({**hardware(), **t.ex.record(), "world_size": t.info.world_size,
                      "deterministic": t.opts.deterministic, "prefetch": bool(t.opts.prefetch),
                      # eval checks against it that a pack's test split holds no training images
                      "pack_fingerprint": getattr(t.source, "fingerprint", None)})

@@ -66,13 +66,14 @@ class AugPreset(StrEnum):
 
 
 class Precision(StrEnum):
+    AUTO = "auto"  # TrainConfig.amp_dtype only: measured on a CPU, bf16 (fp16 without it) on CUDA
     BF16 = "bf16"
     FP16 = "fp16"
     FP32 = "fp32"
 
 
 class MemoryFormat(StrEnum):
-    AUTO = "auto"  # channels_last on CUDA, contiguous (NCHW) on CPU: measured faster with bf16 there
+    AUTO = "auto"  # a loader used alone: channels_last on CUDA, NCHW on CPU (the engine passes its measured choice)
     CHANNELS_LAST = "channels_last"
     CONTIGUOUS = "contiguous"
 
@@ -122,7 +123,7 @@ class CheckpointName(StrEnum):
 
 
 class CompileMode(StrEnum):
-    AUTO = "auto"  # on with CUDA, off on CPU
+    AUTO = "auto"  # on with CUDA; on CPU when the run can pay the compile back (engine/execution.py)
     ON = "on"
     OFF = "off"
 
@@ -257,14 +258,20 @@ class TrainConfig:
     balance: Balance = option(Balance.SAMPLER, "Class imbalance: none; sampler (class-balanced sampling); loss "
                               "(inverse-frequency weights); effective (effective-number weights, beta 0.999); "
                               "logit-adjust (logit-adjusted loss, tau 1: any loader).")
-    amp: bool = option(True, "Mixed precision autocast (bf16 by default).", flag="--amp/--no-amp")
-    amp_dtype: Precision = option(Precision.BF16, "Autocast dtype: bf16 (CPU, recent GPUs) or fp16 (with a "
-                                  "GradScaler).")
-    channels_last: bool | None = option(None, "Memory format.", flag="--channels-last/--no-channels-last",
-                                        resume=OnResume.FREE, default_help="channels_last on CUDA, NCHW on CPU "
-                                        "(faster with bf16 there)")
-    compile: CompileMode = option(CompileMode.AUTO, "torch.compile: auto = on with CUDA, off on CPU; failure "
-                                  "falls back to eager.", resume=OnResume.FREE)
+    amp: bool = option(True, "Mixed precision where it helps: with --amp-dtype auto, bf16 only where it measures "
+                       "faster than fp32 on this host (a CPU without native bf16 runs fp32, and the train header "
+                       "says why); --no-amp forces fp32.", flag="--amp/--no-amp")
+    amp_dtype: Precision = option(Precision.AUTO, "Autocast dtype: auto (CPU: a few timed steps of this model, side "
+                                  "and batch in fp32 and bf16, cached per host; bf16 kept only when >= 1.1x faster. "
+                                  "CUDA: bf16, or fp16 with a GradScaler on GPUs without bf16); bf16 or fp16 force "
+                                  "it; fp32 = no autocast.")
+    channels_last: bool | None = option(None, "Memory format: --channels-last / --no-channels-last force it.",
+                                        flag="--channels-last/--no-channels-last", resume=OnResume.FREE,
+                                        default_help="auto: channels_last on CUDA; on CPU the faster of NCHW and "
+                                        "channels_last in the same timed steps")
+    compile: CompileMode = option(CompileMode.AUTO, "torch.compile: auto = on with CUDA; on CPU only when the run is "
+                                  "long enough to pay for inductor's minutes of compiling; failure falls back to "
+                                  "eager.", resume=OnResume.FREE)
     decision: Decision = option(Decision.ARGMAX, "Decision rule after training: argmax, or val-bias (per-class "
                                 "biases fitted on the val split to maximize val balanced accuracy, stored in the "
                                 "run and applied by eval, predict, serve and the ISIC CSV).")
@@ -304,6 +311,16 @@ class TrainConfig:
     budget: str | None = option(None, "Wall-clock budget for the whole run (setup, training, validation and "
                                 "the test evaluation), e.g. 20m, 90s, 1h: --epochs is planned from measured "
                                 "step times to fit it.", default_help="none")
+    budget_sides: str | None = option(None, "With --budget: comma-separated sides the run may train at (e.g. "
+                                      "112,128,160); it takes the largest whose measured step time affords "
+                                      "--budget-min-epochs epochs in the budget, else the smallest, and records "
+                                      "the choice in budget.json. --size given on the command line turns it off.",
+                                      default_help="off: train at --size")
+    budget_min_epochs: int = option(40, "With --budget-sides: the epochs a side must afford to be chosen.")
+
+    def budget_side_list(self) -> list[int]:
+        """--budget-sides as integers (ValueError on a malformed list; check() names it)."""
+        return [int(v) for v in (self.budget_sides or "").split(",") if v.strip()]
 
     def check(self) -> None:
         """Range checks a type cannot express; ConfigError names the option and its allowed range."""
@@ -336,6 +353,15 @@ class TrainConfig:
                 parse_duration(self.budget)
             except ConfigError as e:
                 bad.append(str(e))
+        if self.budget_sides is not None:
+            try:
+                if not self.budget_side_list() or min(self.budget_side_list()) < 32:
+                    raise ValueError
+            except ValueError:
+                bad.append(f"--budget-sides {self.budget_sides!r} must be comma-separated sides of at least 32 "
+                           "pixels, e.g. 112,128,160")
+        if self.budget_min_epochs < 1:
+            bad.append(f"--budget-min-epochs {self.budget_min_epochs} must be >= 1")
         if bad:
             raise ConfigError("; ".join(bad))
 

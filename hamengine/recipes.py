@@ -70,5 +70,8 @@ def apply_recipe(name: str, data: dict[str, Any]) -> dict[str, Any]:
     # the size at or below it (and not the floor itself), the recipe's floor is dropped.
     if "progressive_min_size" not in data and "size" in data and out.get("progressive_min_size", 0) >= data["size"]:
         out["progressive_min_size"] = 0
+    # A side given by a flag or file is the side: the recipe's budget-side choice steps aside.
+    if "size" in data and "budget_sides" not in data:
+        out.pop("budget_sides", None)
     out["recipe"] = name
     return out

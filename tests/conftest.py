@@ -20,6 +20,22 @@ DEV_200PX = DATA_ROOT / "ham10000-200px-dev"
 FULLRES_70 = DATA_ROOT / "ham10000-fullres-70"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def host_plan_cache(tmp_path_factory) -> Path:
+    """The execution-plan cache (engine/hostplan.py) of this session: its own folder, so that tests
+    never read or write the user's ~/.cache, and each model/side/batch is probed once per session.
+    Subprocesses inherit it through the environment."""
+    path = tmp_path_factory.getbasetemp() / "host-plan-cache"
+    path.mkdir(exist_ok=True)
+    old = os.environ.get("HAMENGINE_CACHE_DIR")
+    os.environ["HAMENGINE_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("HAMENGINE_CACHE_DIR", None)
+    else:
+        os.environ["HAMENGINE_CACHE_DIR"] = old
+
+
 def _require(path: Path) -> Path:
     if not (path / "HAM10000_metadata.csv").is_file():
         pytest.skip(f"real HAM10000 fixture not found at {path} (set HAMENGINE_DATA)")

@@ -136,3 +136,69 @@ def test_replan_is_due_after_epochs_1_and_2_then_once_about_10_percent_in():
     short = BudgetPlan(budget_s=60, setup_s=1, epochs=5, train_img_per_s={64: 100.0}, eval_img_per_s=500.0,
                        val_s=1.0, test_s=2.0, planned_s=50.0, replanned_after=[1, 2])
     assert replan_due(short, 3)  # a short plan: epoch 3 at the earliest
+
+
+# ---------------------------------------------------------------- --budget-sides
+
+def _side_cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"model": "hamnet", "size": 160, "budget": "20m", "budget_sides": "112,128,160", **kw})
+
+
+def _rates(at_160: float):
+    """img/s falling with the pixel count, as a conv net's step time grows with it."""
+    return lambda side: at_160 * (160 / side) ** 2
+
+
+def test_budget_side_is_the_largest_that_affords_enough_epochs():
+    from hamengine.engine.budget import choose_side
+
+    # 2,108 train + 453 val images: at 155 img/s (160 px, a host with native bf16) ~64 epochs
+    fast = choose_side(_side_cfg(), 2108, 453, _rates(155.0))
+    assert fast["size"] == 160 and fast["estimated_epochs"]["160"] >= 40
+    # ~45 img/s at 160 px (fp32 on an AVX2-only host): 160 affords ~18 epochs, 128 ~29, 112 ~38
+    slow = choose_side(_side_cfg(), 2108, 453, _rates(45.0))
+    assert slow["size"] == 112 and "no side reaches 40" in slow["why"]
+    mid = choose_side(_side_cfg(budget_min_epochs=25), 2108, 453, _rates(45.0))
+    assert mid["size"] == 128
+    # estimated epochs grow as the side shrinks, and the record names every side weighed
+    est = slow["estimated_epochs"]
+    assert est["112"] > est["128"] > est["160"] and slow["sides"] == [112, 128, 160]
+
+
+def test_budget_sides_keep_size_where_nothing_was_measured():
+    from hamengine.engine.budget import choose_side
+
+    gpu = choose_side(_side_cfg(), 2108, 453, lambda side: None)
+    assert gpu["size"] == 160 and "kept" in gpu["why"]
+
+
+@pytest.mark.parametrize("sides", ["", "abc", "16,128"])
+def test_malformed_budget_sides_are_refused_naming_the_option(sides):
+    from hamengine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--budget-sides"):
+        _side_cfg(budget_sides=sides).check()
+
+
+def test_a_size_flag_turns_the_recipe_side_choice_off(monkeypatch):
+    import hamengine.recipes as recipes
+
+    monkeypatch.setitem(recipes.RECIPES, "sided", {"size": 160, "budget_sides": "112,128,160"})
+    assert recipes.apply_recipe("sided", {})["budget_sides"] == "112,128,160"
+    assert "budget_sides" not in recipes.apply_recipe("sided", {"size": 96})
+    assert recipes.apply_recipe("sided", {"size": 96, "budget_sides": "64,96"})["budget_sides"] == "64,96"
+
+
+@pytest.mark.slow  # about 40 s: it spends its budget
+def test_budget_sides_train_at_the_chosen_side(train_pack, tmp_path):
+    """End to end: the side comes from the measured plan, the loaders and config.json follow it,
+    and budget.json records the choice."""
+    out = tmp_path / "run"
+    cfg = TrainConfig(pack=str(train_pack), model="hamnet", epochs=1, batch_size=16, size=64,
+                      max_steps_per_epoch=3, device="cpu", out=str(out), budget="40s", budget_sides="32,48,64",
+                      budget_min_epochs=100_000)  # no side affords that many: the smallest is chosen
+    fit(cfg, FitOptions(console=Console(file=io.StringIO())))
+    plan = json.loads((out / "budget.json").read_text())
+    assert plan["side_choice"]["size"] == 32 and set(plan["side_choice"]["img_per_s"]) == {"32", "48", "64"}
+    assert json.loads((out / "config.json").read_text())["size"] == 32
+    assert {r["train_size"] for r in _rows(out)} == {32}

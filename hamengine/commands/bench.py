@@ -180,12 +180,14 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
 @click.option("--steps", type=click.IntRange(1), default=30, show_default=True, help="Timed steps per measurement.")
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True,
               help="Untimed warm-up steps (compile).")
-@click.option("--amp-dtype", type=click.Choice([p.value for p in Precision]), default="bf16", show_default=True,
-              help="Autocast dtype (fp32 = no autocast).")
+@click.option("--amp-dtype", "--dtype", "amp_dtype", type=click.Choice([p.value for p in Precision]), default="auto",
+              show_default=True, help="Autocast dtype: auto = as `train` decides it (CPU: measured, bf16 only where "
+              "it is >= 1.1x fp32; CUDA: bf16, else fp16); bf16/fp16 force it; fp32 = no autocast.")
 @click.option("--compile", "compile_mode", type=click.Choice([m.value for m in CompileMode]), default="auto",
-              show_default=True, help="torch.compile: auto = on with CUDA, off on CPU.")
+              show_default=True, help="torch.compile: auto = on with CUDA; on CPU only when the measured steps "
+              "could pay for the compile (never for a bench this short); on/off force it.")
 @click.option("--channels-last/--no-channels-last", default=None,
-              help="Memory format [default: channels_last on CUDA, NCHW on CPU].")
+              help="Memory format [default: auto: channels_last on CUDA; on CPU the faster of the two, measured].")
 @click.option("--prefetch/--no-prefetch", default=None,
               help="Background-thread prefetch, as `train --prefetch` [default: off].")
 @click.option("--workers", type=int, default=0, show_default=True, help="Loader workers/threads (0 = all cores).")
@@ -210,6 +212,8 @@ def bench_train(pack: str, model: str, loader: str, size: int, batch_size: int, 
     console.print(f"{res['model']} {res['size']}px batch {res['batch_size']} {res['amp_dtype']} "
                   f"{'channels_last' if res['channels_last'] else 'NCHW'} compile={res['compile']} "
                   f"loader={res['loader']} on {res['device']}")
+    for line in res.get("plan_lines", []):
+        console.print(f"  [dim]{line}[/]")
     if res.get("error"):  # the loader failed; the synthetic ceiling was still measured
         console.print(f"  real loader : failed: {res['error']}", highlight=False)
     else:
