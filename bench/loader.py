@@ -202,7 +202,19 @@ class LoaderBench:
     cold: bool = False  # make every one-time cost happen in the run (fresh resident cache, FFCV re-export)
     workers: int = 0
     device: str = "auto"
-    dtype: str = "bf16"
+    dtype: str = "auto"  # auto: what `train` would hand hamnet at this side and batch here (resolve_execution)
+
+
+def resolve_bench_dtype(b: LoaderBench) -> tuple[str, str | None]:
+    """--dtype auto -> the precision the engine's plan trains in on this host (a CPU without native
+    bf16 gets fp32 batches, as its trainings do), with the plan's reason; a forced dtype is kept."""
+    if b.dtype != "auto":
+        return b.dtype, None
+    from hamengine.config import TrainConfig
+    from hamengine.engine.execution import resolve_execution
+
+    ex = resolve_execution(TrainConfig(model="hamnet", size=b.size, batch_size=b.batch_size, device=b.device))
+    return ex.precision.value, f"dtype auto -> {ex.precision.value} (hamnet's plan here: {ex.plan.why['amp']})"
 
 
 def run_bench_loader(b: LoaderBench, plot: str | None = None,
@@ -228,8 +240,11 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
     if any(k in kinds for k in ("ffcv-native", "ffcv-native-jpg")):
         notes.append("ffcv-native: FFCV's own ops only (random resized crop, horizontal flip, NormalizeImage "
                      "to fp16); no vertical flip, rotation or colour jitter: compare it under --aug crop-flip")
+    dtype, why = resolve_bench_dtype(b)
+    if why:
+        notes.append(why)
     # recycle_batches: the loader may reuse a batch's memory as the trainer lets it (FFCV does too)
-    cfg_kw = dict(size=b.size, batch_size=b.batch_size, aug=AugConfig(preset=b.aug), dtype=b.dtype,
+    cfg_kw = dict(size=b.size, batch_size=b.batch_size, aug=AugConfig(preset=b.aug), dtype=dtype,
                   workers=b.workers, source=b.source, recycle_batches=True)
     results: list[dict[str, Any]] = []
     for kind in kinds:
@@ -262,5 +277,5 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
         plot_results(ok, b.aug, plot, f"{hw.get('cpus')} CPUs" + (f", {hw['gpu']}" if hw.get("gpu") else ""))
     return {"results": results, "aug": b.aug, "split": b.split, "batch_size": b.batch_size, "size": b.size,
             "batches": b.batches, "warmup": b.warmup, "min_seconds": b.min_seconds, "cold": b.cold,
-            "peer": peer["loader"] if peer else None, "epochs_for_setup": EPOCHS_FOR_SETUP,
+            "dtype": dtype, "peer": peer["loader"] if peer else None, "epochs_for_setup": EPOCHS_FOR_SETUP,
             "hardware": hw, "notes": notes}

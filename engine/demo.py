@@ -1,4 +1,5 @@
-"""`hamengine demo`: synth -> pack -> train hamnet on CPU (bf16) -> test metrics, in minutes.
+"""`hamengine demo`: synth -> pack -> train hamnet on CPU (precision and memory format as measured on the
+host: bf16 where the CPU runs it natively, fp32 where bf16 is emulated) -> test metrics, in minutes.
 
 Sizes are chosen for 2 CPU cores: images are drawn at 200x150 (a third of HAM10000's 600x450;
 the pack stores 144 px anyway, so drawing larger only costs time), packed at 144 px, trained at

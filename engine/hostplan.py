@@ -20,6 +20,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +90,10 @@ def cache_dir() -> Path:
     return Path(base) / "hamengine"
 
 
-def cache_key(model: str, size: int, batch: int, candidates: Sequence[Candidate]) -> str:
+def cache_key(model: str, size: int, batch: int) -> str:
     host = cpu_info()
     parts = [CACHE_VERSION, host["cpu_model"], sorted(k for k, v in host["cpu_flags"].items() if v),
-             host["cpu_capability"], host["isa_env"], torch.__version__, model, size, batch,
-             sorted(c.name for c in candidates)]
+             host["cpu_capability"], host["isa_env"], torch.__version__, model, size, batch]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
@@ -105,39 +105,51 @@ def _read_cache(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _cached_rates(entry: Any) -> dict[str, float]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("img_per_s"), dict):
+        return {}
+    return {k: float(v) for k, v in entry["img_per_s"].items() if isinstance(v, (int, float))}
+
+
 def probe_table(model: str, size: int, batch: int, candidates: Sequence[Candidate],
                 probe: Probe | None = None) -> tuple[ProbeTable, bool]:
-    """img/s per candidate, and whether it came from the cache. `probe` (tests: a stub) replaces
-    the measurement; its results are cached like the real one's."""
+    """img/s per candidate, and whether all of it came from the cache. Only candidates the cache
+    lacks for this host and shape are measured (training's four and inference's two fp32 ones share
+    an entry). `probe` (tests: a stub) replaces the measurement; its results are cached like the real one's."""
     path = cache_dir() / CACHE_FILE
-    key = cache_key(model, size, batch, candidates)
-    entry = _read_cache(path).get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("img_per_s"), dict):
-        return {k: float(v) for k, v in entry["img_per_s"].items()}, True
-    table = (probe or measure)(model, size, batch, candidates)
-    data = _read_cache(path)  # re-read: another run may have added its own shape meanwhile
-    data[key] = {"model": model, "size": size, "batch": batch, "torch": torch.__version__,
-                 "cpu": cpu_info()["cpu_model"], "img_per_s": table, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
-    except OSError:  # a read-only home: the plan still holds for this run, it is only measured again next time
-        pass
-    return table, False
+    key = cache_key(model, size, batch)
+    known = _cached_rates(_read_cache(path).get(key))
+    missing = [c for c in candidates if c.name not in known]
+    if missing:
+        # the rates already known screen the new candidates too (an emulated bf16 is not timed in full
+        # because fp32 was measured by an earlier, inference-only run)
+        known.update((probe or partial(measure, reference=max(known.values(), default=0.0)))(
+            model, size, batch, missing))
+        data = _read_cache(path)  # re-read: another run may have added its own shape meanwhile
+        data[key] = {"model": model, "size": size, "batch": batch, "torch": torch.__version__,
+                     "cpu": cpu_info()["cpu_model"], "img_per_s": {**_cached_rates(data.get(key)), **known},
+                     "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        except OSError:  # a read-only home: the plan still holds for this run, it is measured again next time
+            pass
+    return {c.name: known[c.name] for c in candidates}, not missing
 
 
 def measure(model_name: str, size: int, batch: int, candidates: Sequence[Candidate],
-            num_classes: int = 7) -> ProbeTable:
+            num_classes: int = 7, reference: float = 0.0) -> ProbeTable:
     """Training img/s of each candidate on the CPU. Every candidate first runs a warm-up and one
     step at batch SCREEN_BATCH; only those within SCREEN_OUT of the best screened rate are timed at
     the full batch (an emulated-bf16 resnet18 step at batch 32 takes ~40 s: it is screened out on a
-    step a quarter of that). A screened-out candidate's entry is its screened rate."""
+    step a quarter of that). A screened-out candidate's entry is its screened rate. `reference`: the
+    best rate already known for this shape (cached candidates), which screens too."""
     from hamengine.models import create_model
 
     torch.manual_seed(0)
     base = create_model(model_name, num_classes=num_classes)
     screened = {c.name: _rate(base, c, size, min(batch, SCREEN_BATCH), warmup=1, timed=1) for c in candidates}
-    best = max(screened.values())
+    best = max(max(screened.values()), reference)
     table = dict(screened)
     for c in candidates:
         if screened[c.name] * SCREEN_OUT >= best and batch > SCREEN_BATCH:

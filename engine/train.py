@@ -188,7 +188,11 @@ def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.de
     source = opts.source or PackSource(cfg.pack)
     check_splits(cfg, source)
     side_choice = choose_budget_side(cfg, source, info, device)  # --budget-sides: may set cfg.size
-    ex = resolve_execution(cfg, device, shape=run_shape(cfg, source, info.world_size))
+    # Rank 0 measures (and caches) the plan first; the other ranks on this host then read the same
+    # table, so every rank runs the same precision and memory format.
+    ex = resolve_execution(cfg, device, shape=run_shape(cfg, source, info.world_size)) if info.is_main else None
+    D.barrier(info)
+    ex = ex or resolve_execution(cfg, device, shape=run_shape(cfg, source, info.world_size))
     configure_backends(device, opts.deterministic)
     seed_all(cfg.seed + info.rank)
 

@@ -103,6 +103,16 @@ def test_the_probe_runs_once_per_shape_then_the_cache_answers(cache):
     assert probe.calls == 2 and len(json.loads(cache.read_text())) == 2
 
 
+def test_inference_and_training_share_a_shape_entry(cache):
+    """Inference asks for the two fp32 candidates; a later training run measures only the bf16 ones."""
+    probe = StubProbe(fp32=100, bf16=6)
+    resolve_execution(cpu_cfg(), inference=True, probe=probe)
+    train = resolve_execution(cpu_cfg(), probe=probe)
+    assert probe.calls == 2 and train.plan.cached is False and len(train.plan.img_per_s) == 4
+    assert resolve_execution(cpu_cfg(), inference=True, probe=probe).plan.cached is True and probe.calls == 2
+    assert len(json.loads(cache.read_text())) == 1
+
+
 def test_a_damaged_cache_is_measured_again_and_rewritten(cache):
     cache.parent.mkdir(parents=True)
     cache.write_text("{not json")
@@ -171,3 +181,16 @@ def test_a_run_records_and_prints_its_plan(loader_pack, tmp_path, cache):
     printed = out.getvalue()
     assert "amp auto -> fp32 (bf16 0.06x fp32 here" in printed
     assert "channels_last auto -> channels_last (channels_last 1.20x NCHW at fp32 here)" in printed
+
+
+@pytest.mark.parametrize("bf16, expected", [(6, "fp32"), (200, "bf16")])
+def test_bench_loader_dtype_auto_follows_the_plan(cache, bf16, expected):
+    """`bench loader --dtype auto`: batches in the precision `train` would use for hamnet here."""
+    from hamengine.bench.loader import LoaderBench, resolve_bench_dtype
+
+    b = LoaderBench(pack="unused", kinds=["resident"], size=48, batch_size=8, device="cpu")
+    candidates = [Candidate(p, cl) for p in (Precision.FP32, Precision.BF16) for cl in (False, True)]
+    probe_table("hamnet", 48, 8, candidates, StubProbe(fp32=100, bf16=bf16))
+    dtype, why = resolve_bench_dtype(b)
+    assert dtype == expected and why.startswith(f"dtype auto -> {expected}")
+    assert resolve_bench_dtype(LoaderBench(pack="unused", kinds=["resident"], dtype="fp16")) == ("fp16", None)

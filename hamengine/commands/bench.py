@@ -112,8 +112,10 @@ def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
               help="Worker processes / threads per loader; 0 = all cores.")
 @click.option("--device", default="auto", show_default=True, help="Where batches go: auto, cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
-              help="Output image dtype.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Output image dtype: auto = what `train` feeds hamnet at this side and batch on this host "
+                   "(its measured plan: fp32 on a CPU without native bf16, bf16 where bf16 is faster; bf16 on "
+                   "CUDA); or force one.")
 @click.option("--cold", is_flag=True,
               help="Pay every one-time cost in this run, as a first-time user does: the resident cache is "
                    "decoded into a fresh temporary folder (the pack's cache is left alone) and the FFCV "
