@@ -205,23 +205,26 @@ class LoaderBench:
     dtype: str = "auto"  # auto: what `train` would hand hamnet at this side and batch here (resolve_execution)
 
 
-def resolve_bench_dtype(b: LoaderBench) -> tuple[str, str | None]:
-    """--dtype auto -> the precision the engine's plan trains in on this host (a CPU without native
-    bf16 gets fp32 batches, as its trainings do), with the plan's reason; a forced dtype is kept."""
+def resolve_bench_dtype(b: LoaderBench) -> tuple[str, str, str | None]:
+    """--dtype auto -> the precision and memory format the engine's plan trains hamnet in at this side
+    and batch on this host (a CPU without native bf16 gets fp32 batches, as its trainings do), with
+    the plan's reason; a forced dtype keeps the loaders' own format rule (channels_last on CUDA)."""
     if b.dtype != "auto":
-        return b.dtype, None
+        return b.dtype, "auto", None
     from hamengine.config import TrainConfig
     from hamengine.engine.execution import resolve_execution
 
     ex = resolve_execution(TrainConfig(model="hamnet", size=b.size, batch_size=b.batch_size, device=b.device))
-    return ex.precision.value, f"dtype auto -> {ex.precision.value} (hamnet's plan here: {ex.plan.why['amp']})"
+    fmt = "channels_last" if ex.channels_last else "contiguous"
+    return ex.precision.value, fmt, (f"dtype auto -> {ex.precision.value}, {fmt} (hamnet's plan here: "
+                                     f"{ex.plan.why['amp']}; {ex.plan.why['channels_last']})")
 
 
 def run_bench_loader(b: LoaderBench, plot: str | None = None,
                      log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Time each loader of `b`; returns {"results": [...], ratios, hardware, "notes": [...]}. A
     loader that cannot run is a BenchError naming it; a missing optional FFCV is a note."""
-    from hamengine.config import AugConfig, ConfigError
+    from hamengine.config import AugConfig, ConfigError, MemoryFormat
     from hamengine.engine.environment import hardware
 
     kinds = list(b.kinds)
@@ -240,11 +243,12 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
     if any(k in kinds for k in ("ffcv-native", "ffcv-native-jpg")):
         notes.append("ffcv-native: FFCV's own ops only (random resized crop, horizontal flip, NormalizeImage "
                      "to fp16); no vertical flip, rotation or colour jitter: compare it under --aug crop-flip")
-    dtype, why = resolve_bench_dtype(b)
+    dtype, memory_format, why = resolve_bench_dtype(b)
     if why:
         notes.append(why)
     # recycle_batches: the loader may reuse a batch's memory as the trainer lets it (FFCV does too)
     cfg_kw = dict(size=b.size, batch_size=b.batch_size, aug=AugConfig(preset=b.aug), dtype=dtype,
+                  memory_format=MemoryFormat(memory_format),
                   workers=b.workers, source=b.source, recycle_batches=True)
     results: list[dict[str, Any]] = []
     for kind in kinds:
@@ -277,5 +281,5 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
         plot_results(ok, b.aug, plot, f"{hw.get('cpus')} CPUs" + (f", {hw['gpu']}" if hw.get("gpu") else ""))
     return {"results": results, "aug": b.aug, "split": b.split, "batch_size": b.batch_size, "size": b.size,
             "batches": b.batches, "warmup": b.warmup, "min_seconds": b.min_seconds, "cold": b.cold,
-            "dtype": dtype, "peer": peer["loader"] if peer else None, "epochs_for_setup": EPOCHS_FOR_SETUP,
+            "dtype": dtype, "memory_format": memory_format, "peer": peer["loader"] if peer else None, "epochs_for_setup": EPOCHS_FOR_SETUP,
             "hardware": hw, "notes": notes}

@@ -6,6 +6,8 @@ decided once from a TrainConfig and, on a CPU, from measurement (engine/hostplan
 from __future__ import annotations
 
 import warnings
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,8 +127,25 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 else "n/a"
 
 
+_AMP_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": None}
+
+
+def _kept(cfg: TrainConfig, kept: Mapping[str, Any] | None) -> tuple[tuple[torch.dtype | None, str] | None, bool | None]:
+    """A resumed run continues in the precision and memory format its env.json records wherever
+    the options were left to auto: a re-measurement (another host, a lost cache, a rate near the
+    bar) must not switch a bf16 run to fp32 halfway, nor break a --deterministic resume."""
+    if not kept:
+        return None, None
+    amp = None
+    if cfg.amp and cfg.amp_dtype == Precision.AUTO and kept.get("amp_dtype") in _AMP_NAMES:
+        amp = (_AMP_NAMES[kept["amp_dtype"]], "kept from the run's env.json on --resume")
+    fmt = kept.get("channels_last") if cfg.channels_last is None and isinstance(kept.get("channels_last"), bool) else None
+    return amp, fmt
+
+
 def resolve_execution(cfg: TrainConfig, device: torch.device | str | None = None, *, shape: RunShape | None = None,
-                      inference: bool = False, probe: Probe | None = None) -> Execution:
+                      inference: bool = False, probe: Probe | None = None,
+                      kept: Mapping[str, Any] | None = None) -> Execution:
     """The one decision of how a model runs here: device, autocast dtype, memory format, compile.
 
     Flags force (`--no-amp`, `--amp-dtype bf16|fp16|fp32`, `--channels-last/--no-channels-last`,
@@ -136,19 +155,31 @@ def resolve_execution(cfg: TrainConfig, device: torch.device | str | None = None
     BF16_MIN_GAIN faster than fp32; compile only when the run is long enough to pay for it.
     `inference`: eval/predict/serve/explain, which run fp32 (scores before speed) and never compile;
     their memory format follows the same measurement (the run's model, side and batch).
-    `probe` replaces the measurement (tests). The Execution carries the reasons and the table."""
+    `probe` replaces the measurement (tests); `kept`: a resumed run's env.json (see _kept). A probe
+    that fails (out of memory, an operator missing) leaves fp32/NCHW with the error as the reason.
+    The Execution carries the reasons and the table."""
     dev = resolve_device(device if device is not None else cfg.device)
     cuda = dev.type == "cuda"
-    forced = (None, "inference runs fp32") if inference else _forced_precision(cfg, dev)
+    kept_amp, kept_format = _kept(cfg, None if inference else kept)
+    if kept_format is not None:
+        cfg = dataclasses.replace(cfg, channels_last=kept_format)
+    forced = (None, "inference runs fp32") if inference else kept_amp or _forced_precision(cfg, dev)
     why: dict[str, str] = {}
     table: dict[str, float] = {}
     cached = None
     candidates = _candidates(cfg, dev, forced)
+    failed = None
     if candidates:
-        table, cached = probe_table(cfg.model, cfg.size, cfg.batch_size, candidates, probe)
+        try:
+            table, cached = probe_table(cfg.model, cfg.size, cfg.batch_size, candidates, probe)
+        except (RuntimeError, ValueError, MemoryError) as e:  # a plan must not cost the run: fall back
+            failed = f"probe failed ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+            warnings.warn(f"execution probe failed, running fp32/NCHW: {e}", stacklevel=2)
     # precision
     if forced is not None:
         amp_dtype, why["amp"] = forced
+    elif failed:
+        amp_dtype, why["amp"] = None, failed
     else:  # CPU auto: compare the best of each precision
         fp32 = max(v for k, v in table.items() if k.startswith("fp32/"))
         bf16 = max(v for k, v in table.items() if k.startswith("bf16/"))
@@ -160,7 +191,10 @@ def resolve_execution(cfg: TrainConfig, device: torch.device | str | None = None
     prec = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
     if cfg.channels_last is not None:
         channels_last = cfg.channels_last
-        why["channels_last"] = "--channels-last" if channels_last else "--no-channels-last"
+        why["channels_last"] = ("kept from the run's env.json on --resume" if kept_format is not None else
+                                "--channels-last" if channels_last else "--no-channels-last")
+    elif failed:
+        channels_last, why["channels_last"] = False, failed
     elif cuda or amp_dtype == torch.float16:
         channels_last, why["channels_last"] = cuda, "CUDA: tensor-core convolutions" if cuda else "fp16 on CPU: default"
     else:
@@ -170,7 +204,8 @@ def resolve_execution(cfg: TrainConfig, device: torch.device | str | None = None
     # compile
     use_compile, why["compile"] = _compile_choice(cfg, dev, inference, shape, table, prec, channels_last)
     best = table.get(f"{prec}/{'channels_last' if channels_last else 'NCHW'}")
-    auto = tuple(k for k, left in (("amp", not inference and cfg.amp and cfg.amp_dtype == Precision.AUTO),
+    auto = tuple(k for k, left in (("amp", not inference and kept_amp is None and cfg.amp
+                                    and cfg.amp_dtype == Precision.AUTO),
                                    ("channels_last", cfg.channels_last is None),
                                    ("compile", not inference and cfg.compile == CompileMode.AUTO)) if left)
     return Execution(dev, amp_dtype, channels_last, use_compile,
@@ -179,7 +214,8 @@ def resolve_execution(cfg: TrainConfig, device: torch.device | str | None = None
 
 def _candidates(cfg: TrainConfig, dev: torch.device, forced: tuple[torch.dtype | None, str] | None) -> list[Candidate]:
     """What the CPU probe must time: both precisions when auto decides it, both memory formats when
-    --channels-last is not given (fp16 on CPU is only ever forced, and not probed)."""
+    --channels-last is not given, the forced one otherwise (fp16 on CPU is only ever forced, and not
+    probed)."""
     if dev.type != "cpu":
         return []
     if forced is None:
@@ -190,10 +226,9 @@ def _candidates(cfg: TrainConfig, dev: torch.device, forced: tuple[torch.dtype |
         precisions = [Precision.BF16]
     else:
         return []
-    formats = [False, True] if cfg.channels_last is None else []
-    if not formats and forced is not None:
-        return []
-    return [Candidate(p, cl) for p in precisions for cl in (formats or [bool(cfg.channels_last)])]
+    formats = [False, True] if cfg.channels_last is None else [cfg.channels_last]
+    # a fully forced pair is still timed: compile auto and --budget-sides need the run's rate
+    return [Candidate(p, cl) for p in precisions for cl in formats]
 
 
 def _compile_choice(cfg: TrainConfig, dev: torch.device, inference: bool, shape: RunShape | None,
@@ -212,9 +247,13 @@ def _compile_choice(cfg: TrainConfig, dev: torch.device, inference: bool, shape:
         return False, "CPU, run length unknown: eager"
     run_s = shape.budget_s if shape.budget_s is not None else shape.images / rate
     saved = CPU_COMPILE_GAIN * run_s
-    if saved <= CPU_COMPILE_COST_S:
-        return False, f"CPU run ~{run_s / 60:.0f} min: a compile (~{CPU_COMPILE_COST_S / 60:.0f} min) cannot pay back"
-    return True, f"CPU run ~{run_s / 60:.0f} min: a compile (~{CPU_COMPILE_COST_S / 60:.0f} min) can pay back"
+    # progressive resizing compiles once per train side (multiples of 32 from the floor to --size)
+    sides = len(range(cfg.progressive_min_size // 32 * 32, cfg.size, 32)) + 1 if cfg.progressive_min_size else 1
+    cost = CPU_COMPILE_COST_S * sides
+    what = f"{sides} compiles" if sides > 1 else "a compile"
+    if saved <= cost:
+        return False, f"CPU run ~{run_s / 60:.0f} min: {what} (~{cost / 60:.0f} min) cannot pay back"
+    return True, f"CPU run ~{run_s / 60:.0f} min: {what} (~{cost / 60:.0f} min) can pay back"
 
 
 def configure_backends(device: torch.device, deterministic: bool = False) -> None:

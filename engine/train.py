@@ -188,11 +188,11 @@ def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.de
     source = opts.source or PackSource(cfg.pack)
     check_splits(cfg, source)
     side_choice = choose_budget_side(cfg, source, info, device)  # --budget-sides: may set cfg.size
-    # Rank 0 measures (and caches) the plan first; the other ranks on this host then read the same
-    # table, so every rank runs the same precision and memory format.
-    ex = resolve_execution(cfg, device, shape=run_shape(cfg, source, info.world_size)) if info.is_main else None
-    D.barrier(info)
-    ex = ex or resolve_execution(cfg, device, shape=run_shape(cfg, source, info.world_size))
+    # Rank 0 decides (measuring on a CPU) and every rank runs its decision on its own device, so all
+    # ranks train in one precision and memory format. A resumed run keeps what its env.json records.
+    ex = resolve_execution(cfg, device, shape=run_shape(cfg, source, info.world_size),
+                           kept=run.read_env() if cfg.resume else None) if info.is_main else None
+    ex = dataclasses.replace(D.broadcast_object(ex, info), device=device)
     configure_backends(device, opts.deterministic)
     seed_all(cfg.seed + info.rank)
 
@@ -244,6 +244,8 @@ def choose_budget_side(cfg: TrainConfig, source: Any, info: D.DistInfo, device: 
 
     choice = choose_side(cfg, len(source.labels("train")), len(source.labels("val")), rate_at)
     cfg.size = int(choice["size"])
+    if cfg.progressive_min_size > cfg.size:  # a floor above the chosen side: no ramp (as apply_recipe does)
+        cfg.progressive_min_size = 0
     return choice
 
 

@@ -314,7 +314,8 @@ class TrainConfig:
     budget_sides: str | None = option(None, "With --budget: comma-separated sides the run may train at (e.g. "
                                       "112,128,160); it takes the largest whose measured step time affords "
                                       "--budget-min-epochs epochs in the budget, else the smallest, and records "
-                                      "the choice in budget.json. --size given on the command line turns it off.",
+                                      "the choice in budget.json. A recipe's sides step aside for --size given by a flag or --config "
+                                      "file; --budget-sides given so wins over --size.",
                                       default_help="off: train at --size")
     budget_min_epochs: int = option(40, "With --budget-sides: the epochs a side must afford to be chosen.")
 

@@ -89,7 +89,7 @@ def test_forcing_flags_override_auto(cache, flags, amp_dtype, channels_last):
 def test_forced_bf16_is_kept_where_it_measures_slower(cache):
     probe = StubProbe(fp32=100, bf16=5)
     ex = resolve_execution(cpu_cfg(amp_dtype=Precision.BF16, channels_last=False), probe=probe)
-    assert ex.amp_dtype == torch.bfloat16 and probe.calls == 0  # nothing left to measure
+    assert ex.amp_dtype == torch.bfloat16 and list(ex.plan.img_per_s) == ["bf16/NCHW"]  # timed, not chosen
     assert ex.explain()[0] == "amp -> bf16 (--amp-dtype bf16)"
 
 
@@ -191,6 +191,34 @@ def test_bench_loader_dtype_auto_follows_the_plan(cache, bf16, expected):
     b = LoaderBench(pack="unused", kinds=["resident"], size=48, batch_size=8, device="cpu")
     candidates = [Candidate(p, cl) for p in (Precision.FP32, Precision.BF16) for cl in (False, True)]
     probe_table("hamnet", 48, 8, candidates, StubProbe(fp32=100, bf16=bf16))
-    dtype, why = resolve_bench_dtype(b)
-    assert dtype == expected and why.startswith(f"dtype auto -> {expected}")
-    assert resolve_bench_dtype(LoaderBench(pack="unused", kinds=["resident"], dtype="fp16")) == ("fp16", None)
+    dtype, memory_format, why = resolve_bench_dtype(b)
+    assert dtype == expected and memory_format == "contiguous" and why.startswith(f"dtype auto -> {expected}")
+    assert resolve_bench_dtype(LoaderBench(pack="unused", kinds=["resident"], dtype="fp16")) == ("fp16", "auto", None)
+
+
+def test_a_resumed_run_keeps_the_plan_its_env_json_records(cache):
+    """Re-measured today bf16 would lose, but a run that started in bf16 ends in bf16 (and an old
+    run's NCHW stays NCHW: a --deterministic resume stays bit-exact)."""
+    probe = StubProbe(fp32=100, bf16=6, cl_gain=1.5)
+    ex = resolve_execution(cpu_cfg(), probe=probe, kept={"amp_dtype": "bfloat16", "channels_last": False})
+    assert ex.amp_dtype == torch.bfloat16 and ex.channels_last is False
+    assert ex.explain()[:2] == ["amp -> bf16 (kept from the run's env.json on --resume)",
+                                "channels_last -> NCHW (kept from the run's env.json on --resume)"]
+    forced = resolve_execution(cpu_cfg(amp=False), probe=probe, kept={"amp_dtype": "bfloat16"})
+    assert forced.amp_dtype is None  # a forcing flag is not overridden by what the run did before
+
+
+def test_a_failing_probe_falls_back_to_fp32_nchw_and_says_why(cache):
+    def broken(*_args):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    with pytest.warns(UserWarning, match="probe failed"):
+        ex = resolve_execution(cpu_cfg(), probe=broken)
+    assert ex.amp_dtype is None and ex.channels_last is False
+    assert ex.plan.why["amp"].startswith("probe failed (RuntimeError: DefaultCPUAllocator")
+
+
+def test_a_fully_forced_pair_is_still_timed_for_the_compile_rule(cache):
+    probe = StubProbe(fp32=100, bf16=6)
+    ex = resolve_execution(cpu_cfg(amp=False, channels_last=True), shape=RunShape(images=100 * 3600), probe=probe)
+    assert probe.calls == 1 and list(ex.plan.img_per_s) == ["fp32/channels_last"] and ex.compile

@@ -219,7 +219,8 @@ def report(summary: dict, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (timings, metrics, run) as JSON.")
 def demo(workdir: str, n: int, epochs: int | None, seed: int, as_json: bool) -> None:
     """End to end on CPU in a few minutes: synthesize HAM10000-like images, pack them, train
-    hamnet (bf16), evaluate the test split, print the metrics table and the run path."""
+    hamnet (precision and memory format as measured on this host: bf16 where the CPU runs it
+    natively, fp32 where bf16 is emulated), evaluate the test split, print the metrics and the run path."""
     from hamengine.engine.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(workdir=workdir, n=n, seed=seed)
