@@ -5,8 +5,8 @@ decided once from a TrainConfig and, on a CPU, from measurement (engine/hostplan
 """
 from __future__ import annotations
 
-import warnings
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
