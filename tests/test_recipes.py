@@ -39,6 +39,9 @@ def test_every_recipe_builds_a_valid_config():
     assert str(fast.schedule) == "onecycle" and fast.ema == 0.999
     assert fast.warmup_epochs == 2.0 and fast.onecycle_peak == 0.0  # the LR peaks at epoch 2
     assert str(fast.checkpoint) == "last" and str(fast.test_tta) == "flips"  # judged by its final EMA weights
+    assert fast.budget_side_list() == [112, 128, 160] and fast.budget_min_epochs == 40  # the side fits the host
+    sized = from_dict(TrainConfig, apply_recipe("fast", {"size": 128}))
+    assert sized.size == 128 and sized.budget_sides is None  # a --size flag is the side
     baseline = from_dict(TrainConfig, apply_recipe("baseline", {}))
     assert baseline.model == "resnet18" and baseline.size == 128 and baseline.amp is False
     assert from_dict(TrainConfig, apply_recipe("default", {})) == TrainConfig()
