@@ -91,7 +91,7 @@ BF16_MIN_GAIN = 1.1  # auto keeps bf16 only when it trains at least this much fa
 # torch.compile on CPU: inductor costs ~50-70 s on 2 cores (hamnet; C++ codegen) before the first step.
 # auto compiles there only when even a generous speed-up could earn that back within the run.
 CPU_COMPILE_COST_S = 90.0
-CPU_COMPILE_GAIN = 0.3  # hamnet 160 px: 0.198 -> 0.119 s a step (bf16), 0.346 -> 0.233 (fp32, AVX2): 0.33-0.40
+CPU_COMPILE_GAIN = 0.3  # hamnet 160 px, 2 threads: 0.198 -> 0.119 s a step (bf16), 0.346 -> 0.233 (fp32, AVX2); ~0.1 on one
 
 
 @dataclass(frozen=True)

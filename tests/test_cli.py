@@ -80,14 +80,16 @@ def test_bench_library_does_not_depend_on_the_command_line():
 
 
 def test_doctor_json_keys():
-    out = subprocess.run([sys.executable, "-m", "hamengine", "doctor", "--json"], capture_output=True,
-                         text=True, timeout=300)
+    # a tiny plan shape: the probe itself is tested in test_hostplan.py
+    out = subprocess.run([sys.executable, "-m", "hamengine", "doctor", "--json", "--size", "32", "--batch-size", "4"],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     for key in ("python", "torch", "torchvision", "dali", "cuda", "gpu", "dali_cpu_pipeline",
                 "dali_gpu_pipeline", "cpus"):
         assert key in report
     assert isinstance(report["cuda"], bool) and report["cpus"] >= 1
+    assert report["plan"]["lines"] and report["plan"]["amp_dtype"] in ("bfloat16", "float16", "fp32")
     if report["dali"] is not None:
         # DALI is a hard dependency on Linux and its CPU pipeline must run without a GPU.
         assert report["dali_cpu_pipeline"] is True

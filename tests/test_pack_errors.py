@@ -159,7 +159,10 @@ def test_interrupted_pack_reruns_to_identical_bytes(sig, interrupt_case, tmp_pat
     action = {signal.SIGKILL: "kill-group", signal.SIGINT: "sigint-group"}[sig]
     env = {**os.environ, HOOKS: f"pack.shard_done@3:{action}"}
     proc = subprocess.run([sys.executable, "-m", "hamengine", *args], capture_output=True, env=env,
-                          timeout=120, start_new_session=True)
+                          timeout=120, start_new_session=True,
+                          # a shell's background job starts with SIGINT ignored: give the child the
+                          # default disposition a terminal's job has, or Ctrl-C is never delivered
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = proc.stderr
     assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), err
     if sig == signal.SIGINT:

@@ -79,7 +79,10 @@ def test_ctrl_c_stops_cleanly_at_a_step_boundary(pack, tmp_path):
     cmd = [sys.executable, "-m", "hamengine", "train", "--pack", str(pack), "--model", "hamnet", "--epochs", "4",
            "--batch-size", "16", "--size", "32", "--device", "cpu", "--loader", "resident", "--out", str(out)]
     proc = subprocess.run(cmd, env=_env("train.step@epoch=2,step=2:sigint-group"), capture_output=True,
-                          text=True, timeout=600, start_new_session=True)  # its own group, as a terminal's job
+                          text=True, timeout=600, start_new_session=True,  # its own group, as a terminal's job
+                          # a shell's background job starts with SIGINT ignored: give the child the
+                          # default disposition a terminal's job has, or Ctrl-C is never delivered
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 130, output[-2000:]
     assert "interrupted" in output and "--resume" in output
