@@ -40,7 +40,7 @@ RECIPE_HELP: dict[str, str] = {
 # The side under --budget (--budget-sides, engine/budget.choose_side): the recipe was tuned where 160 px
 # got 66-78 epochs in 20 minutes; a host without native bf16 gets 25-33 there. On the dev set, 20-minute
 # budget, a no-bf16 host (emulated AVX2, one compute thread, fp32): the rule chose 128 px (44-53 epochs)
-# and beat a fixed 160 px (25-33 epochs) on every seed measured, +0.064 and +0.082 test balanced accuracy
+# and beat a fixed 160 px (25-33 epochs) on every seed measured (3, 4, 5): +0.064, +0.082, +0.059 test balanced accuracy
 # (BENCHMARKS.md, "A budget recipe that fits the host"). On a host with native bf16 it chooses 160 px
 # (about 60 estimated epochs), the recipe as measured before.
 FAST: dict[str, Any] = {
