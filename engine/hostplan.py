@@ -20,7 +20,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,11 @@ ProbeTable = dict[str, float]
 Probe = Callable[[str, int, int, Sequence[Candidate]], ProbeTable]
 
 
+@cache
 def cpu_info() -> dict[str, Any]:
-    """CPU model, the flags that decide bf16 speed, and torch's ISA level (env.json, cache key)."""
+    """CPU model, the flags that decide bf16 speed, and torch's ISA level (env.json, cache key).
+    Read once per process: every plan (and the cache key of each) asks for it. Callers must not
+    mutate the returned dict."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
