@@ -180,13 +180,17 @@ class BatchMaker:
 
     def __init__(self, cache: torch.Tensor, labels: torch.Tensor, size: int, aug: AugConfig, augment: bool,
                  seed: int, rank: int, work_dtype: torch.dtype, out_dtype: torch.dtype,
-                 share_output: bool = False, ring: torch.Tensor | None = None):
+                 share_output: bool = False, ring: torch.Tensor | None = None,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         # The separable crop-flip path views the cache as [M*3*H, W] rows: it must be contiguous
         # (a hand-made Fortran-order .npy would not be); copied once here, before workers fork.
         cache = cache if cache.is_contiguous() else cache.contiguous()
         self.cache, self.labels, self.size, self.aug = cache, labels, size, aug
         self.augment, self.seed, self.rank, self.work_dtype = augment, seed, rank, work_dtype
         self.out_dtype, self.share_output = out_dtype, share_output
+        # Batches are written in the consumer's memory format: a channels_last conversion after the
+        # fact is a second full pass over the float batch in the training process.
+        self.memory_format = memory_format
         self.ring = ring  # [R, N, 3, S, S] shared train output slots (ResidentLoader), or None
         self.hw = tuple(cache.shape[2:])
         self._bufs: dict[str, torch.Tensor] = {}
@@ -195,8 +199,11 @@ class BatchMaker:
         crop_flip_cpu = augment and not aug.rotation and not aug.has_jitter and cache.device.type == "cpu"
         self.cv_crop: crop_cv.CropFlipCV | None = None
         if crop_flip_cpu and crop_cv.available(out_dtype):
+            # Only the OpenCV kernel reads this maker's cache: interleave it once (before workers
+            # fork, so they share it), and the planar copy is dropped (ResidentLoader takes this one).
+            self.cache = crop_cv.interleaved(cache)
             a, b = augment_mod.normalize_coefficients(cache.device)
-            self.cv_crop = crop_cv.CropFlipCV(cache, size, out_dtype, a, b)
+            self.cv_crop = crop_cv.CropFlipCV(self.cache, size, out_dtype, a, b)
         self.kernel = ("none" if not augment else "opencv" if self.cv_crop is not None
                        else "separable" if crop_flip_cpu else "grid-sample")
         if augment and aug.rotation:
@@ -252,7 +259,7 @@ class BatchMaker:
             out = self.ring[slot, :len(indices)]
         else:
             out = torch.empty((len(indices), 3, self.size, self.size), dtype=self.out_dtype,
-                              device=self.cache.device)
+                              device=self.cache.device, memory_format=self.memory_format)
             if self.share_output:  # written straight into shared memory: no copy when handed over
                 out.share_memory_()
         with torch.no_grad():
@@ -336,10 +343,16 @@ class ResidentLoader(Loader):
         self.dispatched = 0
         ring = None
         if self.ring_slots:
-            ring = torch.empty((self.ring_slots, self.batch_size, 3, self.size, self.size),
-                               dtype=self.dtype).share_memory_()
+            shape = (self.ring_slots, self.batch_size, 3, self.size, self.size)
+            if self.memory_format == torch.channels_last:  # slots laid out R,N,S,S,3, viewed R,N,3,S,S
+                r, n, c, s, _ = shape
+                ring = torch.empty((r, n, s, s, c), dtype=self.dtype).share_memory_().permute(0, 1, 4, 2, 3)
+            else:
+                ring = torch.empty(shape, dtype=self.dtype).share_memory_()
         self.maker = BatchMaker(self.cache, torch.from_numpy(self.labels).to(self.device), self.size, self.aug,
-                                self.augment, cfg.seed, rank, work, self.dtype, share_output=pooled, ring=ring)
+                                self.augment, cfg.seed, rank, work, self.dtype, share_output=pooled, ring=ring,
+                                memory_format=self.memory_format)
+        self.cache = self.maker.cache  # interleaved for the OpenCV kernel: the planar copy is freed
         self._dl: DataLoader | None = None
         if pooled:
             from hamengine.loaders.torch_loader import worker_context

@@ -75,3 +75,26 @@ def test_crop_flip_opencv_lut_rounds_like_a_cast(dtype):
     f32 = crop_cv.CropFlipCV(cache, 32, torch.float32, a, b)(idx, p, torch.empty(4, 3, 32, 32))
     low = crop_cv.CropFlipCV(cache, 32, dtype, a, b)(idx, p, torch.empty(4, 3, 32, 32, dtype=dtype))
     assert torch.equal(low, f32.to(dtype))
+
+
+@pytest.mark.skipif(not crop_cv.available(torch.bfloat16), reason="OpenCV is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_crop_flip_opencv_layouts_give_the_same_bits(dtype):
+    """Interleaved cache and/or channels_last output (what the trainer feeds where channels_last
+    measures faster): the same values as planar in, NCHW out, in the requested strides."""
+    gen = torch.Generator().manual_seed(11)
+    cache = torch.randint(0, 256, (6, 3, 40, 52), dtype=torch.uint8, generator=gen)
+    idx = torch.tensor([5, 1, 0, 2, 4, 3, 1])
+    p = augment.sample_params(gen, 7, 40, 52, AugConfig(preset=AugPreset.CROP_FLIP).effective())
+    assert p.hflip.any() and p.vflip.any()
+    a, b = augment.normalize_coefficients(torch.device("cpu"))
+    ref = crop_cv.CropFlipCV(cache, 32, dtype, a, b)(idx, p, torch.empty(7, 3, 32, 32, dtype=dtype))
+    hwc = crop_cv.interleaved(cache)
+    assert not hwc.is_contiguous() and torch.equal(hwc, cache)
+    for src in (cache, hwc):
+        kernel = crop_cv.CropFlipCV(src, 32, dtype, a, b)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            out = torch.empty(7, 3, 32, 32, dtype=dtype, memory_format=fmt)
+            got = kernel(idx, p, out)
+            assert got is out and got.is_contiguous(memory_format=fmt)
+            assert torch.equal(got, ref)

@@ -211,17 +211,20 @@ def test_crop_flip_and_none_presets(loader_pack):
         assert x.shape == (BS, 3, S, S) and torch.isfinite(x.float()).all()
 
 
-@pytest.mark.parametrize("preset", [AugPreset.CROP_FLIP, AugPreset.FULL])
-def test_resident_recycled_batches(loader_pack, preset):
+@pytest.mark.parametrize(("preset", "fmt"), [(AugPreset.CROP_FLIP, "auto"), (AugPreset.FULL, "auto"),
+                                           (AugPreset.CROP_FLIP, "channels_last")])
+def test_resident_recycled_batches(loader_pack, preset, fmt):
     """recycle_batches: the CPU workers write train batches into a ring of shared buffers. The
     batches equal those in fresh memory, and a yielded batch stays intact while RING_SPARE - 1 more
-    are read, across epoch boundaries; later its slot holds a newer batch (the ring is in use)."""
+    are read, across epoch boundaries; later its slot holds a newer batch (the ring is in use).
+    A channels_last ring is written in that layout by the workers (no conversion afterwards)."""
     from hamengine.loaders.resident import RING_SPARE
 
     pack = Pack(loader_pack)
     aug = AugConfig(preset=preset)
     fresh = build_loader(pack, "train", cfg_for("resident", aug=aug, seed=3), "cpu")
-    ring = build_loader(pack, "train", cfg_for("resident", aug=aug, seed=3, recycle_batches=True), "cpu")
+    ring = build_loader(pack, "train", cfg_for("resident", aug=aug, seed=3, recycle_batches=True,
+                                               memory_format=fmt), "cpu")
     assert fresh.ring_slots == 0 and ring.ring_slots > RING_SPARE
     want, kept = [], []
     for e in range(3):
@@ -229,6 +232,8 @@ def test_resident_recycled_batches(loader_pack, preset):
         ring.set_epoch(e)
         want += [x.clone() for x, _ in fresh]
         for x, _ in ring:
+            assert x.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last"
+                                   else torch.contiguous_format)
             kept.append(x)
             for i in range(max(0, len(kept) - RING_SPARE), len(kept)):  # the last RING_SPARE reads
                 assert torch.equal(kept[i], want[i]), (e, i)
