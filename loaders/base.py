@@ -224,6 +224,15 @@ class Loader:
     def close(self) -> None:
         """Release worker processes / pipelines; the loader cannot be iterated afterwards."""
 
+    def __del__(self) -> None:
+        # A loader dropped without close() (an epoch half read, an exception, a notebook cell) would
+        # leave its workers to the DataLoader iterator's own finalizer, which waits ~5 s per worker
+        # for them to notice (measured: 10 s for 2 workers, against 0.02 s for close()).
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown, a half-built loader: nothing to release
+            pass
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, samples={self.num_samples}, batches={len(self)}, "
                 f"batch_size={self.batch_size}, size={self.size}, device={self.device}, rank={self.rank}/"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -78,7 +79,10 @@ class _PlanSampler:
     seen by persistent workers too."""
 
     def __init__(self, loader: Loader):
-        self.loader = loader
+        # A weak reference: loader -> DataLoader -> sampler -> loader would be a cycle, and a loader
+        # dropped without close() would then wait for the cycle collector, whose finalizer order lets
+        # the DataLoader iterator stop the workers first: ~5 s per worker (Loader.__del__ takes 0.02 s).
+        self.loader = weakref.proxy(loader)
 
     def __iter__(self) -> Iterator[list[Item]]:
         ld = self.loader

@@ -284,3 +284,19 @@ def test_auto_choice(loader_pack):
         build_loader(loader_pack, "train", cfg_for("dali", balance_sampler=True), "cpu")
     ld = build_loader(str(loader_pack), "val", cfg_for("auto"), "cpu")  # a path works too
     assert ld.kind == "resident"
+
+
+@pytest.mark.parametrize("kind", ["torch", "resident"])
+def test_a_dropped_loader_stops_its_workers_at_once(loader_pack, kind):
+    """A loader dropped mid-epoch without close() stops its worker processes when its last reference
+    goes (no reference cycle left to the cycle collector, whose order let the DataLoader's own
+    finalizer wait ~5 s per worker)."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    tr = build_loader(loader_pack, "train", cfg_for(kind, workers=2), "cpu")
+    next(iter(tr))
+    workers = set(multiprocessing.active_children()) - before
+    assert workers and all(w.is_alive() for w in workers)
+    del tr  # refcount only: no gc.collect()
+    assert not any(w.is_alive() for w in workers)
