@@ -46,8 +46,8 @@ class FFCVNative:
             ToTorchImage,
         )
 
-        from hamengine.loaders.ffcv_export import beton_for
-        from hamengine.loaders.records import Pack
+        from hamengine.loaders.ffcv.export import beton_for
+        from hamengine.loaders.pack.records import Pack
         from hamengine.runtime import resolve_device
 
         pack = Pack(pack_dir)

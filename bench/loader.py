@@ -74,7 +74,7 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
     cfg = LoaderConfig(kind="auto" if native else kind, **cfg_kw, **({"cache_dir": scratch} if scratch else {}))
     t0 = time.perf_counter()
     if cold and (kind == "ffcv" or native):
-        from hamengine.loaders.ffcv_export import export_ffcv
+        from hamengine.loaders.ffcv.export import export_ffcv
 
         # the export is part of FFCV's set-up (raw: with the resident cache decode it reads)
         try:
@@ -212,7 +212,7 @@ def resolve_bench_dtype(b: LoaderBench) -> tuple[str, str, str | None]:
     if b.dtype != "auto":
         return b.dtype, "auto", None
     from hamengine.config import TrainConfig
-    from hamengine.engine.execution import resolve_execution
+    from hamengine.engine.runtime.execution import resolve_execution
 
     ex = resolve_execution(TrainConfig(model="hamnet", size=b.size, batch_size=b.batch_size, device=b.device))
     fmt = "channels_last" if ex.channels_last else "contiguous"
@@ -225,7 +225,7 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
     """Time each loader of `b`; returns {"results": [...], ratios, hardware, "notes": [...]}. A
     loader that cannot run is a BenchError naming it; a missing optional FFCV is a note."""
     from hamengine.config import AugConfig, ConfigError, MemoryFormat
-    from hamengine.engine.environment import hardware
+    from hamengine.engine.runtime.environment import hardware
 
     kinds = list(b.kinds)
     bad = [k for k in kinds if k not in KINDS]

@@ -27,7 +27,7 @@ _CHILD = "from hamengine.bench.pack import _child; _child()"
 def _child() -> None:
     """Child entry: pack per the JSON config in argv[1]; print timing and ru_maxrss as JSON."""
     from hamengine.config import PackConfig
-    from hamengine.loaders.pack import pack_dataset
+    from hamengine.loaders.pack.writer import pack_dataset
 
     cfg = PackConfig(**json.loads(sys.argv[1]))
     start = time.perf_counter()
@@ -97,7 +97,7 @@ def run_bench_pack(source: Path, worker_counts: list[int], size: int = 256, qual
     """Pack `source` once per worker count (0 = all cores) into a temporary folder, removed
     afterwards; returns {"results": [...] with speedup over the first count, hardware, ...}."""
     from hamengine.config import ConfigError
-    from hamengine.engine.environment import hardware
+    from hamengine.engine.runtime.environment import hardware
     from hamengine.runtime import cpu_count
 
     if not worker_counts or min(worker_counts) < 0:

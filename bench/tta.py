@@ -132,7 +132,7 @@ class RecordingSource:
     come from the per-file `folder` loader over the original download (the baseline)."""
 
     def __init__(self, pack: str, originals: str | None = None):
-        from hamengine.engine.data import PackSource
+        from hamengine.engine.train.data import PackSource
 
         self.inner = PackSource(pack)
         self.originals = originals
@@ -167,8 +167,8 @@ def build_config(spec: TTASpec, recipe: str, seed: int):
 
 def run_one(spec: TTASpec, recipe: str, seed: int, console=None) -> dict[str, Any]:
     """One fit; its TTA record. A failure is recorded (error) rather than raised."""
-    from hamengine.engine.run import RunDir
-    from hamengine.engine.train import FitOptions, fit
+    from hamengine.engine.runtime.run import RunDir
+    from hamengine.engine.train.trainer import FitOptions, fit
 
     run = RunDir(run_path(spec, recipe, seed))
     record: dict[str, Any] = {"recipe": recipe, "seed": seed, "run": str(run.path), "loader": None, "error": None,
@@ -266,7 +266,7 @@ def run_bench_tta(spec: TTASpec, log: Callable[[str], None] = lambda _m: None, c
 
     tta.json is rewritten (atomically) after every run with `complete: false`, so an interrupted
     bench keeps the runs it finished; the last write says `complete: true` and names the plot."""
-    from hamengine.engine.environment import hardware
+    from hamengine.engine.runtime.environment import hardware
     from hamengine.fileio import atomic_write_text
 
     budget_s = check_spec(spec)
@@ -305,7 +305,7 @@ def plot_tta(result: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hamengine.engine.plots_eval import save_figure
+    from hamengine.engine.evaluate.plots_eval import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = {name: f"C{i}" for i, name in enumerate(result["recipes"])}

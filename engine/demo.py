@@ -34,9 +34,9 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
-    from hamengine.engine.train import FitOptions, fit
-    from hamengine.loaders.pack import pack_dataset
-    from hamengine.loaders.synth import synthesize
+    from hamengine.engine.train.trainer import FitOptions, fit
+    from hamengine.loaders.ingest.synth import synthesize
+    from hamengine.loaders.pack.writer import pack_dataset
 
     console = console or Console()
     root = Path(cfg.workdir)

@@ -123,7 +123,7 @@ class CheckpointName(StrEnum):
 
 
 class CompileMode(StrEnum):
-    AUTO = "auto"  # on with CUDA; on CPU when the run can pay the compile back (engine/execution.py)
+    AUTO = "auto"  # on with CUDA; on CPU when the run can pay the compile back (engine/runtime/execution.py)
     ON = "on"
     OFF = "off"
 
@@ -174,7 +174,7 @@ class LoaderConfig:
     # into a ring of shared buffers instead of fresh shared memory per batch. Off: every batch is
     # its own memory (safe to keep, e.g. list(loader)). The trainer and bench loader turn it on.
     recycle_batches: bool = False
-    meta: bool = False  # also yield the metadata vectors [N, M] (loaders/metadata.py) with each batch
+    meta: bool = False  # also yield the metadata vectors [N, M] (loaders/ingest/metadata.py) with each batch
     meta_schema: Any = None  # loaders.metadata.MetaSchema to encode with (a run's); None: the pack's own
 
 

@@ -19,7 +19,7 @@ def __getattr__(name: str) -> Any:
 
         return build_loader
     if name == "Loader":
-        from hamengine.loaders.base import Loader
+        from hamengine.loaders.kinds.base import Loader
 
         return Loader
     raise AttributeError(f"module 'hamengine.loaders' has no attribute {name!r}")

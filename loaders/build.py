@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from hamengine.config import ConfigError, LoaderConfig, LoaderKind
-from hamengine.loaders.base import Loader, verify_shards
-from hamengine.loaders.records import Pack
+from hamengine.loaders.kinds.base import Loader, verify_shards
+from hamengine.loaders.pack.records import Pack
 from hamengine.runtime import cpu_count, resolve_device
 
 
@@ -76,7 +76,7 @@ def choose_kind(pack: Pack, split: str, cfg: LoaderConfig, device: torch.device)
                           f"{', '.join(k.value for k in LoaderKind)}") from None
     if kind != LoaderKind.AUTO:
         return kind
-    from hamengine.loaders.resident import cache_bytes
+    from hamengine.loaders.kinds.resident import cache_bytes
 
     if cache_bytes(pack, split, cfg.size) <= memory_budget(cfg, device):
         return LoaderKind.RESIDENT
@@ -102,7 +102,7 @@ def build_loader(pack: Pack | str | Path, split: str, cfg: LoaderConfig, device:
     kind = choose_kind(pack, split, cfg, dev)
     workers = cfg.workers if cfg.workers > 0 else cpu_count()
     if kind == LoaderKind.RESIDENT:
-        from hamengine.loaders.resident import ResidentLoader, cache_bytes
+        from hamengine.loaders.kinds.resident import ResidentLoader, cache_bytes
 
         need = cache_bytes(pack, split, cfg.size)
         if cfg.memory_budget_gb > 0 and need > memory_budget(cfg, dev):
@@ -110,24 +110,24 @@ def build_loader(pack: Pack | str | Path, split: str, cfg: LoaderConfig, device:
                               f"memory_budget_gb={cfg.memory_budget_gb}; raise the budget or use --loader dali/torch")
         return ResidentLoader(pack, split, cfg, dev, rank, world_size, workers=workers, verify=verify)
     if kind == LoaderKind.FOLDER:
-        from hamengine.loaders.folder import FolderLoader
+        from hamengine.loaders.kinds.folder import FolderLoader
 
         return FolderLoader(pack, split, cfg, dev, rank, world_size, workers=workers)
     if kind == LoaderKind.FFCV:  # optional extra; checks its .beton against the pack itself
-        from hamengine.loaders.ffcv_loader import FFCVLoader
+        from hamengine.loaders.ffcv.loader import FFCVLoader
 
         return FFCVLoader(pack, split, cfg, dev, rank, world_size, workers=workers, verify=verify)
     if verify:
         verify_shards(pack, split)
     if kind == LoaderKind.TORCH:
-        from hamengine.loaders.torch_loader import TorchLoader
+        from hamengine.loaders.kinds.torch_loader import TorchLoader
 
         return TorchLoader(pack, split, cfg, dev, rank, world_size, workers=workers)
     if kind == LoaderKind.DALI:
         if not dali_available():
             raise ConfigError(f"loader 'dali' needs a working NVIDIA DALI ({dali_status()}); install "
                               "nvidia-dali-cuda130 or use --loader resident/torch")
-        from hamengine.loaders.dali import DaliLoader
+        from hamengine.loaders.kinds.dali import DaliLoader
 
         return DaliLoader(pack, split, cfg, dev, rank, world_size, workers=workers)
     raise ConfigError(f"unknown loader {kind.value!r} (kinds: auto, dali, resident, torch, folder, ffcv)")

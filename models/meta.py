@@ -2,13 +2,13 @@
 
 After Gessert et al. (ISIC 2019 winners, "Skin lesion classification using ensembles of multi-
 resolution EfficientNets with meta data", 2020): the backbone's pooled features [N, F] and a small
-MLP over the metadata vector [N, M] (loaders/metadata.py) are concatenated and one linear layer
+MLP over the metadata vector [N, M] (loaders/ingest/metadata.py) are concatenated and one linear layer
 classifies them. Any registry model works: its own head is replaced by an identity, so the
 backbone (and Grad-CAM's target layer in it) is exactly the image model.
 
 Without metadata (`meta=None`: predict without --age/--sex/--site, Grad-CAM, a loader without
 cfg.meta) every row gets the schema's "all missing" encoding, which training showed the model
-through metadata dropout (engine/train.py), so the prediction degrades instead of failing.
+through metadata dropout (engine/train/trainer.py), so the prediction degrades instead of failing.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ def copy_of(folder: Path, dest: Path) -> Path:
 
 def synth_source(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (200, 150)) -> Path:
     """`hamengine synth`: n dermoscopy-like images (lesion groups, real class balance), Kaggle layout."""
-    from hamengine.loaders.synth import synthesize
+    from hamengine.loaders.ingest.synth import synthesize
 
     out = root / f"synth-{n}-seed{seed}-{size[0]}x{size[1]}"
     if not (out / META).is_file():  # the CSV is written last: its presence means complete
@@ -38,7 +38,7 @@ def noise_source(root: Path, n: int = 120, size: tuple[int, int] = (64, 48), see
                  progressive: bool = False) -> Path:
     """A Kaggle-layout HAM10000 folder: synthetic metadata (real class balance, several images per
     lesion) and small noise JPEGs whose mean colour depends on the class (fast to make and pack)."""
-    from hamengine.loaders.synth import synth_metadata
+    from hamengine.loaders.ingest.synth import synth_metadata
 
     df = synth_metadata(n, seed)
     (root / PART).mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def noise_source(root: Path, n: int = 120, size: tuple[int, int] = (64, 48), see
 
 def packed(source: Path, out: Path, size: int, **options) -> Path:
     """`hamengine pack` of `source` at `size` px into `out` (PackConfig `options` on top)."""
-    from hamengine.loaders.pack import pack_dataset
+    from hamengine.loaders.pack.writer import pack_dataset
 
     if not (out / "manifest.json").is_file():
         pack_dataset(PackConfig(source=str(source), out=str(out), size=size, workers=2, **options),
@@ -65,7 +65,7 @@ def trained(pack: Path, out: Path, test_eval: bool = True, **config) -> Path:
     """`hamengine train` on CPU (TrainConfig `config` on top of its defaults); the run folder."""
     from rich.console import Console
 
-    from hamengine.engine.train import FitOptions, fit
+    from hamengine.engine.train.trainer import FitOptions, fit
 
     if not (out / "checkpoints" / "best.pt").is_file():
         cfg = TrainConfig(pack=str(pack), out=str(out), device="cpu", **config)

@@ -22,7 +22,7 @@ FULLRES_70 = DATA_ROOT / "ham10000-fullres-70"
 
 @pytest.fixture(scope="session", autouse=True)
 def host_plan_cache(tmp_path_factory) -> Path:
-    """The execution-plan cache (engine/hostplan.py) of this session: its own folder, so that tests
+    """The execution-plan cache (engine/runtime/hostplan.py) of this session: its own folder, so that tests
     never read or write the user's ~/.cache, and each model/side/batch is probed once per session.
     Subprocesses inherit it through the environment."""
     path = tmp_path_factory.getbasetemp() / "host-plan-cache"

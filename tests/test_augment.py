@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hamengine.config import AugConfig, AugPreset
-from hamengine.loaders import augment, crop_cv
+from hamengine.loaders.kinds import augment, crop_cv
 
 
 @pytest.mark.parametrize("hw", [(80, 107), (96, 128), (64, 64)])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hamengine.config import TrainConfig, from_dict, to_dict
-from hamengine.engine.checkpoint import (
+from hamengine.engine.runtime.checkpoint import (
     CheckpointError,
     load_checkpoint,
     rng_state,

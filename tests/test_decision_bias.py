@@ -13,9 +13,9 @@ from builders import copy_of
 from PIL import Image
 
 from hamengine.config import CLASSES, ISIC_COLUMNS
-from hamengine.engine import calibration as C
-from hamengine.engine.evaluate import EvalOptions, evaluate_run, fit_decision
-from hamengine.engine.predict import Predictor, RunError
+from hamengine.engine.evaluate import calibration as C
+from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run, fit_decision
+from hamengine.engine.evaluate.predict import Predictor, RunError
 
 
 def _np_adjust(raw: np.ndarray, t: float, b) -> np.ndarray:
@@ -106,7 +106,7 @@ def _csv_probs(path: Path, cols: list[str]) -> tuple[list[str], np.ndarray]:
 
 
 def test_round_trip_eval_predict_use_the_fitted_bias(eval_run, eval_pack, tmp_path) -> None:
-    from hamengine.loaders.records import Pack
+    from hamengine.loaders.pack.records import Pack
 
     run = copy_of(eval_run, tmp_path / "run")
     (run / "calibration.json").unlink(missing_ok=True)
@@ -135,7 +135,7 @@ def test_round_trip_eval_predict_use_the_fitted_bias(eval_run, eval_pack, tmp_pa
     assert p.adjustment.class_bias == pytest.approx(tuple(b))
     np.testing.assert_allclose(p.predict([pack.jpeg("test", i) for i in range(n)]),
                                _np_adjust(raw_pred, t, b), atol=1e-9)
-    from hamengine.engine.report import write_report
+    from hamengine.engine.train.report import write_report
 
     write_report(run)
     md = (run / "report.md").read_text()
@@ -159,7 +159,7 @@ def test_serve_applies_the_bias(serve_run, tmp_path) -> None:
     from fastapi.testclient import TestClient
     from serve_support import real_or_synthetic_jpeg
 
-    from hamengine.engine.serve import create_app
+    from hamengine.engine.serve.server import create_app
 
     jpeg = real_or_synthetic_jpeg(None)[0]
     base = Predictor(serve_run, device="cpu")
@@ -187,7 +187,7 @@ def test_train_with_decision_val_bias_fits_and_applies_it(train_pack, tmp_path) 
     from rich.console import Console
 
     from hamengine.config import TrainConfig
-    from hamengine.engine.train import FitOptions, fit
+    from hamengine.engine.train.trainer import FitOptions, fit
 
     out = tmp_path / "run"
     cfg = TrainConfig(pack=str(train_pack), model="hamnet", epochs=1, batch_size=16, size=64,

@@ -18,11 +18,10 @@ from PIL import Image
 
 from hamengine.cli import cli
 from hamengine.config import CLASSES, ISIC_COLUMNS
-from hamengine.engine import metrics as M
-from hamengine.engine import plots_eval
-from hamengine.engine.evaluate import EvalOptions, evaluate_run
-from hamengine.engine.predict import TTA, Predictor, RunError
-from hamengine.loaders.records import Pack
+from hamengine.engine.evaluate import metrics as M
+from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run, plots_eval
+from hamengine.engine.evaluate.predict import TTA, Predictor, RunError
+from hamengine.loaders.pack.records import Pack
 
 SIZE = 64
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -67,7 +66,7 @@ def test_eval_outputs_agree(trained, evaluated) -> None:
     for name in ("confusion_matrix", "roc", "reliability", "confidence_hist", "mistakes", "correct"):
         assert_png(out / f"{name}.png")
     # predictions.csv holds every test image once, in pack order, and re-scores to metrics.json
-    from hamengine.loaders.records import Pack
+    from hamengine.loaders.pack.records import Pack
 
     pack = Pack(pack_dir)
     rows, probs = read_predictions(out / "predictions.csv")
@@ -95,8 +94,8 @@ def test_eval_outputs_agree(trained, evaluated) -> None:
 
 def test_confusion_plot_draws_the_metrics_matrix(trained, evaluated, monkeypatch, tmp_path) -> None:
     """The matrix handed to the plot (and held by the drawn image) is metrics.json's."""
-    from hamengine.engine import evaluate as E
-    from hamengine.engine.predict import load_run
+    from hamengine.engine.evaluate import evaluator as E
+    from hamengine.engine.evaluate.predict import load_run
 
     _, run = trained
     seen: dict = {}
@@ -123,7 +122,7 @@ def test_confusion_plot_draws_the_metrics_matrix(trained, evaluated, monkeypatch
 
 
 def test_tta_views_are_the_square_symmetries() -> None:
-    from hamengine.engine.predict import predict_batch, tta_views
+    from hamengine.engine.evaluate.predict import predict_batch, tta_views
 
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
     flips = tta_views(x, TTA.FLIPS)
@@ -154,7 +153,7 @@ def test_calibrate_saves_temperature_used_by_predict(trained, tmp_path) -> None:
 
 def test_predict_matches_eval_of_the_packed_copy(trained, evaluated) -> None:
     """A pack JPEG through Predictor (PIL decode + eval transform) ~ the eval loader's probabilities."""
-    from hamengine.loaders.records import Pack
+    from hamengine.loaders.pack.records import Pack
 
     pack_dir, _ = trained
     run, _ = evaluated
@@ -179,7 +178,7 @@ def test_predict_fullres_real_images(trained, fullres70) -> None:
 
 
 def test_predict_cli_reports_unreadable_and_predicts_the_rest(trained, tmp_path) -> None:
-    from hamengine.loaders.records import Pack
+    from hamengine.loaders.pack.records import Pack
 
     pack_dir, run = trained
     pack = Pack(pack_dir)
@@ -206,7 +205,7 @@ def test_predict_cli_reports_unreadable_and_predicts_the_rest(trained, tmp_path)
 
 
 def test_explain_cli(trained, tmp_path) -> None:
-    from hamengine.loaders.records import Pack
+    from hamengine.loaders.pack.records import Pack
 
     pack_dir, run = trained
     pack = Pack(pack_dir)
@@ -280,7 +279,7 @@ def test_eval_refuses_a_pack_whose_split_holds_training_images(trained, eval_sou
     scoring it would inflate every metric. Refused, naming the images; the run's own pack passes;
     when the training pack is gone only --unchecked-pack goes ahead (and says so in metrics.json)."""
     from hamengine.config import PackConfig
-    from hamengine.loaders.pack import pack_dataset
+    from hamengine.loaders.pack.writer import pack_dataset
 
     pack_dir = trained[0]
     run = copy_of(trained[1], tmp_path / "run")  # the evaluation of its own pack is written into it
@@ -310,9 +309,9 @@ def test_a_run_judged_by_its_last_weights_is_scored_and_served_by_them(loader_pa
     from builders import trained
 
     from hamengine.config import CheckpointName
-    from hamengine.engine.calibration import save_class_bias
-    from hamengine.engine.gradcam import explain
-    from hamengine.engine.serve_backend import PredictorBackend
+    from hamengine.engine.evaluate.calibration import save_class_bias
+    from hamengine.engine.serve.backend import PredictorBackend
+    from hamengine.engine.serve.gradcam import explain
 
     run = trained(loader_pack, tmp_path / "run", model="hamnet", epochs=2, size=48, batch_size=16,
                   loader="resident", max_steps_per_epoch=3, warmup_epochs=0.0,

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from hamengine.config import AugConfig, AugPreset, ConfigError, LoaderConfig, LoaderKind
-from hamengine.loaders.records import Pack
+from hamengine.loaders.pack.records import Pack
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # resident's decoder
 
@@ -36,8 +36,8 @@ BS = 16
 @pytest.fixture(scope="module")
 def pack_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hamengine.config import PackConfig
-    from hamengine.loaders.pack import pack_dataset
-    from hamengine.loaders.synth import synthesize
+    from hamengine.loaders.ingest.synth import synthesize
+    from hamengine.loaders.pack.writer import pack_dataset
 
     root = tmp_path_factory.mktemp("ffcv")
     # 560 small images: enough val samples (84) for a stable balanced accuracy in the training test
@@ -54,7 +54,7 @@ def before_export(pack_path: Path) -> tuple[str, bytes]:
 
 @pytest.fixture(scope="module")
 def exported(pack_path: Path, before_export: tuple[str, bytes]) -> dict:
-    from hamengine.loaders.ffcv_export import export_ffcv
+    from hamengine.loaders.ffcv.export import export_ffcv
 
     return export_ffcv(pack_path, progress=False)
 
@@ -75,7 +75,7 @@ def build(pack: Pack, split: str, cfg: LoaderConfig, rank: int = 0, world_size: 
     except ConfigError as e:
         if "not provided" not in str(e):
             raise
-    from hamengine.loaders.ffcv_loader import FFCVLoader
+    from hamengine.loaders.ffcv.loader import FFCVLoader
 
     return FFCVLoader(pack, split, cfg, torch.device("cpu"), rank, world_size, workers=cfg.workers)
 
@@ -94,8 +94,8 @@ def epoch(loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- without FFCV ---------------------------------------------------------------------------------
 def test_missing_ffcv_says_how_to_install(pack_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hamengine.loaders.ffcv_export import require_ffcv
-    from hamengine.loaders.ffcv_loader import FFCVLoader
+    from hamengine.loaders.ffcv.export import require_ffcv
+    from hamengine.loaders.ffcv.loader import FFCVLoader
 
     monkeypatch.setitem(sys.modules, "ffcv", None)  # `import ffcv` now raises ImportError
     for attempt in (require_ffcv, lambda: FFCVLoader(Pack(pack_path), "val", cfg_for(), torch.device("cpu"))):
@@ -145,7 +145,7 @@ def test_beton_holds_the_packs_samples_labels_and_bytes(pack_path: Path, exporte
 
 @needs_ffcv
 def test_export_is_deterministic_and_kept_when_current(pack_path: Path, exported: dict, tmp_path: Path) -> None:
-    from hamengine.loaders.ffcv_export import export_ffcv
+    from hamengine.loaders.ffcv.export import export_ffcv
 
     files = sorted((pack_path / "ffcv").iterdir())
     stamps = [f.stat().st_mtime_ns for f in files]
@@ -162,10 +162,10 @@ def test_export_is_deterministic_and_kept_when_current(pack_path: Path, exported
 def test_damaged_or_missing_export_fails_early(pack_path: Path, exported: dict, tmp_path: Path) -> None:
     import json
 
-    from hamengine.loaders.ffcv_export import FFCVExportError, beton_for
-    from hamengine.loaders.ffcv_record import check_export
-    from hamengine.loaders.records import manifest_bytes
-    from hamengine.loaders.verify import verify_pack
+    from hamengine.loaders.ffcv.export import FFCVExportError, beton_for
+    from hamengine.loaders.pack.ffcv_record import check_export
+    from hamengine.loaders.pack.records import manifest_bytes
+    from hamengine.loaders.pack.verify import verify_pack
 
     copy = tmp_path / "pack"
     shutil.copytree(pack_path, copy, ignore=shutil.ignore_patterns("cache"))
@@ -230,7 +230,7 @@ def test_eval_contract_and_agreement_with_resident_and_dali(pack_path: Path, val
 
 @needs_ffcv
 def test_eval_ddp_shares_cover_the_split_once(pack_path: Path, exported: dict) -> None:
-    from hamengine.loaders.base import eval_batch_sizes, eval_share
+    from hamengine.loaders.kinds.base import eval_batch_sizes, eval_share
 
     pack = Pack(pack_path)
     n = pack.num_samples("test")
@@ -299,7 +299,7 @@ def test_cuda_path_contract_and_agreement(pack_path: Path, exported: dict) -> No
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from hamengine.loaders import build_loader
-    from hamengine.loaders.ffcv_loader import FFCVLoader
+    from hamengine.loaders.ffcv.loader import FFCVLoader
 
     pack = Pack(pack_path)
     dev = torch.device("cuda")
@@ -327,7 +327,7 @@ def test_unreadable_or_hand_edited_records_give_clear_errors(pack_path: Path, tm
     from click.testing import CliRunner
 
     from hamengine.commands.pack import inspect_pack, verify
-    from hamengine.loaders.ffcv_record import FFCVExportError, write_record
+    from hamengine.loaders.pack.ffcv_record import FFCVExportError, write_record
 
     copy = tmp_path / "pack"
     shutil.copytree(pack_path, copy, ignore=shutil.ignore_patterns("cache", "ffcv"))
@@ -387,8 +387,8 @@ def test_repack_waits_for_an_export_in_progress(exporter: str, pack_path: Path, 
 
     from hamengine.config import PackConfig
     from hamengine.hooks import ENV as HOOKS
-    from hamengine.loaders.ffcv_record import export_lock
-    from hamengine.loaders.pack import pack_dataset
+    from hamengine.loaders.pack.ffcv_record import export_lock
+    from hamengine.loaders.pack.writer import pack_dataset
 
     copy = tmp_path / "pack"
     shutil.copytree(pack_path, copy, ignore=shutil.ignore_patterns("cache", "ffcv"))
@@ -496,7 +496,7 @@ def test_bench_loader_puts_ffcv_in_the_same_table(pack_path: Path, exported: dic
 
 
 def _train_samples(pack_path: Path, batch: int) -> int:
-    from hamengine.loaders.records import Pack
+    from hamengine.loaders.pack.records import Pack
 
     return Pack(pack_path).num_samples("train") // batch * batch  # one rank, drop_last
 
@@ -507,9 +507,9 @@ def test_a_record_edited_by_hand_is_not_trusted(pack_path: Path, exported: dict,
     size and hash), does not describe the pack: verify flags it and the loader re-exports."""
     import json
 
-    from hamengine.loaders.ffcv_export import beton_for
-    from hamengine.loaders.ffcv_record import check_export
-    from hamengine.loaders.records import manifest_bytes
+    from hamengine.loaders.ffcv.export import beton_for
+    from hamengine.loaders.pack.ffcv_record import check_export
+    from hamengine.loaders.pack.records import manifest_bytes
 
     for edit in ("drop", "swap"):
         copy = tmp_path / edit
@@ -535,10 +535,10 @@ def test_raw_and_proportion_exports_are_their_own_records(pack_path: Path, expor
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.reader import Reader
 
-    from hamengine.loaders.ffcv_export import export_ffcv, export_name
-    from hamengine.loaders.ffcv_record import check_export, export_names
-    from hamengine.loaders.resident import cache_path, cache_shape
-    from hamengine.loaders.verify import verify_pack
+    from hamengine.loaders.ffcv.export import export_ffcv, export_name
+    from hamengine.loaders.kinds.resident import cache_path, cache_shape
+    from hamengine.loaders.pack.ffcv_record import check_export, export_names
+    from hamengine.loaders.pack.verify import verify_pack
 
     copy = tmp_path / "pack"
     shutil.copytree(pack_path, copy)

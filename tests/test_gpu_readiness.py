@@ -7,7 +7,7 @@ import torch
 
 from hamengine.config import ConfigError, LoaderConfig
 from hamengine.loaders import build as build_mod
-from hamengine.loaders.records import Pack
+from hamengine.loaders.pack.records import Pack
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_dali_import_error_is_reported(fresh_probe, monkeypatch):
 
 def test_bench_loader_isolates_a_failing_kind(monkeypatch, loader_pack):
     from hamengine.bench.loader import LoaderBench, run_bench_loader
-    from hamengine.loaders.torch_loader import TorchLoader
+    from hamengine.loaders.kinds.torch_loader import TorchLoader
 
     def boom(self):
         raise RuntimeError("simulated decode failure")
@@ -79,7 +79,7 @@ def _run_train_decode(pack_dir, whole_then_crop: bool, size: int = 48):
     from nvidia.dali import fn, pipeline_def, types
 
     from hamengine.config import AugConfig
-    from hamengine.loaders.dali import _decode_train
+    from hamengine.loaders.kinds.dali import _decode_train
 
     shards = Pack(pack_dir).shards("train")
 
@@ -105,7 +105,7 @@ def test_dali_gpu_decode_sequence_on_cpu(loader_pack):
 
 
 def test_decoder_padding_fits_the_pack_images():
-    from hamengine.loaders.dali import _decoder_padding
+    from hamengine.loaders.kinds.dali import _decoder_padding
 
     assert _decoder_padding((450, 600)) >= 2 * 450 * 600 * 3
     assert _decoder_padding((450, 600)) % (1 << 20) == 0
@@ -121,9 +121,9 @@ def test_ffcv_params_are_device_independent(fused):
     """The loader draws on a CPU generator seeded by (seed, epoch, rank) whatever its device; the
     CUDA path then moves one packed tensor (pack -> copy -> unpack), which must round-trip exactly."""
     from hamengine.config import AugConfig
-    from hamengine.loaders import augment
-    from hamengine.loaders.base import mix_seed
-    from hamengine.loaders.ffcv_loader import ffcv_params
+    from hamengine.loaders.ffcv.loader import ffcv_params
+    from hamengine.loaders.kinds import augment
+    from hamengine.loaders.kinds.base import mix_seed
 
     aug = AugConfig(preset="full").effective()
 
@@ -144,7 +144,7 @@ def test_ffcv_params_are_device_independent(fused):
 
 
 def test_colour_constants_made_once_per_device():
-    from hamengine.loaders import augment
+    from hamengine.loaders.kinds import augment
 
     dev = torch.device("cpu")
     assert augment._consts(dev) is augment._consts(dev)
@@ -153,7 +153,7 @@ def test_colour_constants_made_once_per_device():
 
 
 def test_wrap_ddp_single_process_and_cuda_arguments(monkeypatch):
-    from hamengine.engine.distributed import DistInfo, wrap_ddp
+    from hamengine.engine.train.distributed import DistInfo, wrap_ddp
 
     model = torch.nn.Linear(4, 2)
     assert wrap_ddp(model, DistInfo(), torch.device("cpu")) is model  # one rank: no wrapper
@@ -177,7 +177,7 @@ def test_wrap_ddp_trains_on_gloo():
 
     import torch.distributed as dist
 
-    from hamengine.engine.distributed import DistInfo, wrap_ddp
+    from hamengine.engine.train.distributed import DistInfo, wrap_ddp
 
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
@@ -207,7 +207,7 @@ def test_bench_train_dali_and_a_failing_loader(monkeypatch, loader_pack):
     assert res["error"] is None and res["loader"] == "dali" and res["img_per_s"] > 0
     assert any("balanced" in n for n in res["notes"])  # dali cannot sample by weight: timed unweighted
 
-    from hamengine.loaders.resident import ResidentLoader
+    from hamengine.loaders.kinds.resident import ResidentLoader
 
     def boom(self):
         raise RuntimeError("simulated loader failure")
@@ -222,7 +222,7 @@ def test_bench_train_dali_and_a_failing_loader(monkeypatch, loader_pack):
 def test_stream_prefetcher_same_items_same_order_one_ahead():
     """The wrapper runs one item ahead (item k+1 is produced before item k is handed over) and still
     yields every item once, in order; an early break leaves the source unfinished."""
-    from hamengine.loaders.stream import StreamPrefetcher
+    from hamengine.loaders.kinds.stream import StreamPrefetcher
 
     produced: list[int] = []
 

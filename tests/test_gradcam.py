@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hamengine.engine.gradcam import GradCAM, overlay
+from hamengine.engine.serve.gradcam import GradCAM, overlay
 from hamengine.models import create_model, gradcam_target_layer, list_models
 
 S = 72  # HamNet's last stage is ceil(S/32): a 3 x 3 map, enough to tell where a small lesion is

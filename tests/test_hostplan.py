@@ -1,4 +1,4 @@
-"""The execution plan measured on the host (engine/hostplan.py, engine/execution.resolve_execution):
+"""The execution plan measured on the host (engine/runtime/hostplan.py, engine/execution.resolve_execution):
 `auto` follows the probe, flags override it, the probe's table is cached, and every run records and
 prints what it chose. Stub probes stand in for timings, so no test depends on this CPU's speed and
 none asserts one."""
@@ -14,9 +14,9 @@ from rich.console import Console
 
 from hamengine.cli import cli
 from hamengine.config import CompileMode, LoaderKind, Precision, TrainConfig
-from hamengine.engine import hostplan
-from hamengine.engine.execution import BF16_MIN_GAIN, RunShape, resolve_execution
-from hamengine.engine.hostplan import Candidate, probe_table
+from hamengine.engine.runtime import hostplan
+from hamengine.engine.runtime.execution import BF16_MIN_GAIN, RunShape, resolve_execution
+from hamengine.engine.runtime.hostplan import Candidate, probe_table
 
 
 class StubProbe:
@@ -163,7 +163,7 @@ def test_doctor_prints_the_plan_for_this_host(cache):
 def test_a_run_records_and_prints_its_plan(loader_pack, tmp_path, cache):
     """A real (tiny) training run: env.json holds the choice, the host and the probe's table; the
     train header says what auto chose and why."""
-    from hamengine.engine.train import FitOptions, fit
+    from hamengine.engine.train.trainer import FitOptions, fit
 
     stub = StubProbe(fp32=100, bf16=6, cl_gain=1.2)
     cfg = cpu_cfg(pack=str(loader_pack), size=32, epochs=1, max_steps_per_epoch=2, loader=LoaderKind.RESIDENT,

@@ -17,9 +17,9 @@ from PIL import Image
 from torch import nn
 
 from hamengine.config import CLASSES
-from hamengine.engine.checkpoint import save_checkpoint
+from hamengine.engine.runtime.checkpoint import save_checkpoint
 from hamengine.errors import UserError
-from hamengine.loaders.imaging import (
+from hamengine.loaders.ingest.imaging import (
     MAX_PIXELS,
     BadImage,
     ImagePolicy,
@@ -81,8 +81,8 @@ def test_one_limit_refuses_the_same_image_in_pack_predict_and_serve(tiny_run, tm
     pytest.importorskip("multipart")
     from fastapi.testclient import TestClient
 
-    from hamengine.engine.predict import Predictor
-    from hamengine.engine.serve import ServeLimits, create_app
+    from hamengine.engine.evaluate.predict import Predictor
+    from hamengine.engine.serve.server import ServeLimits, create_app
 
     assert ServeLimits().max_pixels == MAX_PIXELS == ImagePolicy().max_pixels == 64_000_000
     over = tmp_path / "over.png"
@@ -161,7 +161,7 @@ def _modes() -> dict[str, tuple[bytes, np.ndarray]]:
 
 @pytest.mark.parametrize("mode", list(_modes()))
 def test_modes_become_the_same_rgb_in_pack_and_predict(mode, tiny_run):
-    from hamengine.engine.predict import Predictor
+    from hamengine.engine.evaluate.predict import Predictor
 
     data, expected = _modes()[mode]
     rgb = np.asarray(open_rgb(data))
@@ -205,7 +205,7 @@ def test_unwrap_sees_through_nested_wrappers():
 
 
 def test_predict_loads_a_checkpoint_saved_from_a_wrapped_model(tiny_run):
-    from hamengine.engine.predict import load_run
+    from hamengine.engine.evaluate.predict import load_run
 
     loaded = load_run(tiny_run, device="cpu")
     saved = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)["model"]
@@ -216,8 +216,8 @@ def test_predict_loads_a_checkpoint_saved_from_a_wrapped_model(tiny_run):
 # ---------------------------------------------------------------- one RunError, serve's user errors
 
 def test_predict_raises_the_run_error_of_engine_run(tmp_path):
-    from hamengine.engine.predict import Predictor
-    from hamengine.engine.run import RunError
+    from hamengine.engine.evaluate.predict import Predictor
+    from hamengine.engine.runtime.run import RunError
 
     with pytest.raises(RunError, match="config.json is missing"):
         Predictor(tmp_path, device="cpu")
@@ -245,7 +245,7 @@ def test_serve_names_the_expected_field(tiny_run):
     pytest.importorskip("multipart")
     from fastapi.testclient import TestClient
 
-    from hamengine.engine.serve import create_app
+    from hamengine.engine.serve.server import create_app
 
     png = encode(Image.new("RGB", (SIZE, SIZE), "red"))
     with TestClient(create_app(tiny_run, device="cpu")) as client:
@@ -280,7 +280,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_shutdown_workers_stops_persistent_workers_now():
-    from hamengine.loaders.base import shutdown_workers
+    from hamengine.loaders.kinds.base import shutdown_workers
 
     dl = torch.utils.data.DataLoader(_Pids(), batch_size=2, num_workers=1, persistent_workers=True)
     pids = {int(p) for batch in dl for p in batch}

@@ -1,4 +1,4 @@
-"""Class-imbalance losses (engine/optim.py) against the formulas in their papers."""
+"""Class-imbalance losses (engine/train/optim.py) against the formulas in their papers."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hamengine.config import Balance, TrainConfig
-from hamengine.engine.optim import EFFECTIVE_BETA, LogitAdjustedLoss, build_criterion, class_weights
+from hamengine.engine.train.optim import EFFECTIVE_BETA, LogitAdjustedLoss, build_criterion, class_weights
 
 LABELS = np.array([0] * 58 + [1] * 10 + [2] * 1 + [4] * 3)  # class 3 absent, 58:1 like nv:df
 

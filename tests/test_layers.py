@@ -96,14 +96,14 @@ def test_the_walk_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
         "import os\n"
         "from . import records\n"
         "def f():\n"
-        "    from hamengine.engine.run import RunDir\n"
+        "    from hamengine.engine.runtime.run import RunDir\n"
         "    import importlib\n"
         "    return importlib.import_module('hamengine.cli')\n")
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     targets = {i.target for i in imports_of(pkg / "mod.py")}
-    assert {"os", "hamengine.loaders", "hamengine.loaders.records", "hamengine.engine.run",
-            "hamengine.engine.run.RunDir", "hamengine.cli"} <= targets
-    assert layer_violations("loaders") == ["loaders/mod.py:4 imports hamengine.engine.run",
+    assert {"os", "hamengine.loaders", "hamengine.loaders.records", "hamengine.engine.runtime.run",
+            "hamengine.engine.runtime.run.RunDir", "hamengine.cli"} <= targets
+    assert layer_violations("loaders") == ["loaders/mod.py:4 imports hamengine.engine.runtime.run",
                                            "loaders/mod.py:6 imports hamengine.cli"]
 
 
@@ -147,3 +147,46 @@ def test_a_wheel_holds_every_package():
             rel = init.parent.relative_to(REPO / folder).parts
             found.add(".".join((dotted, *rel)))
     assert found - listed == set(), f"add to setup.cfg [options] packages: {sorted(found - listed)}"
+
+
+# Inside loaders/ and engine/: each subpackage imports only the subpackages after it in this list
+# (and nothing of its folder's top-level modules, build.py / demo.py, which sit above them all).
+SUBPACKAGE_ORDER = {
+    "loaders": ("ffcv", "kinds", "pack", "ingest"),
+    "engine": ("serve", "train", "evaluate", "runtime"),
+}
+
+
+def subpackage_violations(folder: str) -> list[str]:
+    order = SUBPACKAGE_ORDER[folder]
+    dotted = PACKAGES[folder]
+    problems = []
+    for path in _modules(folder):
+        parts = path.relative_to(REPO / folder).parts
+        if len(parts) < 2:
+            continue  # a top-level module of the folder: it may import any subpackage
+        rank = order.index(parts[0])
+        for imp in imports_of(path):
+            if not imp.target.startswith(dotted + "."):
+                continue
+            head = imp.target[len(dotted) + 1:].split(".")[0]
+            allowed = head in order[rank:]
+            if not allowed and (head in order or (REPO / folder / f"{head}.py").exists()):
+                problems.append(f"{imp.file}:{imp.line} imports {imp.target}")
+    return sorted(set(problems))
+
+
+@pytest.mark.parametrize("folder", list(SUBPACKAGE_ORDER))
+def test_subpackages_point_one_way(folder):
+    found = {p.parent.name for p in (REPO / folder).glob("*/__init__.py")}
+    assert found == set(SUBPACKAGE_ORDER[folder]), f"{folder}/ subpackages: {sorted(found)}"
+    problems = subpackage_violations(folder)
+    assert not problems, (f"{folder}/: a subpackage imports one listed before it in "
+                          f"{SUBPACKAGE_ORDER[folder]} or a top-level module:\n  " + "\n  ".join(problems))
+
+
+@pytest.mark.parametrize("folder", list(SUBPACKAGE_ORDER))
+def test_no_room_holds_more_than_twelve_modules(folder):
+    for room in [REPO / folder, *(p.parent for p in (REPO / folder).glob("*/__init__.py"))]:
+        modules = [p for p in room.glob("*.py") if p.name != "__init__.py"]
+        assert len(modules) <= 12, f"{room.relative_to(REPO)}/ holds {len(modules)} modules: split it by concern"

@@ -13,8 +13,8 @@ import torch
 
 from hamengine.config import AugConfig, AugPreset, ConfigError, LoaderConfig
 from hamengine.loaders import build_loader
-from hamengine.loaders.base import eval_batch_sizes, train_order
-from hamengine.loaders.records import Pack, PackError
+from hamengine.loaders.kinds.base import eval_batch_sizes, train_order
+from hamengine.loaders.pack.records import Pack, PackError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -163,7 +163,7 @@ def test_balance_sampler(loader_pack):
 
 
 def test_resident_cache_reused(loader_pack, tmp_path, monkeypatch):
-    from hamengine.loaders import resident
+    from hamengine.loaders.kinds import resident
 
     pack = Pack(loader_pack)
     cfg = cfg_for("resident", cache_dir=str(tmp_path / "cache"))
@@ -218,7 +218,7 @@ def test_resident_recycled_batches(loader_pack, preset, fmt):
     batches equal those in fresh memory, and a yielded batch stays intact while RING_SPARE - 1 more
     are read, across epoch boundaries; later its slot holds a newer batch (the ring is in use).
     A channels_last ring is written in that layout by the workers (no conversion afterwards)."""
-    from hamengine.loaders.resident import RING_SPARE
+    from hamengine.loaders.kinds.resident import RING_SPARE
 
     pack = Pack(loader_pack)
     aug = AugConfig(preset=preset)

@@ -7,7 +7,7 @@ import torch
 
 from hamengine.config import AugConfig, LoaderConfig
 from hamengine.loaders import build_loader
-from hamengine.loaders.records import Pack
+from hamengine.loaders.pack.records import Pack
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -19,8 +19,8 @@ S, BS = 64, 16
 @pytest.fixture(scope="module")
 def pack_path(tmp_path_factory):
     from hamengine.config import PackConfig
-    from hamengine.loaders.pack import pack_dataset
-    from hamengine.loaders.synth import synthesize
+    from hamengine.loaders.ingest.synth import synthesize
+    from hamengine.loaders.pack.writer import pack_dataset
 
     root = tmp_path_factory.mktemp("gpu")
     src = synthesize(root / "src", n=150, seed=3, size=(200, 150), progress=False)

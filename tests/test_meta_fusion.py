@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from hamengine.config import LoaderConfig, LoaderKind, Precision
 from hamengine.loaders import build_loader
-from hamengine.loaders import metadata as M
-from hamengine.loaders.records import Pack
+from hamengine.loaders.ingest import metadata as M
+from hamengine.loaders.pack.records import Pack
 from hamengine.models import create_model, gradcam_target_layer, list_models
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -112,7 +112,7 @@ def test_every_registry_model_fuses_metadata(name):
 
 
 def test_a_meta_run_records_its_encoding_and_evaluates_with_and_without(meta_run, loader_pack):
-    from hamengine.engine.evaluate import EvalOptions, evaluate_run
+    from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run
 
     saved = json.loads((meta_run / M.META_FILE).read_text())
     assert saved == Pack(loader_pack).meta_schema().record() and "dx_type" in saved["never"]
@@ -132,8 +132,8 @@ def test_a_meta_run_records_its_encoding_and_evaluates_with_and_without(meta_run
 
 
 def test_a_meta_run_predicts_with_and_without_metadata(meta_run, synth_source):
-    from hamengine.engine.gradcam import explain_image
-    from hamengine.engine.predict import Predictor
+    from hamengine.engine.evaluate.predict import Predictor
+    from hamengine.engine.serve.gradcam import explain_image
 
     images = sorted(synth_source.rglob("*.jpg"))[:3]
     p = Predictor(meta_run, device="cpu")
@@ -190,7 +190,7 @@ def test_an_image_only_run_refuses_metadata(eval_run, synth_source):
 def test_serve_takes_optional_metadata_fields(meta_run, synth_source):
     from fastapi.testclient import TestClient
 
-    from hamengine.engine.serve import create_app
+    from hamengine.engine.serve.server import create_app
 
     jpeg = sorted(synth_source.rglob("*.jpg"))[0].read_bytes()
     files = {"image": ("lesion.jpg", io.BytesIO(jpeg), "image/jpeg")}
@@ -212,7 +212,7 @@ def test_serve_takes_optional_metadata_fields(meta_run, synth_source):
 def test_serve_of_an_image_only_run_has_no_metadata_fields(eval_run, synth_source):
     from fastapi.testclient import TestClient
 
-    from hamengine.engine.serve import create_app
+    from hamengine.engine.serve.server import create_app
 
     jpeg = sorted(synth_source.rglob("*.jpg"))[0].read_bytes()
     with TestClient(create_app(eval_run, device="cpu")) as client:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hamengine.loaders import metadata as M
+from hamengine.loaders.ingest import metadata as M
 
 
 def _schema() -> M.MetaSchema:
@@ -74,8 +74,8 @@ def test_csv_to_pack_to_encoding_round_trip(synth_source, tmp_path):
     """Missing ages and unknown / unseen sites in the CSV come out of the pack encoded as specified,
     with age statistics from the train split only."""
     from hamengine.config import PackConfig
-    from hamengine.loaders.pack import pack_dataset
-    from hamengine.loaders.records import Pack
+    from hamengine.loaders.pack.records import Pack
+    from hamengine.loaders.pack.writer import pack_dataset
 
     src = tmp_path / "src"
     shutil.copytree(synth_source, src)

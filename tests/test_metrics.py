@@ -8,7 +8,7 @@ import pytest
 from sklearn import metrics as skm
 
 from hamengine.config import CLASSES
-from hamengine.engine import calibration, metrics
+from hamengine.engine.evaluate import calibration, metrics
 
 C = len(CLASSES)
 

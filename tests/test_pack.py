@@ -21,12 +21,12 @@ from PIL import Image
 
 from hamengine.cli import cli
 from hamengine.config import CLASSES, PackConfig
-from hamengine.loaders.imaging import target_size
-from hamengine.loaders.pack import pack_dataset
-from hamengine.loaders.records import Pack
-from hamengine.loaders.split import assign_splits, group_keys
-from hamengine.loaders.synth import synth_metadata
-from hamengine.loaders.tario import index_path_for
+from hamengine.loaders.ingest.imaging import target_size
+from hamengine.loaders.ingest.split import assign_splits, group_keys
+from hamengine.loaders.ingest.synth import synth_metadata
+from hamengine.loaders.pack.records import Pack
+from hamengine.loaders.pack.tario import index_path_for
+from hamengine.loaders.pack.writer import pack_dataset
 
 
 def sha_tree(folder: Path) -> dict[str, str]:
@@ -281,7 +281,7 @@ def test_bench_pack_reports_each_worker_count(tmp_path):
 def test_zipped_dataverse_and_isic_layouts_pack_the_same_images(source, packed, tmp_path):
     from test_sources import to_dataverse, to_isic
 
-    from hamengine.loaders.sources import load_source
+    from hamengine.loaders.ingest.sources import load_source
 
     df = load_source(source).df
     kaggle = Pack(packed)

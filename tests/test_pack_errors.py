@@ -21,9 +21,9 @@ from test_pack import sha_tree
 from hamengine.cli import cli
 from hamengine.config import PackConfig
 from hamengine.hooks import ENV as HOOKS
-from hamengine.loaders.pack import pack_dataset
-from hamengine.loaders.packdir import MARKER
-from hamengine.loaders.records import Pack, PackError
+from hamengine.loaders.pack.packdir import MARKER
+from hamengine.loaders.pack.records import Pack, PackError
+from hamengine.loaders.pack.writer import pack_dataset
 
 
 def _png_header_only(width: int, height: int) -> bytes:

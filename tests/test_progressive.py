@@ -9,10 +9,10 @@ import torch
 from rich.console import Console
 
 from hamengine.config import ConfigError, Schedule, TrainConfig, parse_duration
-from hamengine.engine import train as train_mod
-from hamengine.engine.optim import lr_factor
-from hamengine.engine.resize import resize_batch, size_for_epoch
-from hamengine.engine.train import FitOptions, fit
+from hamengine.engine.train import trainer as train_mod
+from hamengine.engine.train.optim import lr_factor
+from hamengine.engine.train.resize import resize_batch, size_for_epoch
+from hamengine.engine.train.trainer import FitOptions, fit
 
 
 def test_size_schedule_ramps_in_multiples_of_32_and_ends_at_size():
@@ -124,7 +124,7 @@ def test_budget_plans_epochs_and_ends_with_the_test_evaluation(train_pack, tmp_p
 
 
 def test_replan_is_due_after_epochs_1_and_2_then_once_about_10_percent_in():
-    from hamengine.engine.budget import BudgetPlan, replan_due
+    from hamengine.engine.train.budget import BudgetPlan, replan_due
 
     plan = BudgetPlan(budget_s=1200, setup_s=1, epochs=80, train_img_per_s={128: 100.0}, eval_img_per_s=500.0,
                       val_s=1.0, test_s=10.0, planned_s=1000.0)
@@ -150,7 +150,7 @@ def _rates(at_160: float):
 
 
 def test_budget_side_is_the_largest_that_affords_enough_epochs():
-    from hamengine.engine.budget import choose_side
+    from hamengine.engine.train.budget import choose_side
 
     # 2,108 train + 453 val images: at 155 img/s (160 px, a host with native bf16) ~64 epochs
     fast = choose_side(_side_cfg(), 2108, 453, _rates(155.0))
@@ -166,7 +166,7 @@ def test_budget_side_is_the_largest_that_affords_enough_epochs():
 
 
 def test_budget_sides_keep_size_where_nothing_was_measured():
-    from hamengine.engine.budget import choose_side
+    from hamengine.engine.train.budget import choose_side
 
     gpu = choose_side(_side_cfg(), 2108, 453, lambda side: None)
     assert gpu["size"] == 160 and "kept" in gpu["why"]

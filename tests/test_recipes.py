@@ -14,7 +14,7 @@ from hamengine.recipes import FAST, RECIPES, apply_recipe
 @pytest.fixture()
 def captured(monkeypatch):
     """`hamengine train` resolves its config, and fit only records it (no training)."""
-    import hamengine.engine.train as train_mod
+    import hamengine.engine.train.trainer as train_mod
 
     seen = []
 

@@ -12,8 +12,8 @@ from builders import noise_source
 from PIL import Image
 
 from hamengine.config import CLASSES, PackConfig
-from hamengine.loaders.pack import pack_dataset
-from hamengine.loaders.records import Pack, PackError
+from hamengine.loaders.pack.records import Pack, PackError
+from hamengine.loaders.pack.writer import pack_dataset
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_fingerprint_leaves_exports_out(pack_dir, tmp_path):
     """Recording an export (manifest `exports`) keeps the fingerprint; any other change moves it."""
     import shutil
 
-    from hamengine.loaders.records import manifest_bytes
+    from hamengine.loaders.pack.records import manifest_bytes
 
     copy = tmp_path / "pack"
     shutil.copytree(pack_dir, copy)

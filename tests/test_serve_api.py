@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from serve_support import RUN_SIZE, bomb_png, real_or_synthetic_jpeg, to_png  # noqa: E402
 
 from hamengine.config import CLASS_NAMES, CLASSES  # noqa: E402
-from hamengine.engine.serve import ServeLimits, create_app  # noqa: E402
+from hamengine.engine.serve.server import ServeLimits, create_app  # noqa: E402
 
 MAX_UPLOAD = 2 * 1024 * 1024
 LIMITS = ServeLimits(max_upload_bytes=MAX_UPLOAD, max_pixels=4_000_000, max_batch=4, max_wait_ms=50)
@@ -51,7 +51,7 @@ def _tree_state(root: Path) -> dict[str, str]:
 
 
 def test_predict_matches_predictor(client, serve_run, jpeg):
-    from hamengine.engine.predict import Predictor
+    from hamengine.engine.evaluate.predict import Predictor
 
     r = _post(client, jpeg)
     assert r.status_code == 200, r.text

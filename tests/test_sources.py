@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from hamengine.config import CLASSES, ISIC_COLUMNS
-from hamengine.loaders.layouts import COLUMNS, ISIC_CONFIRM
-from hamengine.loaders.sources import Layout, SourceError, load_source, read_image_bytes
+from hamengine.loaders.ingest.layouts import COLUMNS, ISIC_CONFIRM
+from hamengine.loaders.ingest.sources import Layout, SourceError, load_source, read_image_bytes
 
 META_COLS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
 CONFIRM_OF = {v: k for k, v in ISIC_CONFIRM.items()}  # our dx_type -> ISIC diagnosis_confirm_type

@@ -13,7 +13,7 @@ from PIL import Image
 
 from hamengine.cli import cli
 from hamengine.config import CLASSES
-from hamengine.loaders.synth import (
+from hamengine.loaders.ingest.synth import (
     LOCALIZATIONS,
     MASK_DIR,
     METADATA_COLUMNS,
@@ -25,7 +25,7 @@ from hamengine.loaders.synth import (
     synth_metadata,
     synthesize,
 )
-from hamengine.loaders.synth_draw import draw_image
+from hamengine.loaders.ingest.synth_draw import draw_image
 
 SMALL = (120, 90)
 
@@ -125,7 +125,7 @@ def test_layout_and_images(small: Path):
 
 def test_ingests_as_kaggle_layout(small: Path):
     """The real consumer: source ingest reads the output as a HAM10000 Kaggle download."""
-    from hamengine.loaders.sources import Layout, load_source
+    from hamengine.loaders.ingest.sources import Layout, load_source
 
     table = load_source(small)
     assert table.layout == Layout.KAGGLE and len(table.df) == 30 and not table.missing
@@ -230,8 +230,8 @@ def test_colour_histograms_separate_classes_imperfectly():
 def test_realism_real_weighs_like_the_originals_and_light_is_unchanged(tmp_path):
     """--realism real: quality 100, 4:4:4, faint grain -> about HAM10000's ~270 KB at 600x450; the
     light default is byte-identical with or without the option (same drawing, own grain generator)."""
-    from hamengine.loaders.synth import synth_summary, synthesize
-    from hamengine.loaders.synth_draw import draw_image
+    from hamengine.loaders.ingest.synth import synth_summary, synthesize
+    from hamengine.loaders.ingest.synth_draw import draw_image
 
     light, _ = draw_image("mel", 0, 3, 3, (600, 450))
     assert draw_image("mel", 0, 3, 3, (600, 450), realism="light")[0] == light

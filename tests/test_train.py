@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 
 from hamengine.config import AugPreset, Balance, LoaderKind, TrainConfig, from_dict, to_dict
-from hamengine.engine.train import FitOptions, fit
+from hamengine.engine.train.trainer import FitOptions, fit
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def test_out_of_range_values_and_empty_val_split_fail_before_training(pack, tmp_
     assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
 
     from hamengine.config import PackConfig
-    from hamengine.loaders.pack import pack_dataset
+    from hamengine.loaders.pack.writer import pack_dataset
 
     novel = tmp_path / "noval"
     pack_dataset(PackConfig(source=str(_source_of(pack)), out=str(novel), size=48, val=0.0, test=0.2),
@@ -131,7 +131,7 @@ def test_device_and_unwritable_paths_are_one_line_errors(pack, tmp_path):
 def _fake_run(pack, run, **config):
     """A run folder as training leaves it, as far as `train --resume` reads it before fit."""
     from hamengine.config import TrainConfig, to_dict
-    from hamengine.loaders.records import Pack
+    from hamengine.loaders.pack.records import Pack
 
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_bytes(b"")  # never opened: the refusals come first
@@ -167,7 +167,7 @@ def test_resume_may_change_how_and_where_the_run_executes(pack, tmp_path):
 
     from hamengine.commands.train import check_resume
     from hamengine.config import TrainConfig
-    from hamengine.engine.run import RunDir
+    from hamengine.engine.runtime.run import RunDir
 
     run = tmp_path / "run"
     saved = _fake_run(pack, run, model="hamnet", epochs=4)

@@ -22,7 +22,7 @@ def pack(request):
 
 @pytest.mark.parametrize("loader", ["resident", "dali"])
 def test_compiled_bf16_channels_last_training(pack, tmp_path, loader):
-    from hamengine.engine.train import FitOptions, fit
+    from hamengine.engine.train.trainer import FitOptions, fit
 
     cfg = TrainConfig(pack=str(pack), model="resnet18", epochs=2, batch_size=32, size=64, device="cuda",
                       loader=LoaderKind(loader), compile=CompileMode.AUTO, max_steps_per_epoch=8, out=str(tmp_path / "run"))
@@ -46,13 +46,13 @@ def test_bench_train_on_gpu(pack):
 def test_no_host_sync_inside_training_steps(pack, tmp_path, loader):
     """Between logging steps the loop makes no host sync: batches from the loader and the whole step
     (forward, backward, AdamW, scheduler, EMA) run under torch.cuda.set_sync_debug_mode("error")."""
-    from hamengine.engine import train as T
-    from hamengine.engine.data import PackSource
-    from hamengine.engine.distributed import DistInfo
+    from hamengine.engine.train import trainer as T
+    from hamengine.engine.train.data import PackSource
+    from hamengine.engine.train.distributed import DistInfo
 
     cfg = TrainConfig(pack=str(pack), model="resnet18", epochs=1, batch_size=16, size=64, device="cuda",
                       loader=LoaderKind(loader), compile=CompileMode.OFF, ema=0.999, out=str(tmp_path / "run"))
-    from hamengine.engine.train import FitOptions
+    from hamengine.engine.train.trainer import FitOptions
 
     loaders: list = []
     t = T.setup(cfg, FitOptions(console=Console(file=io.StringIO()), source=PackSource(cfg.pack)),

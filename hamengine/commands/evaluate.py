@@ -43,9 +43,9 @@ def eval_run(run: Path, split: str, checkpoint: str | None, tta: str | None, fit
     """Evaluate RUN on a pack split: metrics with lesion-bootstrap CIs, predictions.csv, an ISIC 2018
     Task 3 submission CSV and figures, all in RUN/eval-<split>/."""
     from hamengine.config import LoaderKind
-    from hamengine.engine.evaluate import EvalOptions, evaluate_run
-    from hamengine.engine.predict import TTA, CheckpointName
-    from hamengine.engine.report import metrics_table
+    from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run
+    from hamengine.engine.evaluate.predict import TTA, CheckpointName
+    from hamengine.engine.train.report import metrics_table
 
     opts = EvalOptions(split=split, checkpoint=CheckpointName(checkpoint) if checkpoint else None,
                        tta=TTA(tta) if tta else None, calibrate=calibrate,
@@ -95,9 +95,9 @@ def predict(run: Path, images: tuple[Path, ...], checkpoint: str | None, tta: st
     as unknown)."""
     from rich.table import Table
 
-    from hamengine.engine.predict import Predictor
-    from hamengine.loaders.imaging import BadImage
-    from hamengine.loaders.metadata import read_meta_csv
+    from hamengine.engine.evaluate.predict import Predictor
+    from hamengine.loaders.ingest.imaging import BadImage
+    from hamengine.loaders.ingest.metadata import read_meta_csv
 
     if meta_csv is not None and any(v is not None for v in (age, sex, site)):
         fail("give either --meta-csv or --age/--sex/--site, not both")
@@ -148,7 +148,7 @@ def predict(run: Path, images: tuple[Path, ...], checkpoint: str | None, tta: st
 def explain(run: Path, images: tuple[Path, ...], out: Path, dx: str | None, checkpoint: str | None, device: str,
             as_json: bool) -> None:
     """Grad-CAM overlays of RUN's decision for each IMAGE (the predicted class, or --class)."""
-    from hamengine.engine.gradcam import explain_files
+    from hamengine.engine.serve.gradcam import explain_files
 
     res = explain_files(run, list(images), out, dx=dx, checkpoint=checkpoint, device=device)
     if as_json:
@@ -172,7 +172,7 @@ def explain(run: Path, images: tuple[Path, ...], out: Path, dx: str | None, chec
 def compare(runs: tuple[Path, ...], split: str, out: Path | None, as_json: bool) -> None:
     """Compare evaluated RUNS side by side: balanced accuracy and macro AUC with 95% CIs, per-class
     recall, parameters, training img/s and wall time."""
-    from hamengine.engine.compare import compare_runs, compare_table
+    from hamengine.engine.evaluate.compare import compare_runs, compare_table
 
     res = compare_runs(list(runs), split=split, out=out)
     if as_json:
@@ -190,7 +190,7 @@ def compare(runs: tuple[Path, ...], split: str, out: Path | None, as_json: bool)
 def report(run: Path, split: str, as_json: bool) -> None:
     """Write RUN/report.md and a self-contained RUN/report.html: curves, evaluation figures, config,
     environment and a model card."""
-    from hamengine.engine.report import write_report
+    from hamengine.engine.train.report import write_report
 
     res = write_report(run, split=split)
     if as_json:

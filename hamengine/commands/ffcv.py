@@ -1,4 +1,4 @@
-"""`hamengine export-ffcv`: parse options and delegate to hamengine.loaders.ffcv_export."""
+"""`hamengine export-ffcv`: parse options and delegate to hamengine.loaders.ffcv.export."""
 from __future__ import annotations
 
 import time
@@ -25,8 +25,8 @@ def export_ffcv(pack_dir: Path, mode: str, size: int | None, force: bool, as_jso
     """Export PACK to FFCV: PACK/<name>/<split>.beton per split (labels and order as the pack's),
     recorded with each file's sha256 in PACK/manifest.json under `exports.<name>` (the pack's
     fingerprint does not change). Each mode is its own export. Needs the `ffcv` extra."""
-    from hamengine.loaders.ffcv_export import export_ffcv as run_export
-    from hamengine.loaders.ffcv_export import export_name
+    from hamengine.loaders.ffcv.export import export_ffcv as run_export
+    from hamengine.loaders.ffcv.export import export_name
 
     if size is not None and mode != "raw":
         fail("--size applies to --mode raw only (jpg and proportion store the pack's own resolution)", 2)

@@ -74,7 +74,7 @@ def pack(source: Path, out: Path, size: int, quality: int, keep_original: bool, 
          split_file: Path | None, seed: int, shard_size: str, workers: int, skip_bad: bool,
          allow_missing: bool, force: bool, max_pixels: int, formats: tuple[str, ...], as_json: bool) -> None:
     """Pack a HAM10000 folder into tar shards + DALI indexes + manifest (lesion-grouped, stratified split)."""
-    from hamengine.loaders.pack import pack_dataset
+    from hamengine.loaders.pack.writer import pack_dataset
 
     try:
         cfg = PackConfig(source=str(source), out=str(out), size=size, quality=quality,
@@ -87,7 +87,7 @@ def pack(source: Path, out: Path, size: int, quality: int, keep_original: bool, 
                                 log=lambda m: err_console.print(m, highlight=False))
         ffcv_export = None
         if "ffcv" in formats:
-            from hamengine.loaders.ffcv_export import export_ffcv
+            from hamengine.loaders.ffcv.export import export_ffcv
 
             ffcv_export = export_ffcv(out, force=force, progress=not as_json,
                                       log=lambda m: err_console.print(m, highlight=False))
@@ -124,7 +124,7 @@ def verify(pack_dir: Path, quick: bool, as_json: bool) -> None:
     """Check every shard's sha256, index and sample (decode, label); exit 1 naming the first bad one."""
     from rich.progress import Progress
 
-    from hamengine.loaders.verify import verify_pack
+    from hamengine.loaders.pack.verify import verify_pack
 
     with Progress(console=err_console, disable=as_json, transient=True) as bar:
         task = bar.add_task("verifying shards", total=None)
@@ -147,7 +147,7 @@ def verify(pack_dir: Path, quick: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def inspect_pack(pack_dir: Path, as_json: bool) -> None:
     """Show a pack: class x split table, lesions per split, image sizes, bytes."""
-    from hamengine.loaders.records import Pack
+    from hamengine.loaders.pack.records import Pack
 
     p = Pack(pack_dir)
     m = p.manifest
@@ -182,7 +182,7 @@ def inspect_pack(pack_dir: Path, as_json: bool) -> None:
 def _exports_summary(pack) -> dict:
     """{kind: {split: file, samples, bytes, sha256}} of the exports the manifest records (None for a
     record this version cannot read); {} when none."""
-    from hamengine.loaders.ffcv_record import DIR_NAME, recorded_export, valid_record
+    from hamengine.loaders.pack.ffcv_record import DIR_NAME, recorded_export, valid_record
 
     record = recorded_export(pack.manifest)
     if record is None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from hamengine.commands.common import CKPT_CHOICES, CKPT_HELP, TTA_CHOICES, TTA_HELP, err_console, fail
-from hamengine.engine.run import RunDir
+from hamengine.engine.runtime.run import RunDir
 from hamengine.errors import UserError
-from hamengine.loaders.imaging import MAX_PIXELS
+from hamengine.loaders.ingest.imaging import MAX_PIXELS
 
 
 def is_loopback(host: str) -> bool:
@@ -64,10 +64,10 @@ def serve(run: Path, host: str, port: int, device: str, checkpoint: str | None, 
     try:
         import uvicorn
 
-        from hamengine.engine.serve import ServeLimits, create_app
+        from hamengine.engine.serve.server import ServeLimits, create_app
     except ImportError as exc:
         fail(f"serving needs the 'serve' extra ({exc.name} is missing): pip install 'hamengine[serve]'")
-    from hamengine.engine.predict import weights_of
+    from hamengine.engine.evaluate.predict import weights_of
 
     try:
         checkpoint = str(weights_of(run, checkpoint))

@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from hamengine.commands.common import console, emit_json, err_console
 from hamengine.config import ConfigError, OnResume, TrainConfig, resume_conflicts, to_dict
-from hamengine.engine.run import RunDir
+from hamengine.engine.runtime.run import RunDir
 
 
 @click.command()
@@ -150,7 +150,7 @@ def check_resume(run: RunDir, saved: TrainConfig, cfg: TrainConfig) -> None:
 
 def _moved_pack_problem(run: RunDir, saved: TrainConfig, cfg: TrainConfig) -> list[str]:
     """A --pack other than the saved path is fine when it is the same pack, moved (same fingerprint)."""
-    from hamengine.loaders.records import Pack
+    from hamengine.loaders.pack.records import Pack
 
     recorded = (run.read_env() or {}).get("pack_fingerprint")
     if recorded is None or Pack(cfg.pack, check_files=False).fingerprint == recorded:
@@ -172,7 +172,7 @@ def _moved_pack_problem(run: RunDir, saved: TrainConfig, cfg: TrainConfig) -> li
 def train(ctx: click.Context, **params: Any) -> None:
     """Train a model on a pack into a run directory (config.json, metrics.jsonl, checkpoints/,
     plots/, eval-test/). Under torchrun each process trains a shard (DDP)."""
-    from hamengine.engine.train import FitOptions, fit
+    from hamengine.engine.train.trainer import FitOptions, fit
 
     cfg = resolve_config(ctx, params)
     # With --json, stdout carries only the JSON: progress and epoch lines go to stderr.

@@ -1,0 +1,1 @@
+"""Scoring a model: inference over a split, metrics, calibration, evaluation plots, run comparison."""

@@ -1,0 +1,1 @@
+"""Serving and explaining: the web app (server, backend, page) and Grad-CAM."""

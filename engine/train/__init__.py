@@ -1,0 +1,1 @@
+"""Training: the loop, its step, optimizer and schedule, budget, progressive resizing, logging, reports."""

@@ -1,0 +1,1 @@
+"""The loader kinds (resident, torch, dali, folder) over a pack, and the batched augmentation they share."""
