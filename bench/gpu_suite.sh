@@ -138,7 +138,7 @@ fi
 HAM=("$PY" -m hamengine)
 
 # DALI is usable only when a pipeline builds and runs (imports alone miss nvImageCodec / nvCOMP).
-step dali_check 60 "$PY" -c 'from hamengine.loaders.build import dali_status
+step dali_check 60 "$PY" -c 'from hamengine.loaders.kinds.dali import dali_status
 s = dali_status()
 print(s or "DALI builds and runs a pipeline")
 raise SystemExit(1 if s else 0)'

@@ -26,9 +26,13 @@ from typing import Any
 import numpy as np
 
 from hamengine.bench import BenchError
+from hamengine.bench.ffcv_native import NATIVE_KINDS
+from hamengine.config import LoaderKind
 from hamengine.errors import UserError
 
-KINDS = ("folder", "torch", "dali", "resident", "ffcv", "ffcv-native", "ffcv-native-jpg")
+# The engine's kinds (the `folder` baseline first) and the FFCV peer's own pipelines (bench/ffcv_native.py).
+KINDS = (LoaderKind.FOLDER.value, *(k.value for k in LoaderKind if k not in (LoaderKind.AUTO, LoaderKind.FOLDER)),
+         *NATIVE_KINDS)
 EPOCHS_FOR_SETUP = 30  # img_per_s_30_epochs: a short HAM10000 schedule, set-up amortized over it
 
 
@@ -64,7 +68,7 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
 
     import torch
 
-    from hamengine.bench.ffcv_native import NATIVE_KINDS, FFCVNative
+    from hamengine.bench.ffcv_native import FFCVNative
     from hamengine.config import LoaderConfig
     from hamengine.loaders import build_loader
 

@@ -223,9 +223,9 @@ def option(default: Any = None, help: str = "", *, flag: str | None = None, defa
     return field(default=default, metadata=meta)
 
 
-# Train loaders: `folder` reads the original download image by image (the benchmark baseline of
-# `hamengine bench loader --source`); training always reads a pack.
-TRAIN_LOADERS: tuple[str, ...] = tuple(k.value for k in LoaderKind if k != LoaderKind.FOLDER)
+# The kinds that read a pack (train, eval, bench train): every kind but `folder`, which reads the
+# original download image by image (the baseline of `hamengine bench loader --source`).
+PACK_LOADERS: tuple[str, ...] = tuple(k.value for k in LoaderKind if k != LoaderKind.FOLDER)
 
 
 @dataclass
@@ -286,7 +286,7 @@ class TrainConfig:
     ema: float | None = option(None, "EMA decay of the weights (e.g. 0.999).", default_help="off")
     grad_clip: float | None = option(None, "Clip the gradient norm to this value.", default_help="off")
     loader: LoaderKind = option(LoaderKind.AUTO, "Data loader kind (folder, the per-file baseline, is for "
-                                "`hamengine bench loader`).", choices=TRAIN_LOADERS,
+                                "`hamengine bench loader`).", choices=PACK_LOADERS,
                                 resume=OnResume.FREE)
     aug: AugConfig = option(help="Train augmentation preset.", factory=AugConfig, sub="preset")
     workers: int = option(0, "Loader workers/threads (0 = all cores).", resume=OnResume.FREE)
@@ -344,8 +344,8 @@ class TrainConfig:
                  ("meta_dropout", 0 <= self.meta_dropout < 1, "in [0, 1)")]
         bad = [f"--{name.replace('_', '-')} {getattr(self, name)!r} must be {allowed}"
                for name, ok, allowed in rules if not ok]
-        if LoaderKind(self.loader).value not in TRAIN_LOADERS:
-            bad.append(f"--loader {self.loader}: training reads the pack, so use one of {', '.join(TRAIN_LOADERS)} "
+        if LoaderKind(self.loader).value not in PACK_LOADERS:
+            bad.append(f"--loader {self.loader}: training reads the pack, so use one of {', '.join(PACK_LOADERS)} "
                        f"(folder, the per-file baseline over the original download, is for `hamengine bench "
                        f"loader --source`)")
         if self.recipe not in RECIPES:

@@ -19,7 +19,8 @@ from PIL import Image
 from hamengine.cli import cli
 from hamengine.config import CLASSES, ISIC_COLUMNS
 from hamengine.engine.evaluate import metrics as M
-from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run, plots_eval
+from hamengine.engine.evaluate import plots_eval
+from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run
 from hamengine.engine.evaluate.predict import TTA, Predictor, RunError
 from hamengine.loaders.pack.records import Pack
 

@@ -7,29 +7,30 @@ import torch
 
 from hamengine.config import ConfigError, LoaderConfig
 from hamengine.loaders import build as build_mod
+from hamengine.loaders.kinds import dali as dali_mod
 from hamengine.loaders.pack.records import Pack
 
 
 @pytest.fixture
 def fresh_probe():
-    build_mod.dali_status.cache_clear()
+    dali_mod.dali_status.cache_clear()
     yield
-    build_mod.dali_status.cache_clear()
+    dali_mod.dali_status.cache_clear()
 
 
 def test_dali_probe_runs_a_pipeline(fresh_probe):
     pytest.importorskip("nvidia.dali")
-    assert build_mod.dali_status() == ""
-    assert build_mod.dali_available()
+    assert dali_mod.dali_status() == ""
+    assert dali_mod.dali_available()
 
 
 def test_dali_unusable_falls_back(fresh_probe, monkeypatch, loader_pack):
     def broken():
         raise RuntimeError("libdali.so: cannot open shared object file\nmore detail")
 
-    monkeypatch.setattr(build_mod, "_probe_dali", broken)
-    assert not build_mod.dali_available()
-    assert build_mod.dali_status() == "RuntimeError: libdali.so: cannot open shared object file"
+    monkeypatch.setattr(dali_mod, "_probe_dali", broken)
+    assert not dali_mod.dali_available()
+    assert dali_mod.dali_status() == "RuntimeError: libdali.so: cannot open shared object file"
     cfg = LoaderConfig(kind="auto", size=64, batch_size=16, memory_budget_gb=1e-9)  # nothing fits resident
     assert build_mod.choose_kind(Pack(loader_pack), "train", cfg, torch.device("cpu")).value == "torch"
     with pytest.raises(ConfigError, match="libdali.so"):
@@ -47,8 +48,8 @@ def test_dali_import_error_is_reported(fresh_probe, monkeypatch):
         return real_import(name, *a, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_dali)
-    assert not build_mod.dali_available()
-    assert build_mod.dali_status().startswith("ImportError")
+    assert not dali_mod.dali_available()
+    assert dali_mod.dali_status().startswith("ImportError")
 
 
 def test_bench_loader_isolates_a_failing_kind(monkeypatch, loader_pack):

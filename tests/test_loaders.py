@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hamengine.config import AugConfig, AugPreset, ConfigError, LoaderConfig
+from hamengine.config import AugConfig, AugPreset, ConfigError, LoaderConfig, LoaderKind
 from hamengine.loaders import build_loader
 from hamengine.loaders.kinds.base import eval_batch_sizes, train_order
 from hamengine.loaders.pack.records import Pack, PackError
@@ -33,7 +33,8 @@ def epoch(loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-KINDS = ["resident", "torch", "dali"]
+# Every kind that reads a pack, from the enum; ffcv (an optional extra) has tests/test_ffcv.py.
+KINDS = [k.value for k in LoaderKind if k not in (LoaderKind.AUTO, LoaderKind.FOLDER, LoaderKind.FFCV)]
 DETERMINISTIC = ["resident", "torch"]  # dali: order follows the pipeline seed, not set_epoch
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from hamengine.commands.common import console, emit_json, err_console
-from hamengine.config import TRAIN_LOADERS, CompileMode, Precision
+from hamengine.config import PACK_LOADERS, AugPreset, CompileMode, Precision
 
 
 @click.group()
@@ -97,7 +97,7 @@ def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir
                    "installed, exported from the pack on first use when it has no .beton yet.")
 @click.option("--split", default="train", show_default=True,
               help="Pack split to read; `train` uses the augmentation preset, others the eval transform.")
-@click.option("--aug", type=click.Choice(["full", "crop-flip", "none"]), default="full", show_default=True,
+@click.option("--aug", type=click.Choice([a.value for a in AugPreset]), default="full", show_default=True,
               help="Augmentation preset: full (random resized crop, rotation, flips, colour jitter), "
                    "crop-flip (random resized crop + flips: what FFCV does natively) or none.")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1), help="Images per batch.")
@@ -112,7 +112,7 @@ def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
               help="Worker processes / threads per loader; 0 = all cores.")
 @click.option("--device", default="auto", show_default=True, help="Where batches go: auto, cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice([p.value for p in Precision]), default="auto", show_default=True,
               help="Output image dtype: auto = what `train` feeds hamnet at this side and batch on this host "
                    "(its measured plan: fp32 on a CPU without native bf16, bf16 where bf16 is faster; bf16 on "
                    "CUDA); or force one.")
@@ -175,7 +175,7 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
 @bench.command("train")
 @click.option("--pack", type=click.Path(), required=True, help="Pack folder to read the train split from.")
 @click.option("--model", default="resnet50", show_default=True, help="Model name (see `hamengine models`).")
-@click.option("--loader", type=click.Choice(list(TRAIN_LOADERS)), default="auto", show_default=True,
+@click.option("--loader", type=click.Choice(list(PACK_LOADERS)), default="auto", show_default=True,
               help="Loader kind.")
 @click.option("--size", type=int, default=224, show_default=True, help="Input side in pixels.")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Batch size.")

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from hamengine.commands.common import CKPT_CHOICES, CKPT_HELP, TTA_CHOICES, TTA_HELP, console, emit_json, fail
+from hamengine.config import PACK_LOADERS
 
 RUN_ARG = click.Path(file_okay=False, path_type=Path)
 
@@ -29,7 +30,7 @@ RUN_ARG = click.Path(file_okay=False, path_type=Path)
 @click.option("--unchecked-pack", is_flag=True,
               help="With --pack: evaluate on a pack other than the run's even when it cannot be checked for "
                    "the run's training images (the training pack is gone or was rebuilt).")
-@click.option("--loader", type=click.Choice(["auto", "dali", "resident", "torch"]), default="auto",
+@click.option("--loader", type=click.Choice(list(PACK_LOADERS)), default="auto",
               show_default=True, help="Loader kind for the eval split.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Eval batch size.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

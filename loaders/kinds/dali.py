@@ -29,6 +29,7 @@ Differences from the other kinds, by design of DALI's reader:
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 
 from hamengine.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, AugPreset, ConfigError, LoaderConfig
 from hamengine.loaders.kinds import augment
-from hamengine.loaders.kinds.base import Batch, Loader, eval_batch_sizes, mix_seed
+from hamengine.loaders.kinds.base import Batch, Loader, eval_batch_sizes, mix_seed, verify_shards
 from hamengine.loaders.pack.records import Pack, PackError
 
 HW_DECODER_LOAD = 0.9  # share of JPEGs sent to the hardware decoder (NVIDIA's ResNet-50 example value)
@@ -203,12 +204,48 @@ def _eval_geometry(jpg, size: int):
     return (ry, rx), (center(ry), center(rx))
 
 
+def _probe_dali() -> None:
+    """Import DALI and build + run a one-sample CPU pipeline: an installed wheel whose native
+    library cannot load (wrong CUDA/glibc, broken install) fails here, not at the first batch."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def probe():
+        return fn.cast(fn.external_source(source=lambda: np.zeros((2,), np.uint8), batch=False),
+                       dtype=types.FLOAT)
+
+    pipe = probe()
+    pipe.build()
+    pipe.run()
+
+
+@functools.lru_cache(maxsize=1)
+def dali_status() -> str:
+    """'' when DALI imports and runs a pipeline, else why not (cached: probed once per process)."""
+    try:
+        _probe_dali()
+    except Exception as e:  # ImportError, RuntimeError from the native library, anything: not usable
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"{type(e).__name__}: {first}"
+    return ""
+
+
+def dali_available() -> bool:
+    return dali_status() == ""
+
+
 class DaliLoader(Loader):
     kind = "dali"
 
     def __init__(self, pack: Pack, split: str, cfg: LoaderConfig, device: torch.device,
-                 rank: int = 0, world_size: int = 1, workers: int = 2):
+                 rank: int = 0, world_size: int = 1, workers: int = 2, verify: bool = True):
         super().__init__(pack, split, cfg, device, rank, world_size)
+        if not dali_available():
+            raise ConfigError(f"loader 'dali' needs a working NVIDIA DALI ({dali_status()}); install "
+                              "nvidia-dali-cuda130 or use --loader resident/torch")
+        if verify:
+            verify_shards(pack, split)
         from nvidia.dali import pipeline_def
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 

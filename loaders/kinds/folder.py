@@ -74,7 +74,9 @@ class FolderLoader(Loader):
     kind = "folder"
 
     def __init__(self, pack: Pack, split: str, cfg: LoaderConfig, device: torch.device,
-                 rank: int = 0, world_size: int = 1, workers: int = 2):
+                 rank: int = 0, world_size: int = 1, workers: int = 2, verify: bool = True):
+        # `verify` is accepted for the uniform constructor (build.LOADER_CLASSES) and means nothing
+        # here: the baseline reads the original images, not the pack's shards.
         super().__init__(pack, split, cfg, device, rank, world_size)
         if not cfg.source:
             raise ConfigError("loader 'folder' reads the original HAM10000 folder: set source (--source DIR)")

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from hamengine.config import AugConfig, AugPreset, LoaderConfig
+from hamengine.config import AugConfig, AugPreset, ConfigError, LoaderConfig
 from hamengine.fileio import atomic_output
 from hamengine.loaders.kinds import augment as augment_mod
 from hamengine.loaders.kinds import crop_cv
@@ -171,6 +171,30 @@ def load_or_build_cache(pack: Pack, split: str, size: int, device: torch.device,
         warnings.warn(f"resident cache not saved to {path} ({e.strerror}); set cache_dir to keep it",
                       stacklevel=2)
     return cache
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def memory_budget(cfg: LoaderConfig, device: torch.device) -> int:
+    """Bytes the resident cache may take: cfg.memory_budget_gb, or half the free memory of the device."""
+    if cfg.memory_budget_gb > 0:
+        return int(cfg.memory_budget_gb * (1 << 30))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return _available_ram() // 2
+
 
 
 class BatchMaker:
@@ -331,6 +355,10 @@ class ResidentLoader(Loader):
         super().__init__(pack, split, cfg, device, rank, world_size)
         if len(pack.classes) == 0:
             raise PackError(f"{pack.path}: the pack lists no classes")
+        need = cache_bytes(pack, split, cfg.size)
+        if cfg.memory_budget_gb > 0 and need > memory_budget(cfg, self.device):
+            raise ConfigError(f"resident loader: the {split} cache needs {need / (1 << 30):.2f} GB, over "
+                              f"memory_budget_gb={cfg.memory_budget_gb}; raise the budget or use --loader dali/torch")
         self.cache = load_or_build_cache(pack, split, self.size, self.device, cfg, workers, verify)
         self.cache_hw = tuple(self.cache.shape[2:])
         self.augment = self.train and self.aug.preset != AugPreset.NONE

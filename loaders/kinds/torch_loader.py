@@ -25,7 +25,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from hamengine.config import AugConfig, AugPreset, LoaderConfig
 from hamengine.loaders.kinds import augment
-from hamengine.loaders.kinds.base import Batch, Loader, mix_seed, shutdown_workers, tune_worker_malloc
+from hamengine.loaders.kinds.base import (
+    Batch,
+    Loader,
+    mix_seed,
+    shutdown_workers,
+    tune_worker_malloc,
+    verify_shards,
+)
 from hamengine.loaders.pack.records import Pack
 
 Item = tuple[int, int]  # (split index, per-sample seed)
@@ -134,8 +141,10 @@ class TorchLoader(Loader):
     kind = "torch"
 
     def __init__(self, pack: Pack, split: str, cfg: LoaderConfig, device: torch.device,
-                 rank: int = 0, world_size: int = 1, workers: int = 2):
+                 rank: int = 0, world_size: int = 1, workers: int = 2, verify: bool = True):
         super().__init__(pack, split, cfg, device, rank, world_size)
+        if verify:
+            verify_shards(pack, split)
         self.augment = self.train and self.aug.preset != AugPreset.NONE
         self.jitter = self.augment and self.aug.has_jitter
         self.dataset = PackDataset(pack, split, self.size, self.aug, self.augment)
