@@ -228,8 +228,9 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
                      log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Time each loader of `b`; returns {"results": [...], ratios, hardware, "notes": [...]}. A
     loader that cannot run is a BenchError naming it; a missing optional FFCV is a note."""
-    from hamengine.config import AugConfig, ConfigError, MemoryFormat
+    from hamengine.config import AugConfig, MemoryFormat
     from hamengine.engine.runtime.environment import hardware
+    from hamengine.errors import ConfigError
 
     kinds = list(b.kinds)
     bad = [k for k in kinds if k not in KINDS]

@@ -96,8 +96,8 @@ def run_bench_pack(source: Path, worker_counts: list[int], size: int = 256, qual
                    tmp_dir: Path | None = None, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Pack `source` once per worker count (0 = all cores) into a temporary folder, removed
     afterwards; returns {"results": [...] with speedup over the first count, hardware, ...}."""
-    from hamengine.config import ConfigError
     from hamengine.engine.runtime.environment import hardware
+    from hamengine.errors import ConfigError
     from hamengine.runtime import cpu_count
 
     if not worker_counts or min(worker_counts) < 0:

@@ -128,8 +128,8 @@ def run_bench_serve(run: Path, image: bytes, levels: list[int], n_requests: int 
                     max_batch: int = 8, warmup: int = 5,
                     log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Start `hamengine serve RUN` on a free loopback port and measure each concurrency level."""
-    from hamengine.config import ConfigError
     from hamengine.engine.runtime.environment import hardware
+    from hamengine.errors import ConfigError
 
     if not levels or min(levels) < 1:
         raise ConfigError(f"--concurrency levels must be >= 1 (got {','.join(map(str, levels)) or 'none'})")

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hamengine.config import ConfigError, LoaderKind, parse_duration
+from hamengine.config import LoaderKind, parse_duration
+from hamengine.errors import ConfigError
 from hamengine.recipes import RECIPES
 
 CLOCK = "train time, evaluation excluded"

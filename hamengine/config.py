@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hamengine.errors import UserError
+from hamengine.errors import ConfigError
 from hamengine.recipes import RECIPES, recipe_help
 
 # Class order is the label index order everywhere (packs, models, metrics).
@@ -37,12 +37,6 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 MAX_PIXELS = 64_000_000
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration the user gave cannot be used; the message says which key and why."""
-
-    exit_code = 2
 
 
 class StrEnum(str, enum.Enum):

@@ -13,3 +13,9 @@ class UserError(Exception):
     process status the command line exits with (2: usage/config, 1: data or run problems)."""
 
     exit_code: int = 1
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration the user gave cannot be used; the message says which key and why."""
+
+    exit_code = 2

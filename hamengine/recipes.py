@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hamengine.errors import ConfigError
+
 # Each recipe: a one-line description (shown by `hamengine train --help`) and its TrainConfig keys.
 RECIPE_HELP: dict[str, str] = {
     "default": "the TrainConfig defaults",
@@ -67,8 +69,6 @@ def recipe_help() -> str:
 def apply_recipe(name: str, data: dict[str, Any]) -> dict[str, Any]:
     """The recipe's keys overlaid by `data` (the file/flag values win); nested dicts (aug) merge."""
     if name not in RECIPES:
-        from hamengine.config import ConfigError  # here: config imports this module for its help text
-
         raise ConfigError(f"--recipe {name!r} is not a known recipe; known: {', '.join(RECIPES)}")
     out: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in RECIPES[name].items()}
     for k, v in data.items():

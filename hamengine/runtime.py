@@ -9,7 +9,7 @@ import os
 import re
 from typing import TYPE_CHECKING
 
-from hamengine.config import ConfigError
+from hamengine.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported lazily: `hamengine --help` must not pay for it
     import torch

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from hamengine.config import ConfigError, LoaderConfig, LoaderKind
+from hamengine.config import LoaderConfig, LoaderKind
+from hamengine.errors import ConfigError
 from hamengine.loaders.ffcv.loader import FFCVLoader
 from hamengine.loaders.kinds.base import Loader
 from hamengine.loaders.kinds.dali import DaliLoader, dali_available

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hamengine.config import ConfigError
+from hamengine.errors import ConfigError
 from hamengine.models.hamnet import HamNet
 from hamengine.models.pretrained import PretrainedError, imagenet_state_dict, load_backbone, read_weights_file
 from hamengine.models.wrappers import unwrap

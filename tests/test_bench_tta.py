@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from hamengine.bench.tta import CLOCK, TTASpec, run_bench_tta, summarize, time_to_targets, versus_baseline
 from hamengine.cli import cli
-from hamengine.config import ConfigError
+from hamengine.errors import ConfigError
 
 RUN_KEYS = {"recipe", "seed", "run", "epochs", "img_per_s", "eval_s", "best_val_balanced_accuracy",
             "test_balanced_accuracy", "test_balanced_accuracy_ci", "time_to_target", "curve", "error", "loader"}

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from hamengine.config import AugConfig, AugPreset, ConfigError, LoaderConfig, LoaderKind
+from hamengine.config import AugConfig, AugPreset, LoaderConfig, LoaderKind
+from hamengine.errors import ConfigError
 from hamengine.loaders.pack.records import Pack
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # resident's decoder

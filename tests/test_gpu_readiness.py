@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hamengine.config import ConfigError, LoaderConfig
+from hamengine.config import LoaderConfig
+from hamengine.errors import ConfigError
 from hamengine.loaders import build as build_mod
 from hamengine.loaders.kinds import dali as dali_mod
 from hamengine.loaders.pack.records import Pack

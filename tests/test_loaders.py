@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from hamengine.config import AugConfig, AugPreset, ConfigError, LoaderConfig, LoaderKind
+from hamengine.config import AugConfig, AugPreset, LoaderConfig, LoaderKind
+from hamengine.errors import ConfigError
 from hamengine.loaders import build_loader
 from hamengine.loaders.kinds.base import eval_batch_sizes, train_order
 from hamengine.loaders.pack.records import Pack, PackError

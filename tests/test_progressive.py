@@ -8,11 +8,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from hamengine.config import ConfigError, Schedule, TrainConfig, parse_duration
+from hamengine.config import Schedule, TrainConfig, parse_duration
 from hamengine.engine.train import trainer as train_mod
 from hamengine.engine.train.optim import lr_factor
 from hamengine.engine.train.resize import resize_batch, size_for_epoch
 from hamengine.engine.train.trainer import FitOptions, fit
+from hamengine.errors import ConfigError
 
 
 def test_size_schedule_ramps_in_multiples_of_32_and_ends_at_size():
@@ -174,7 +175,7 @@ def test_budget_sides_keep_size_where_nothing_was_measured():
 
 @pytest.mark.parametrize("sides", ["", "abc", "16,128"])
 def test_malformed_budget_sides_are_refused_naming_the_option(sides):
-    from hamengine.config import ConfigError
+    from hamengine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--budget-sides"):
         _side_cfg(budget_sides=sides).check()

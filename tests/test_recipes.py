@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from hamengine.cli import cli
-from hamengine.config import ConfigError, TrainConfig, from_dict
+from hamengine.config import TrainConfig, from_dict
+from hamengine.errors import ConfigError
 from hamengine.recipes import FAST, RECIPES, apply_recipe
 
 

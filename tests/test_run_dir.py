@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from hamengine.cli import cli
-from hamengine.config import ConfigError
 from hamengine.engine.evaluate.compare import compare_runs
 from hamengine.engine.runtime.run import RunDir, RunError
 from hamengine.engine.train.report import write_report
+from hamengine.errors import ConfigError
 
 
 def test_unknown_split_is_refused_before_any_file_is_read(tmp_path):

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hamengine.config import SPLITS, ConfigError, TrainConfig, to_dict
-from hamengine.errors import UserError
+from hamengine.config import SPLITS, TrainConfig, to_dict
+from hamengine.errors import ConfigError, UserError
 from hamengine.fileio import atomic_write_text
 
 

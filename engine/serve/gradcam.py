@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from hamengine.config import CLASS_NAMES, ConfigError
+from hamengine.config import CLASS_NAMES
+from hamengine.errors import ConfigError
 
 
 class GradCAM:

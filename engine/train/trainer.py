@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from hamengine.config import CLASSES, ConfigError, Decision, TrainConfig, parse_duration, to_dict
+from hamengine.config import CLASSES, Decision, TrainConfig, parse_duration, to_dict
 from hamengine.engine.runtime.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -45,6 +45,7 @@ from hamengine.engine.train.prefetch import ThreadPrefetcher
 from hamengine.engine.train.resize import resize_batch, size_for_epoch
 from hamengine.engine.train.signals import StopRequest
 from hamengine.engine.train.step import EMA, TrainStep, autocast
+from hamengine.errors import ConfigError
 from hamengine.fileio import atomic_write_text
 from hamengine.hooks import fire
 from hamengine.loaders.ingest.metadata import META_FILE, drop_fields

@@ -4,14 +4,13 @@ versions and commit."""
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from hamengine.commands.common import console, emit_json, err_console
+from hamengine.commands.bench_tta import bench_tta
+from hamengine.commands.common import command_line, console, emit_json, err_console, int_list, say
 from hamengine.config import PACK_LOADERS, AugPreset, CompileMode, Precision
 
 
@@ -19,23 +18,6 @@ from hamengine.config import PACK_LOADERS, AugPreset, CompileMode, Precision
 def bench() -> None:
     """Measure packing, loading, training and serving throughput. Results carry the hardware,
     versions and commit; quote ratios measured in the same run (see BENCHMARKS.md)."""
-
-
-def _int_list(option: str, text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected comma-separated integers such as 1,2",
-                                 param_hint=option) from None
-
-
-def _command_line() -> str:
-    """How this benchmark was started, for its result file."""
-    return "hamengine " + shlex.join(sys.argv[1:])
-
-
-def _say(as_json: bool):
-    return (lambda _m: None) if as_json else (lambda m: console.print(m, highlight=False))
 
 
 def _write(path: Path | str | None, result: dict[str, Any]) -> None:
@@ -63,9 +45,9 @@ def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir
     """Pack SOURCE with each worker count; report images/s, peak RSS and the speedup over the first."""
     from hamengine.bench.pack import run_bench_pack
 
-    report = run_bench_pack(source, _int_list("--workers", workers_list), size, quality, tmp_dir,
-                            log=_say(as_json))
-    report["command"] = _command_line()
+    report = run_bench_pack(source, int_list("--workers", workers_list), size, quality, tmp_dir,
+                            log=say(as_json))
+    report["command"] = command_line()
     _write(result_file, report)
     if as_json:
         emit_json(report)
@@ -135,10 +117,10 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
                                        batch_size=batch_size, size=size, batches=batches, warmup=warmup,
                                        min_seconds=min_seconds, workers=workers, device=device, dtype=dtype,
                                        cold=cold),
-                           plot=plot, log=_say(as_json))
+                           plot=plot, log=say(as_json))
     for note in out["notes"]:
         err_console.print(note, highlight=False)
-    out["command"] = _command_line()
+    out["command"] = command_line()
     if as_json:
         emit_json(out)
         return
@@ -206,7 +188,7 @@ def bench_train(pack: str, model: str, loader: str, size: int, batch_size: int, 
     cfg = TrainConfig(pack=pack, model=model, loader=LoaderKind(loader), size=size, batch_size=batch_size,
                       amp=amp_dtype != "fp32", amp_dtype=Precision(amp_dtype), compile=CompileMode(compile_mode),
                       channels_last=channels_last, workers=workers, device=device)
-    res = run_bench_train(cfg, steps, warmup, prefetch, log=_say(as_json))
+    res = run_bench_train(cfg, steps, warmup, prefetch, log=say(as_json))
     _write(out, res)
     if as_json:
         emit_json(res)
@@ -247,10 +229,10 @@ def bench_serve(run: Path, n_requests: int, concurrency: str, image_path: Path |
     started on a free loopback port (never exposed), at each concurrency level."""
     from hamengine.bench.serve import run_bench_serve, synthetic_jpeg
 
-    levels = _int_list("--concurrency", concurrency)
+    levels = int_list("--concurrency", concurrency)
     image = image_path.read_bytes() if image_path else synthetic_jpeg()
-    report = run_bench_serve(run, image, levels, n_requests, device, max_batch, warmup, log=_say(as_json))
-    report.update(image=str(image_path) if image_path else "synthetic 600x450 JPEG", command=_command_line())
+    report = run_bench_serve(run, image, levels, n_requests, device, max_batch, warmup, log=say(as_json))
+    report.update(image=str(image_path) if image_path else "synthetic 600x450 JPEG", command=command_line())
     if as_json:
         emit_json(report)
         return
@@ -264,4 +246,5 @@ def bench_serve(run: Path, n_requests: int, concurrency: str, image_path: Path |
                       str(r["mean_batch"]), str(r["errors"]))
     console.print(table)
 
-from hamengine.commands import bench_tta  # noqa: E402,F401 -- registers `bench tta` on the group above
+
+bench.add_command(bench_tta, "tta")

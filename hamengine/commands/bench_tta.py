@@ -1,5 +1,5 @@
 """`hamengine bench tta`: parse options, call hamengine.bench.tta, print a table or JSON.
-Registered on the `bench` group by hamengine/commands/bench.py (its last line imports this module)."""
+Added to the `bench` group by hamengine/commands/bench.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,8 @@ from typing import Any
 
 import click
 
-from hamengine.commands.bench import _command_line, _int_list, _say, bench
-from hamengine.commands.common import console, emit_json, err_console
-from hamengine.config import ConfigError
+from hamengine.commands.common import command_line, console, emit_json, err_console, int_list, say
+from hamengine.errors import ConfigError
 
 
 def _float_list(option: str, text: str) -> list[float]:
@@ -27,7 +26,7 @@ def _fraction(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-@bench.command("tta")
+@click.command("tta")
 @click.option("--pack", required=True, type=click.Path(file_okay=False), help="The pack every recipe trains on.")
 @click.option("--recipes", default="baseline,fast", show_default=True,
               help="Comma-separated recipes (hamengine/recipes.py: default, fast, baseline).")
@@ -58,11 +57,11 @@ def bench_tta(pack: str, recipes: str, budget: str, seeds: str, out: str, source
     if size:
         overrides["size"] = size  # a recipe's progressive floor at or above it is dropped (apply_recipe)
     spec = TTASpec(pack=pack, out=out, budget=budget, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
-                   seeds=_int_list("--seeds", seeds), targets=_float_list("--targets", targets), source=source,
+                   seeds=int_list("--seeds", seeds), targets=_float_list("--targets", targets), source=source,
                    device=device, overrides=overrides)
     # Progress lines go to stderr with --json (stdout is the JSON); fit's own display only without it.
-    result = run_bench_tta(spec, log=(lambda m: err_console.print(m, highlight=False)) if as_json else _say(False),
-                           console=err_console if as_json else console, command=_command_line())
+    result = run_bench_tta(spec, log=(lambda m: err_console.print(m, highlight=False)) if as_json else say(False),
+                           console=err_console if as_json else console, command=command_line())
     if as_json:
         emit_json(result)
         return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from typing import Any, NoReturn
 
@@ -43,3 +44,20 @@ def emit_json(obj: Any) -> None:
 
 def resolve_workers(n: int) -> int:
     return n if n and n > 0 else cpu_count()
+
+
+def int_list(option: str, text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers such as 1,2",
+                                 param_hint=option) from None
+
+
+def command_line() -> str:
+    """How this benchmark was started, for its result file."""
+    return "hamengine " + shlex.join(sys.argv[1:])
+
+
+def say(as_json: bool):
+    return (lambda _m: None) if as_json else (lambda m: console.print(m, highlight=False))

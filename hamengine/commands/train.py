@@ -13,8 +13,9 @@ import click
 from click.core import ParameterSource
 
 from hamengine.commands.common import console, emit_json, err_console
-from hamengine.config import ConfigError, OnResume, TrainConfig, resume_conflicts, to_dict
+from hamengine.config import OnResume, TrainConfig, resume_conflicts, to_dict
 from hamengine.engine.runtime.run import RunDir
+from hamengine.errors import ConfigError
 
 
 @click.command()

@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from hamengine.config import ConfigError, StrEnum
+from hamengine.config import StrEnum
+from hamengine.errors import ConfigError
 from hamengine.fileio import fsync_dir
 from hamengine.hooks import fire
 from hamengine.loaders.ffcv.rows import (

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hamengine.config import ConfigError, LoaderConfig, MemoryFormat, Precision
+from hamengine.config import LoaderConfig, MemoryFormat, Precision
+from hamengine.errors import ConfigError
 from hamengine.loaders.pack.records import Pack, PackError
 
 TRAIN_SPLIT = "train"

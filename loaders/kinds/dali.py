@@ -35,7 +35,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from hamengine.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, AugPreset, ConfigError, LoaderConfig
+from hamengine.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, AugPreset, LoaderConfig
+from hamengine.errors import ConfigError
 from hamengine.loaders.kinds import augment
 from hamengine.loaders.kinds.base import Batch, Loader, eval_batch_sizes, mix_seed, verify_shards
 from hamengine.loaders.pack.records import Pack, PackError

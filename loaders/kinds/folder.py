@@ -17,7 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from hamengine.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, AugPreset, ConfigError, LoaderConfig
+from hamengine.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, AugPreset, LoaderConfig
+from hamengine.errors import ConfigError
 from hamengine.loaders.kinds.base import Batch, Loader, shutdown_workers
 from hamengine.loaders.kinds.torch_loader import _PlanSampler, worker_context
 from hamengine.loaders.pack.records import Pack

@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from hamengine.config import AugConfig, AugPreset, ConfigError, LoaderConfig
+from hamengine.config import AugConfig, AugPreset, LoaderConfig
+from hamengine.errors import ConfigError
 from hamengine.fileio import atomic_output
 from hamengine.loaders.kinds import augment as augment_mod
 from hamengine.loaders.kinds import crop_cv
