@@ -15,7 +15,8 @@ from PIL import Image
 from hamengine.config import CLASSES, ISIC_COLUMNS
 from hamengine.engine.evaluate import calibration as C
 from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run, fit_decision
-from hamengine.engine.evaluate.predict import Predictor, RunError
+from hamengine.engine.evaluate.predict import Predictor
+from hamengine.engine.runtime.run import RunError
 
 
 def _np_adjust(raw: np.ndarray, t: float, b) -> np.ndarray:

@@ -17,11 +17,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from hamengine.cli import cli
-from hamengine.config import CLASSES, ISIC_COLUMNS
+from hamengine.config import CLASSES, ISIC_COLUMNS, TTA
 from hamengine.engine.evaluate import metrics as M
 from hamengine.engine.evaluate import plots_eval
 from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run
-from hamengine.engine.evaluate.predict import TTA, Predictor, RunError
+from hamengine.engine.evaluate.predict import Predictor
+from hamengine.engine.runtime.run import RunError
 from hamengine.loaders.pack.records import Pack
 
 SIZE = 64

@@ -163,8 +163,8 @@ def test_export_is_deterministic_and_kept_when_current(pack_path: Path, exported
 def test_damaged_or_missing_export_fails_early(pack_path: Path, exported: dict, tmp_path: Path) -> None:
     import json
 
-    from hamengine.loaders.ffcv.export import FFCVExportError, beton_for
-    from hamengine.loaders.pack.ffcv_record import check_export
+    from hamengine.loaders.ffcv.export import beton_for
+    from hamengine.loaders.pack.ffcv_record import FFCVExportError, check_export
     from hamengine.loaders.pack.records import manifest_bytes
     from hamengine.loaders.pack.verify import verify_pack
 

@@ -16,11 +16,10 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from hamengine.config import CLASSES
+from hamengine.config import CLASSES, MAX_PIXELS
 from hamengine.engine.runtime.checkpoint import save_checkpoint
 from hamengine.errors import UserError
 from hamengine.loaders.ingest.imaging import (
-    MAX_PIXELS,
     BadImage,
     ImagePolicy,
     ImageProblem,

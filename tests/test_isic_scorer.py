@@ -15,13 +15,8 @@ import numpy as np
 import pytest
 
 from hamengine.config import CLASSES, ISIC_COLUMNS
-from hamengine.engine.evaluate.evaluator import (
-    GROUND_TRUTH,
-    SUBMISSION,
-    SplitPredictions,
-    calibration,
-    write_predictions,
-)
+from hamengine.engine.evaluate import calibration
+from hamengine.engine.evaluate.evaluator import GROUND_TRUTH, SUBMISSION, SplitPredictions, write_predictions
 from hamengine.engine.evaluate.metrics import classification_metrics
 
 scoring = pytest.importorskip(

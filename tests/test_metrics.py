@@ -81,7 +81,7 @@ def test_weighted_auc_matches_resampled_sklearn() -> None:
     for c in range(C):
         got = metrics._weighted_auc(w, (y == c).astype(float), p[:, c])[0]
         assert got == pytest.approx(skm.roc_auc_score(y[idx] == c, p[idx, c]))
-    ba = metrics._weighted_balanced_accuracy(w, y, p.argmax(1), C)[0]
+    ba = metrics.balanced_accuracy(y, p.argmax(1), C, weights=w)[0]
     assert ba == pytest.approx(skm.balanced_accuracy_score(y[idx], p[idx].argmax(1)))
 
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from hamengine.engine.runtime.run import CALIBRATION_FILE, RunDir  # noqa: F401  (CALIBRATION_FILE re-exported)
+from hamengine.engine.evaluate.metrics import balanced_accuracy
+from hamengine.engine.runtime.run import RunDir
 from hamengine.fileio import atomic_write_text
 
 if TYPE_CHECKING:
@@ -55,33 +56,18 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray, bounds: tuple[float,
     return float(np.exp(res.x))
 
 
-def balanced_accuracy_of(pred: np.ndarray, y: np.ndarray) -> float:
-    """Mean recall over the classes present in y."""
-    recalls = [float((pred[y == c] == c).mean()) for c in np.unique(y)]
-    return float(np.mean(recalls)) if recalls else 0.0
-
-
-def _bacc_many(preds: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
-    """Balanced accuracy of each row of preds [G, N] at once (classes absent from y are skipped)."""
-    onehot = np.eye(num_classes)[y]  # [N, C]
-    counts = onehot.sum(0)
-    present = counts > 0
-    hits = ((preds == y[None]).astype(np.float64) @ onehot)[:, present]  # [G, C_present]
-    return (hits / counts[present]).mean(1)
-
-
 def _ascend(z: np.ndarray, y: np.ndarray, num_classes: int, grid: np.ndarray, sweeps: int) -> np.ndarray:
     """Coordinate ascent on the grid; each class's whole grid is scored in one vectorized step.
     The grid is ordered by |b| and argmax takes the first best, so ties keep the smaller |b|."""
     grid = grid[np.argsort(np.abs(grid), kind="stable")]
     b = np.zeros(num_classes)
-    best = _bacc_many((z + b).argmax(1)[None], y, num_classes)[0]
+    best = balanced_accuracy(y, (z + b).argmax(1)[None], num_classes)[0]
     for _ in range(sweeps):
         changed = False
         for c in range(num_classes):
             trial = np.broadcast_to(z + b, (len(grid),) + z.shape).copy()  # [G, N, C]
             trial[:, :, c] = z[None, :, c] + grid[:, None]
-            scores = _bacc_many(trial.argmax(2), y, num_classes)
+            scores = balanced_accuracy(y, trial.argmax(2), num_classes)
             i = int(scores.argmax())
             if scores[i] > best + 1e-12:
                 best, b[c], changed = scores[i], grid[i], True
@@ -115,8 +101,8 @@ def fit_class_bias(logits: np.ndarray, y_true: np.ndarray, num_classes: int | No
                                                             for _ in range(n_boot))]
     avg = np.mean(fits, axis=0)
     avg = avg - avg.mean()
-    base = balanced_accuracy_of(z.argmax(1), y)
-    return avg if balanced_accuracy_of((z + avg).argmax(1), y) >= base else full
+    base = balanced_accuracy(y, z.argmax(1), c)
+    return avg if balanced_accuracy(y, (z + avg).argmax(1), c) >= base else full
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from hamengine.config import ISIC_COLUMNS, LoaderConfig, LoaderKind, MemoryFormat, Precision
-from hamengine.engine.evaluate import calibration, metrics
-from hamengine.engine.evaluate.predict import (
+from hamengine.config import (
+    ISIC_COLUMNS,
     TTA,
     CheckpointName,
-    LoadedRun,
-    load_run,
-    predict_batch,
-    run_default,
+    LoaderConfig,
+    LoaderKind,
+    MemoryFormat,
+    Precision,
 )
+from hamengine.engine.evaluate import calibration, metrics
+from hamengine.engine.evaluate.predict import LoadedRun, load_run, predict_batch, run_default
 from hamengine.engine.runtime.run import RunDir, RunError, check_split
 from hamengine.fileio import atomic_write_bytes
 
@@ -271,8 +272,8 @@ def fit_bias_on(run: LoadedRun, opts: EvalOptions, val: SplitPredictions) -> dic
     bias = calibration.fit_class_bias(logits, val.y)
     info = {"fitted_on": "val", "n": len(val.y), "checkpoint": run.checkpoint.name, "tta": str(opts.tta),
             "objective": "val balanced accuracy",
-            "val_balanced_accuracy_before": calibration.balanced_accuracy_of(logits.argmax(1), val.y),
-            "val_balanced_accuracy_after": calibration.balanced_accuracy_of((logits + bias).argmax(1), val.y)}
+            "val_balanced_accuracy_before": float(metrics.balanced_accuracy(val.y, logits.argmax(1), logits.shape[1])),
+            "val_balanced_accuracy_after": float(metrics.balanced_accuracy(val.y, (logits + bias).argmax(1), logits.shape[1]))}
     calibration.save_class_bias(run.run, bias, info)
     return {"class_bias": dict(zip(val.classes, map(float, bias), strict=True)), **info}
 

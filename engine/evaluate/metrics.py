@@ -127,15 +127,28 @@ def _per_class(cm: np.ndarray, y: np.ndarray, p: np.ndarray, classes: Sequence[s
 
 # ---------------------------------------------------------------- bootstrap (vectorized over replicates)
 
-def _weighted_balanced_accuracy(w: np.ndarray, y: np.ndarray, pred: np.ndarray, c: int) -> np.ndarray:
-    """w: [B, N] sample weights -> [B] balanced accuracy (classes with zero weight excluded)."""
-    onehot = np.eye(c)[y]  # [N, C]
-    support = w @ onehot  # [B, C]
-    hits = w @ (onehot * (pred == y)[:, None])  # [B, C]
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray, num_classes: int,
+                      weights: np.ndarray | None = None) -> np.ndarray:
+    """Balanced accuracy: the mean recall over the classes present in y (weight > 0). The one
+    implementation, vectorized for the callers that need many at once:
+      pred [N]                      -> a 0-d array (float() it)
+      pred [G, N] (G predictions)   -> [G]     (the decision-bias search)
+      pred [N], weights [B, N]      -> [B]     (bootstrap replicates as sample weights)"""
+    onehot = np.eye(num_classes)[y]  # N,C
+    correct = np.atleast_2d(pred) == y  # G,N (G = 1 for a single prediction)
+    if weights is None:
+        support = onehot.sum(0)[None]  # 1,C
+        hits = correct.astype(np.float64) @ onehot  # G,C
+    else:
+        if correct.shape[0] != 1:
+            raise ValueError("balanced_accuracy: weights go with one prediction [N]")
+        support = weights @ onehot  # B,C
+        hits = weights @ (onehot * correct[0][:, None])  # B,C
     recall = np.where(support > 0, hits / np.where(support > 0, support, 1), np.nan)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(recall, axis=1)
+        warnings.simplefilter("ignore", RuntimeWarning)  # no class present: nan, not a warning
+        out = np.nanmean(recall, axis=1)
+    return out[0] if np.ndim(pred) == 1 and weights is None else out
 
 
 def _weighted_auc(w: np.ndarray, y_bin: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -177,7 +190,7 @@ def bootstrap_ci(y: np.ndarray, probs: np.ndarray, groups: np.ndarray, n_boot: i
         b = min(chunk, n_boot - start)
         counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b)  # [b, G]
         w = counts[:, gidx].astype(np.float64)  # [b, N]
-        bacc.append(_weighted_balanced_accuracy(w, y, pred, probs.shape[1]))
+        bacc.append(balanced_accuracy(y, pred, probs.shape[1], weights=w))
         mauc.append(weighted_macro_auc(w, y, probs))
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
 
@@ -206,7 +219,6 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
     cm = confusion(y, pred, c)
     per_class = _per_class(cm, y, p, classes)
 
-    recalls = [v["recall"] for v in per_class.values() if v["recall"] is not None]
     f1s = [v["f1"] for v in per_class.values() if v["f1"] is not None]
     defined = [(v["auc"], v["support"]) for v in per_class.values() if v["auc"] is not None]
     macro_auc = float(np.mean([a for a, _ in defined])) if defined else None
@@ -227,7 +239,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
         "n": int(len(y)),
         "classes": list(classes),
         "accuracy": float(np.mean(pred == y)),
-        "balanced_accuracy": float(np.mean(recalls)),
+        "balanced_accuracy": float(balanced_accuracy(y, pred, c)),
         "macro_f1": float(np.mean(f1s)),
         "macro_auc": macro_auc,
         "weighted_auc": weighted_auc,

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, TTA, CheckpointName, StrEnum  # noqa: F401 (re-exported)
+from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, TTA, CheckpointName, StrEnum
 from hamengine.engine.evaluate.calibration import Adjustment, load_adjustment
 from hamengine.engine.runtime.checkpoint import CheckpointError, load_checkpoint, model_weights
 from hamengine.engine.runtime.run import RunDir, RunError

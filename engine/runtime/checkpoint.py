@@ -20,7 +20,7 @@ import torch
 
 from hamengine.errors import UserError
 from hamengine.fileio import atomic_output, fsync_dir
-from hamengine.models.wrappers import strip_wrapper_prefixes, unwrap
+from hamengine.models.wrappers import strip_wrapper_prefixes
 
 FORMAT = "hamengine-checkpoint"
 VERSION = 1
@@ -98,6 +98,5 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
-# `unwrap` lives with the other wrapper helpers in models/; training code imports it from here.
 __all__ = ["CheckpointError", "load_checkpoint", "model_weights", "rng_state", "save_checkpoint",
-           "set_rng_state", "unwrap"]
+           "set_rng_state"]

@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.exceptions import HTTPException
 
-from hamengine.config import CLASS_NAMES
+from hamengine.config import CLASS_NAMES, MAX_PIXELS
 from hamengine.engine.serve.backend import (
     Backend,
     InputError,
@@ -40,7 +40,7 @@ from hamengine.engine.serve.backend import (
     load_test_metrics,
 )
 from hamengine.engine.serve.page import render_page
-from hamengine.loaders.ingest.imaging import MAX_PIXELS, BadImage, ImageProblem, open_image
+from hamengine.loaders.ingest.imaging import BadImage, ImageProblem, open_image
 
 # Formats PIL may even try to parse: a short allow-list keeps exotic parsers away from uploads.
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hamengine.engine.runtime.checkpoint import unwrap
+from hamengine.models.wrappers import unwrap
 
 
 class EMA:

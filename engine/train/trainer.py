@@ -27,13 +27,7 @@ from rich.console import Console
 from torch import nn
 
 from hamengine.config import CLASSES, Decision, TrainConfig, parse_duration, to_dict
-from hamengine.engine.runtime.checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    unwrap,
-)
+from hamengine.engine.runtime.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hamengine.engine.runtime.execution import Execution, RunShape, configure_backends, resolve_execution
 from hamengine.engine.runtime.run import RunDir
 from hamengine.engine.train import distributed as D
@@ -49,6 +43,7 @@ from hamengine.errors import ConfigError
 from hamengine.fileio import atomic_write_text
 from hamengine.hooks import fire
 from hamengine.loaders.ingest.metadata import META_FILE, drop_fields
+from hamengine.models.wrappers import unwrap
 
 
 @dataclass

@@ -43,9 +43,8 @@ def eval_run(run: Path, split: str, checkpoint: str | None, tta: str | None, fit
              no_meta: bool, no_plots: bool, as_json: bool) -> None:
     """Evaluate RUN on a pack split: metrics with lesion-bootstrap CIs, predictions.csv, an ISIC 2018
     Task 3 submission CSV and figures, all in RUN/eval-<split>/."""
-    from hamengine.config import LoaderKind
+    from hamengine.config import TTA, CheckpointName, LoaderKind
     from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run
-    from hamengine.engine.evaluate.predict import TTA, CheckpointName
     from hamengine.engine.train.report import metrics_table
 
     opts = EvalOptions(split=split, checkpoint=CheckpointName(checkpoint) if checkpoint else None,

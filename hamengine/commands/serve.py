@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from hamengine.commands.common import CKPT_CHOICES, CKPT_HELP, TTA_CHOICES, TTA_HELP, err_console, fail
+from hamengine.config import MAX_PIXELS
 from hamengine.engine.runtime.run import RunDir
 from hamengine.errors import UserError
-from hamengine.loaders.ingest.imaging import MAX_PIXELS
 
 
 def is_loopback(host: str) -> bool:

@@ -42,7 +42,7 @@ import numpy as np
 
 from hamengine.config import StrEnum
 from hamengine.errors import ConfigError
-from hamengine.fileio import fsync_dir
+from hamengine.fileio import file_sha256, fsync_dir
 from hamengine.hooks import fire
 from hamengine.loaders.ffcv.rows import (
     SplitImages,
@@ -59,7 +59,6 @@ from hamengine.loaders.pack.ffcv_record import (
     FFCVExportError,
     export_dir,
     export_lock,
-    file_sha256,
     mode_options,
     read_export,
     write_record,
