@@ -116,7 +116,7 @@ def test_round_trip_eval_predict_use_the_fitted_bias(eval_run, eval_pack, tmp_pa
     _, raw = _csv_probs(run / "eval-test" / "predictions.csv", list(CLASSES))
     n = min(8, len(raw))
     pack = Pack(eval_pack)
-    raw_pred = Predictor(run, device="cpu").predict([pack.jpeg("test", i) for i in range(n)])
+    raw_pred = Predictor(run, device="cpu").probabilities([pack.jpeg("test", i) for i in range(n)])
 
     fit = fit_decision(run, EvalOptions(batch_size=32, device="cpu"))
     stored = json.loads((run / "calibration.json").read_text())
@@ -134,7 +134,7 @@ def test_round_trip_eval_predict_use_the_fitted_bias(eval_run, eval_pack, tmp_pa
     np.testing.assert_allclose(sub, _np_adjust(raw, t, b)[:, cols], atol=1e-9)
     p = Predictor(run, device="cpu")
     assert p.adjustment.class_bias == pytest.approx(tuple(b))
-    np.testing.assert_allclose(p.predict([pack.jpeg("test", i) for i in range(n)]),
+    np.testing.assert_allclose(p.probabilities([pack.jpeg("test", i) for i in range(n)]),
                                _np_adjust(raw_pred, t, b), atol=1e-9)
     from hamengine.engine.train.report import write_report
 
@@ -164,7 +164,7 @@ def test_serve_applies_the_bias(serve_run, tmp_path) -> None:
 
     jpeg = real_or_synthetic_jpeg(None)[0]
     base = Predictor(serve_run, device="cpu")
-    raw = base.predict([Image.open(io.BytesIO(jpeg))])
+    raw = base.probabilities([Image.open(io.BytesIO(jpeg))])
     run = copy_of(serve_run, tmp_path / "run")
     b = np.array([0.9, -0.4, 0.3, -0.2, 0.1, -0.5, -0.2])
     C.save_class_bias(run, b, {"fitted_on": "test"})
@@ -177,7 +177,7 @@ def test_serve_applies_the_bias(serve_run, tmp_path) -> None:
     assert base.adjustment.identity  # so raw is the model's unadjusted output
     expected = _np_adjust(raw, t, b)
     np.testing.assert_allclose(got, expected[0], atol=1e-6)
-    np.testing.assert_allclose(got, Predictor(run, device="cpu").predict([Image.open(io.BytesIO(jpeg))])[0],
+    np.testing.assert_allclose(got, Predictor(run, device="cpu").probabilities([Image.open(io.BytesIO(jpeg))])[0],
                                atol=1e-6)
     assert info.get("decision") == "val-bias" or "val-bias" in json.dumps(info)
 

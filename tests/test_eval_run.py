@@ -163,7 +163,7 @@ def test_predict_matches_eval_of_the_packed_copy(trained, evaluated) -> None:
     rows, probs = read_predictions(run / "eval-test" / "predictions.csv")
     p = Predictor(run, device="cpu", tta=TTA.FLIPS)
     n = min(16, len(rows))
-    mine = p.predict([pack.jpeg("test", i) for i in range(n)])
+    mine = p.probabilities([pack.jpeg("test", i) for i in range(n)])
     assert np.abs(mine - probs[:n]).max() < 0.05
     assert (mine.argmax(1) == probs[:n].argmax(1)).mean() >= 0.85
 

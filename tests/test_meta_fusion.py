@@ -138,9 +138,9 @@ def test_a_meta_run_predicts_with_and_without_metadata(meta_run, synth_source):
     images = sorted(synth_source.rglob("*.jpg"))[:3]
     p = Predictor(meta_run, device="cpu")
     assert p.uses_metadata
-    blank = p.predict(images)
-    given = p.predict(images, [{"age": 80, "sex": "male", "localization": "back"}] * 3)
-    partial = p.predict(images, [{"age": 35}, None, {"localization": "face"}])
+    blank = p.probabilities(images)
+    given = p.probabilities(images, [{"age": 80, "sex": "male", "localization": "back"}] * 3)
+    partial = p.probabilities(images, [{"age": 35}, None, {"localization": "face"}])
     for probs in (blank, given, partial):
         assert probs.shape == (3, 7) and np.allclose(probs.sum(1), 1.0)
     assert not np.allclose(blank, given)  # the metadata reaches the model

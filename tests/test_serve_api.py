@@ -63,7 +63,7 @@ def test_predict_matches_predictor(client, serve_run, jpeg):
     assert body["top"] == {"dx": top, "name": CLASS_NAMES[top], "probability": pytest.approx(probs.max())}
     assert body["latency_ms"] > 0 and body["model"] == "hamnet"
     # The same image through the library's Predictor gives the same probabilities.
-    expected = np.asarray(Predictor(serve_run, device="cpu").predict([Image.open(io.BytesIO(jpeg))]))[0]
+    expected = np.asarray(Predictor(serve_run, device="cpu").probabilities([Image.open(io.BytesIO(jpeg))]))[0]
     np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 

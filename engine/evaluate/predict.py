@@ -245,7 +245,7 @@ class Predictor:
         x = x.to(self.device).contiguous(memory_format=self.loaded.memory_format)
         return self.calibrate(predict_batch(self.model, x, self.tta, m))
 
-    def predict(self, images: Sequence[bytes | Image.Image | str | Path],
+    def probabilities(self, images: Sequence[bytes | Image.Image | str | Path],
                 meta: Sequence[Mapping[str, Any] | None] | None = None) -> np.ndarray:
         """Images (decoded or not) -> float64 [N, C]; raises BadImage on the first unreadable one
         (use `predict_files` to keep going past bad files). meta: per image {age, sex, localization}."""

@@ -44,7 +44,7 @@ class Backend(Protocol):
     def prepare(self, image: Image.Image) -> Any:
         """A decoded upload -> the model input for it (runs in the request threads, in parallel)."""
 
-    def predict(self, prepared: list[Any]) -> np.ndarray:
+    def batch_probabilities(self, prepared: list[Any]) -> np.ndarray:
         """Prepared inputs -> calibrated probabilities float[N, len(classes)] (rows sum to 1)."""
 
     def explain(self, image: Image.Image, dx: str | None) -> tuple[bytes, str]:
@@ -91,7 +91,7 @@ class PredictorBackend:
         except BadImage as exc:
             raise InputError(str(exc)) from None
 
-    def predict(self, prepared: list, metas: list | None = None) -> np.ndarray:
+    def batch_probabilities(self, prepared: list, metas: list | None = None) -> np.ndarray:
         import torch
 
         meta = None
@@ -166,7 +166,7 @@ class MicroBatcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def predict(self, image: Image.Image, timeout: float | None = 120.0,
+    def probabilities_of(self, image: Image.Image, timeout: float | None = 120.0,
                 meta: dict[str, Any] | None = None) -> np.ndarray:
         """Probabilities float[C] for one image (meta: its {age, sex, localization}, checked here);
         blocks the calling (request) thread only."""
@@ -209,9 +209,9 @@ class MicroBatcher:
             try:
                 with self.model_lock:
                     metas = [j.meta for j in jobs]
-                    probs = (self.backend.predict([j.prepared for j in jobs], metas)  # [N, C]
+                    probs = (self.backend.batch_probabilities([j.prepared for j in jobs], metas)  # [N, C]
                              if any(m is not None for m in metas) else
-                             self.backend.predict([j.prepared for j in jobs]))
+                             self.backend.batch_probabilities([j.prepared for j in jobs]))
                 self.batches += 1
                 self.images += len(jobs)
                 for job, row in zip(jobs, probs, strict=True):

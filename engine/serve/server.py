@@ -258,7 +258,7 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
 
     # Sync handlers: FastAPI runs them in its thread pool, so decoding runs in parallel threads.
     @app.post("/api/predict")
-    def predict(request: Request, image: UploadFile | None = File(None, description="the image"),
+    def predict_endpoint(request: Request, image: UploadFile | None = File(None, description="the image"),
                 age: str | None = Form(None, description="patient age in years (a --meta model)"),
                 sex: str | None = Form(None, description="male, female or unknown (a --meta model)"),
                 site: str | None = Form(None, description="body site, HAM10000's localization (a --meta model)"),
@@ -267,7 +267,7 @@ def create_app(run_dir: str | Path, device: str = "auto", max_upload_mb: float =
         meta = request_meta(age, sex, site, info, backend)  # a bad field: 422 before the image is read
         upload = read_upload(request, image, fields, limits)
         try:
-            probs = batcher.predict(upload, meta=meta)  # float[C]
+            probs = batcher.probabilities_of(upload, meta=meta)  # float[C]
         except InputError as exc:
             raise UploadError(422, f"the image cannot be used: {exc}") from None
         return predict_response(probs, backend.classes, info, upload.size, meta is not None, t0)

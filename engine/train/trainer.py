@@ -432,7 +432,7 @@ def train_one_epoch(t: Trainer, epoch: int, display: LiveDisplay, stop: StopRequ
 # ---------------------------------------------------------------- validation
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable, device: torch.device, amp_dtype: torch.dtype | None,
+def collect_predictions(model: nn.Module, batches: Iterable, device: torch.device, amp_dtype: torch.dtype | None,
             max_steps: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
     """Labels [N], probabilities [N, C] (float64) and the summed cross-entropy of one pass."""
     model.eval()
@@ -457,7 +457,7 @@ def evaluate(model: nn.Module, batches: Iterable, ex: Execution, info: D.DistInf
     probabilities are gathered so that AUC and balanced accuracy cover the whole split."""
     from hamengine.engine.evaluate.metrics import classification_metrics
 
-    y, p, loss_sum = predict(model, batches, ex.device, ex.amp_dtype, max_steps)
+    y, p, loss_sum = collect_predictions(model, batches, ex.device, ex.amp_dtype, max_steps)
     y, p = D.gather_arrays([y, p], info)
     (loss_total,) = D.all_reduce_sum([loss_sum], info, ex.device)
     m = classification_metrics(y, p, classes)
