@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hamengine.config import LoaderKind, parse_duration
+from hamengine.engine.runtime.run import RunDir
 from hamengine.errors import ConfigError
 from hamengine.recipes import RECIPES
 
@@ -83,7 +84,7 @@ def check_spec(spec: TTASpec) -> float:
     for recipe in spec.recipes:
         for seed in spec.seeds:
             run = run_path(spec, recipe, seed)
-            if (run / "metrics.jsonl").exists() or (run / "checkpoints" / "last.pt").exists():
+            if RunDir(run).metrics_path.exists() or RunDir(run).last.exists():
                 raise ConfigError(f"--out {spec.out}: {run} already holds a run; choose another --out")
     return budget_s
 
@@ -168,7 +169,6 @@ def build_config(spec: TTASpec, recipe: str, seed: int):
 
 def run_one(spec: TTASpec, recipe: str, seed: int, console=None) -> dict[str, Any]:
     """One fit; its TTA record. A failure is recorded (error) rather than raised."""
-    from hamengine.engine.runtime.run import RunDir
     from hamengine.engine.train.trainer import FitOptions, fit
 
     run = RunDir(run_path(spec, recipe, seed))

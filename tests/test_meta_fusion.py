@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from hamengine.config import LoaderConfig, LoaderKind, Precision
+from hamengine.engine.runtime.run import RunDir
 from hamengine.loaders import build_loader
 from hamengine.loaders.ingest import metadata as M
 from hamengine.loaders.pack.records import Pack
@@ -114,7 +115,7 @@ def test_every_registry_model_fuses_metadata(name):
 def test_a_meta_run_records_its_encoding_and_evaluates_with_and_without(meta_run, loader_pack):
     from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run
 
-    saved = json.loads((meta_run / M.META_FILE).read_text())
+    saved = json.loads(RunDir(meta_run).metadata.read_text())
     assert saved == Pack(loader_pack).meta_schema().record() and "dx_type" in saved["never"]
     assert json.loads((meta_run / "config.json").read_text())["meta"] is True
     with_meta = json.loads((meta_run / "eval-test" / "metrics.json").read_text())

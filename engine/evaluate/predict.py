@@ -24,7 +24,7 @@ from hamengine.engine.evaluate.calibration import Adjustment, load_adjustment
 from hamengine.engine.runtime.checkpoint import CheckpointError, load_checkpoint, model_weights
 from hamengine.engine.runtime.run import RunDir, RunError
 from hamengine.loaders.ingest.imaging import BadImage, open_rgb
-from hamengine.loaders.ingest.metadata import META_FILE, MetadataError, MetaSchema
+from hamengine.loaders.ingest.metadata import MetadataError, MetaSchema
 from hamengine.runtime import resolve_device
 
 
@@ -163,7 +163,7 @@ def run_meta_schema(run_dir: RunDir, config: dict[str, Any]) -> MetaSchema | Non
     """RUN/metadata.json of a --meta run (None for a run without metadata)."""
     if not config.get("meta"):
         return None
-    path = run_dir.path / META_FILE
+    path = run_dir.metadata
     try:
         return MetaSchema.from_record(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -91,6 +91,16 @@ class RunDir:
         return self.path / CALIBRATION_FILE
 
     @property
+    def metadata(self) -> Path:
+        """The metadata encoding a --meta run was trained with (MetaSchema.record())."""
+        return self.path / "metadata.json"
+
+    @property
+    def budget(self) -> Path:
+        """The --budget plan and its re-plans (engine/train/budget.py)."""
+        return self.path / "budget.json"
+
+    @property
     def report_md(self) -> Path:
         return self.path / "report.md"
 

@@ -190,7 +190,7 @@ def choose_side(cfg: TrainConfig, train_images: int, val_images: int, rate_at: A
 
 
 def write_plan(t: Any, plan: BudgetPlan) -> None:
-    (t.run.path / "budget.json").write_text(json.dumps(plan.record(), indent=2) + "\n", encoding="utf-8")
+    t.run.budget.write_text(json.dumps(plan.record(), indent=2) + "\n", encoding="utf-8")
 
 
 REPLAN_AFTER = (1, 2)  # epochs after which the plan is always re-chosen from measured cost

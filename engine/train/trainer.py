@@ -17,7 +17,6 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,7 @@ from hamengine.engine.train.step import EMA, TrainStep, autocast
 from hamengine.errors import ConfigError
 from hamengine.fileio import atomic_write_text
 from hamengine.hooks import fire
-from hamengine.loaders.ingest.metadata import META_FILE, drop_fields
+from hamengine.loaders.ingest.metadata import drop_fields
 from hamengine.models.wrappers import unwrap
 
 
@@ -327,7 +326,7 @@ def write_run_files(t: Trainer) -> None:
                      # eval checks against it that a pack's test split holds no training images
                      "pack_fingerprint": getattr(t.source, "fingerprint", None)})
     if t.meta_schema is not None:  # --meta: how predict/serve/eval encode age, sex and site for this model
-        atomic_write_text(t.run.path / META_FILE, json.dumps(t.meta_schema.record(), indent=2) + "\n")
+        atomic_write_text(t.run.metadata, json.dumps(t.meta_schema.record(), indent=2) + "\n")
     if t.cfg.resume:
         t.progress.rows = t.run.truncate_metrics(t.progress.epoch)
 
@@ -338,7 +337,7 @@ def meta_schema_of(cfg: TrainConfig, source: Any) -> Any:
 
     if not cfg.meta:
         return None
-    saved = Path(cfg.out) / META_FILE
+    saved = RunDir(cfg.out).metadata
     if cfg.resume and saved.is_file():
         return MetaSchema.from_record(json.loads(saved.read_text(encoding="utf-8")))
     pack = getattr(source, "pack", None)

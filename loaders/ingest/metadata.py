@@ -39,7 +39,6 @@ SITES: tuple[str, ...] = ("abdomen", "acral", "back", "chest", "ear", "face", "f
 UNKNOWN = "unknown"
 AGE_RANGE = (0.0, 120.0)  # HAM10000 ages are 0-85 in steps of 5; outside this a value is an error
 SCHEMA_VERSION = 1
-META_FILE = "metadata.json"  # RUN/metadata.json: the encoding a --meta run was trained with
 
 
 class MetadataError(UserError, ValueError):
