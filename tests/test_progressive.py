@@ -10,7 +10,7 @@ from rich.console import Console
 
 from hamengine.config import Schedule, TrainConfig, parse_duration
 from hamengine.engine.train import trainer as train_mod
-from hamengine.engine.train.optim import lr_factor
+from hamengine.engine.train.optim import lr_at
 from hamengine.engine.train.resize import resize_batch, size_for_epoch
 from hamengine.engine.train.trainer import FitOptions, fit
 from hamengine.errors import ConfigError
@@ -43,7 +43,9 @@ def test_resize_batch_keeps_dtype_and_memory_format(dtype):
 
 def test_onecycle_rises_then_falls_linearly_to_zero():
     cfg = TrainConfig(epochs=10, schedule=Schedule.ONECYCLE, warmup_epochs=1.0)
-    f = lr_factor(cfg, 10)  # 100 steps, warm-up max(1, 0.2 x 10) = 2 epochs = 20 steps
+    def f(i):
+        return lr_at(i, cfg, cfg.epochs, 10)
+    # 100 steps, warm-up max(1, 0.2 x 10) = 2 epochs = 20 steps
     vals = [f(i) for i in range(100)]
     peak = vals.index(max(vals))
     assert peak == 19 and vals[19] == 1.0
@@ -54,11 +56,11 @@ def test_onecycle_rises_then_falls_linearly_to_zero():
 
 
 def test_onecycle_peak_moves_the_peak_and_keeps_the_warmup_floor():
-    early = lr_factor(TrainConfig(epochs=40, schedule=Schedule.ONECYCLE, warmup_epochs=2.0, onecycle_peak=0.0), 10)
-    vals = [early(i) for i in range(400)]
+    early = TrainConfig(epochs=40, schedule=Schedule.ONECYCLE, warmup_epochs=2.0, onecycle_peak=0.0)
+    vals = [lr_at(i, early, 40, 10) for i in range(400)]
     assert vals.index(max(vals)) == 19  # --warmup-epochs 2 alone: the peak at epoch 2 (FFCV's)
-    later = lr_factor(TrainConfig(epochs=40, schedule=Schedule.ONECYCLE, warmup_epochs=2.0, onecycle_peak=0.1), 10)
-    vals = [later(i) for i in range(400)]
+    later = TrainConfig(epochs=40, schedule=Schedule.ONECYCLE, warmup_epochs=2.0, onecycle_peak=0.1)
+    vals = [lr_at(i, later, 40, 10) for i in range(400)]
     assert vals.index(max(vals)) == 39 and vals[-1] < 0.01  # 10% of 40 epochs; still 0 at the end
     with pytest.raises(ConfigError, match="--onecycle-peak"):
         TrainConfig(onecycle_peak=1.0).check()

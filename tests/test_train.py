@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 
 from hamengine.config import AugPreset, Balance, LoaderKind, TrainConfig, from_dict, to_dict
+from hamengine.engine.train.optim import default_lr, lr_at
 from hamengine.engine.train.trainer import FitOptions, fit
 
 
@@ -40,6 +41,11 @@ def test_hamnet_learns_well_above_chance(pack, tmp_path):
                 "img_per_s", "data_ms", "step_ms", "lr"):
         assert all(r[key] is not None for r in rows), key
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # The LR is lr_at(step) of the plan, set before every step: each row holds its epoch's last step's.
+    steps = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["state"]
+    per_epoch = int(next(iter(steps.values()))["step"]) // 12  # AdamW counts every step
+    want = [default_lr(cfg) * lr_at(e * per_epoch - 1, cfg, 12, per_epoch) for e in range(1, 13)]
+    assert [r["lr"] for r in rows] == pytest.approx(want, rel=1e-9)
     assert json.loads((out / "config.json").read_text()) == to_dict(cfg)
     assert from_dict(TrainConfig, json.loads((out / "config.json").read_text())) == cfg
     env = json.loads((out / "env.json").read_text())

@@ -3,7 +3,7 @@ bit-identical to an uninterrupted run's (CPU, fp32, --deterministic). The interr
 named step (HAMENGINE_HOOKS, see hamengine/hooks.py), not after a guessed sleep.
 
 The guarantee is at epoch boundaries: last.pt is written after each completed epoch with model,
-optimizer, scheduler, EMA, every RNG state and the epoch; the resumed run redoes the killed epoch
+optimizer, EMA, every RNG state and the epoch; the resumed run redoes the killed epoch
 from there. Loaders reshuffle and augment from (seed, epoch), so the redone epoch sees the same
 batches."""
 from __future__ import annotations

@@ -4,7 +4,7 @@
 Format (`format` = "hamengine-checkpoint", `version` = 1):
 - last.pt (written after every completed epoch; the exact resume point): epoch (completed epochs),
   config (hamengine.config.to_dict), classes, model_name, model (state dict, unwrapped from DDP /
-  torch.compile), ema (state dict or None), optimizer, scheduler, scaler (or None), rng (one entry
+  torch.compile), ema (state dict or None), optimizer, scaler (or None), rng (one entry
   per rank: torch / cuda / numpy / python states), best {metric, epoch}, epochs_since_best, metrics.
 - best.pt (written when the validation balanced accuracy improves): epoch, config, classes,
   model_name, model (the weights that were evaluated: EMA weights when EMA is on), metrics.

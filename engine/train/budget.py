@@ -126,8 +126,9 @@ def choose_epochs(cfg: TrainConfig, budget_s: float, setup_s: float, train_image
 
 
 def plan_budget(t: Any, started: float, replan: bool = True) -> BudgetPlan:
-    """Measure, choose cfg.epochs (unless resuming: the saved plan's epochs stay), set the deadline,
-    write RUN/budget.json and print the plan. The caller rebuilds the LR schedule for the epochs."""
+    """Measure, choose the epochs (unless resuming: config.json's planned epochs stay), set the
+    deadline, write RUN/budget.json and print the plan. Returns the plan; cfg is not changed (the
+    caller hands plan.epochs to the loop)."""
     cfg, ex, source = t.cfg, t.ex, t.source
     budget_s = parse_duration(cfg.budget)
     # Every side a plan of any length can use: the multiples of 32 from min_size's, and the target.
@@ -142,12 +143,13 @@ def plan_budget(t: Any, started: float, replan: bool = True) -> BudgetPlan:
     train_images = t.steps_per_epoch * cfg.batch_size
     probe_s = time.perf_counter() - started
     if replan:
-        cfg.epochs, planned = choose_epochs(cfg, budget_s, probe_s, train_images, train_ips, val_s, test_s)
+        epochs, planned = choose_epochs(cfg, budget_s, probe_s, train_images, train_ips, val_s, test_s)
     else:
-        planned = probe_s + test_s + sum(train_images / train_ips[s] + val_s for s in train_sizes(cfg, cfg.epochs))
+        epochs = cfg.epochs
+        planned = probe_s + test_s + sum(train_images / train_ips[s] + val_s for s in train_sizes(cfg, epochs))
     # Hard guard: stop training when only the test evaluation's time (with margin) is left.
     deadline = max(0.0, 0.98 * budget_s - 1.5 * test_s)
-    plan = BudgetPlan(budget_s, probe_s, cfg.epochs, train_ips, eval_ips, val_s, test_s, planned, deadline, started,
+    plan = BudgetPlan(budget_s, probe_s, epochs, train_ips, eval_ips, val_s, test_s, planned, deadline, started,
                       side_choice=getattr(t, "side_choice", None))
     if t.info.is_main:
         write_plan(t, plan)
@@ -156,7 +158,7 @@ def plan_budget(t: Any, started: float, replan: bool = True) -> BudgetPlan:
             est = ", ".join(f"{k}px ~{v}" for k, v in plan.side_choice["estimated_epochs"].items())
             t.say(f"[bold]budget side[/] estimated epochs {est} -> {plan.side_choice['why']}")
         t.say(f"[bold]budget[/] {budget_s:.0f} s: setup {probe_s:.1f} s, train img/s {ips}, val {val_s:.1f} s/epoch, "
-              f"test {test_s:.1f} s -> {cfg.epochs} epochs (estimate {planned:.0f} s, {FILL:.0%} of the budget); "
+              f"test {test_s:.1f} s -> {epochs} epochs (estimate {planned:.0f} s, {FILL:.0%} of the budget); "
               f"training stops by {deadline:.0f} s")
     return plan
 
@@ -206,7 +208,7 @@ def replan_due(plan: BudgetPlan, done: int) -> bool:
     return not late and done >= max(3, round(LATE_REPLAN * plan.epochs))
 
 
-def replan(t: Any, plan: BudgetPlan, elapsed_s: float, epoch_s: float, done: int) -> bool:
+def replan(t: Any, plan: BudgetPlan, elapsed_s: float, epoch_s: float, done: int) -> int:
     """Scale the per-epoch estimate by what the epochs really cost and choose the epochs again,
     counting the time already spent as spent. The probe misses loader, validation-loader and
     checkpoint/plot time.
@@ -217,7 +219,7 @@ def replan(t: Any, plan: BudgetPlan, elapsed_s: float, epoch_s: float, done: int
     used 75-94% of 20-minute budgets). The late re-plan (replan_due) falls about 10% into the run:
     moving the schedule's end there only re-slopes the remaining ramp or decay; no step already
     taken changes.
-    Returns whether cfg.epochs changed (the caller then re-targets the LR schedule)."""
+    Returns the epochs of the new plan (the caller hands them to the loop; cfg is not changed)."""
     cfg = t.cfg
     sizes = train_sizes(cfg, plan.epochs)
     images = t.steps_per_epoch * cfg.batch_size
@@ -238,10 +240,9 @@ def replan(t: Any, plan: BudgetPlan, elapsed_s: float, epoch_s: float, done: int
     epochs = max(epochs, done)
     plan.replanned_after.append(done)
     plan.planned_s = cost(epochs)
-    changed = epochs != cfg.epochs
-    cfg.epochs = plan.epochs = epochs
+    plan.epochs = epochs
     if t.info.is_main:
         write_plan(t, plan)
         t.say(f"budget: epoch {done} cost {plan.epoch_scale:.2f}x the estimate -> {epochs} epochs "
               f"(estimate {plan.planned_s:.0f} s)")
-    return changed
+    return epochs

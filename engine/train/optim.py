@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,32 +36,33 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Per-step multiplier: linear warm-up over warmup_epochs, then cosine to 0 (or constant).
+def lr_at(step: int, cfg: TrainConfig, epochs: int, steps_per_epoch: int) -> float:
+    """The LR multiplier at optimizer step `step` (0-based) of a run planned at `epochs` x
+    `steps_per_epoch`: a pure function, applied before every step as nanoGPT's get_lr(it). A --budget
+    re-plan hands the loop a new `epochs`; the steps already taken keep their rates, the rest follow.
 
-    onecycle: warm-up over max(warmup_epochs, onecycle_peak x epochs; 20% by default), then a straight
-    line to 0 at the last step (the triangular one-cycle of fast-training recipes such as airbench and
-    FFCV's, whose ResNet configs peak at epoch 2: no long tail at a tiny LR)."""
+    Linear warm-up over warmup_epochs, then cosine to 0 (or constant). onecycle: warm-up over
+    max(warmup_epochs, onecycle_peak x epochs; 20% by default), then a straight line to 0 at the last
+    step (the triangular one-cycle of fast-training recipes such as airbench and FFCV's, whose ResNet
+    configs peak at epoch 2: no long tail at a tiny LR)."""
     onecycle = cfg.schedule == Schedule.ONECYCLE
-    warm_epochs = max(cfg.warmup_epochs, cfg.onecycle_peak * cfg.epochs) if onecycle else cfg.warmup_epochs
+    warm_epochs = max(cfg.warmup_epochs, cfg.onecycle_peak * epochs) if onecycle else cfg.warmup_epochs
     warm = max(0, round(warm_epochs * steps_per_epoch))
-    total = max(1, cfg.epochs * steps_per_epoch)
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == Schedule.CONSTANT:
-            return 1.0
-        if onecycle:
-            return max(0.0, (total - step) / max(1, total - warm))
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return f
+    total = max(1, epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == Schedule.CONSTANT:
+        return 1.0
+    if onecycle:
+        return max(0.0, (total - step) / max(1, total - warm))
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:
+    """Every parameter group at its base LR (as built from the config) x factor."""
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = base * factor
 
 
 def class_weights(labels: np.ndarray, num_classes: int, beta: float | None = None) -> torch.Tensor:

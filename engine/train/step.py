@@ -1,4 +1,4 @@
-"""The training step: forward under autocast, loss, backward, clip, optimizer, scheduler, EMA.
+"""The training step: forward under autocast, loss, backward, clip, optimizer, EMA.
 
 `fit` (engine/train/trainer.py) runs it once per batch; `bench train` times exactly this step.
 """
@@ -48,18 +48,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 class TrainStep:
-    """forward (autocast) -> loss -> backward (GradScaler for fp16) -> clip -> optimizer -> scheduler
-    -> EMA. With a compiled model, the first call compiles; a compile failure falls back to the
+    """forward (autocast) -> loss -> backward (GradScaler for fp16) -> clip -> optimizer -> EMA (the
+    loop sets the LR before each step: optim.lr_at). With a compiled model, the first call compiles; a compile failure falls back to the
     eager model with one warning and the step is redone eagerly."""
 
     def __init__(self, model: nn.Module, eager: nn.Module, optimizer: torch.optim.Optimizer,
                  criterion: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
-                 scheduler: Any = None, scaler: torch.amp.GradScaler | None = None,
+                 scaler: torch.amp.GradScaler | None = None,
                  grad_clip: float | None = None, ema: EMA | None = None):
         self.model, self.eager = model, eager
         self.compiled = model is not eager
         self.optimizer, self.criterion, self.device = optimizer, criterion, device
-        self.amp_dtype, self.scheduler, self.scaler = amp_dtype, scheduler, scaler
+        self.amp_dtype, self.scaler = amp_dtype, scaler
         self.grad_clip, self.ema = grad_clip, ema
         self.calls = 0
         self.compile_failed: str | None = None
@@ -81,8 +81,6 @@ class TrainStep:
             if self.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
         return loss.detach()

@@ -33,7 +33,7 @@ from hamengine.engine.train import distributed as D
 from hamengine.engine.train.budget import replan_due
 from hamengine.engine.train.data import PackSource
 from hamengine.engine.train.logger import EpochMeter, LiveDisplay
-from hamengine.engine.train.optim import build_criterion, build_optimizer, build_scheduler
+from hamengine.engine.train.optim import build_criterion, build_optimizer, lr_at, set_lr
 from hamengine.engine.train.prefetch import ThreadPrefetcher
 from hamengine.engine.train.resize import resize_batch, size_for_epoch
 from hamengine.engine.train.signals import StopRequest
@@ -100,7 +100,8 @@ class Trainer:
     steps_per_epoch: int
     model: nn.Module  # the plain module (not DDP-wrapped, not compiled): what checkpoints hold
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    base_lrs: list[float]  # each param group's LR as built from the config; the LR is base x lr_at(step)
+    epochs: int  # the planned length: cfg.epochs, or what --budget planned (re-plans hand a new one)
     scaler: torch.amp.GradScaler | None
     ema: EMA | None
     step: TrainStep | None = None
@@ -136,7 +137,7 @@ def fit(cfg: TrainConfig, opts: FitOptions | None = None) -> dict[str, Any]:
         interrupted = False
         with StopRequest() as stop, LiveDisplay(opts.console, enabled=info.is_main) as display:
             epoch = t.progress.epoch
-            while epoch < cfg.epochs:  # not range(): a --budget re-plan after epochs 1-2 changes cfg.epochs
+            while epoch < t.epochs:  # not range(): a --budget re-plan after epochs 1-2 changes t.epochs
                 res = train_one_epoch(t, epoch, display, stop)
                 if res.interrupted:
                     interrupted = True
@@ -214,7 +215,7 @@ def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.de
                                   meta_missing=torch.from_numpy(schema.missing()) if schema else None))
     optimizer = build_optimizer(model, cfg)
     t = Trainer(cfg, opts, info, ex, run, source, classes, train_loader, val_loader, steps, model, optimizer,
-                scheduler=build_scheduler(optimizer, cfg, steps),
+                base_lrs=[g["lr"] for g in optimizer.param_groups], epochs=cfg.epochs,
                 scaler=torch.amp.GradScaler(device.type) if ex.amp_dtype == torch.float16 else None,
                 ema=EMA(model, cfg.ema) if cfg.ema else None, meta_schema=schema, side_choice=side_choice)
     if cfg.resume:
@@ -259,15 +260,20 @@ def run_shape(cfg: TrainConfig, source: Any, world_size: int) -> RunShape:
 
 
 def apply_budget(t: Trainer) -> None:
-    """--budget: plan the epochs (a new run) and rebuild the LR schedule and step for them."""
+    """--budget: plan the epochs (a new run; a resumed one keeps config.json's) and hand them to the loop."""
     from hamengine.engine.train.budget import plan_budget
 
     t.budget = plan_budget(t, t.started, replan=not t.cfg.resume)
     if not t.cfg.resume:
-        t.scheduler = build_scheduler(t.optimizer, t.cfg, t.steps_per_epoch)
-        t.step = build_step(t)
-        if t.info.is_main:
-            t.run.write_config(t.cfg)  # config.json: the planned epochs (what a resume continues)
+        follow_plan(t, t.budget.epochs)
+
+
+def follow_plan(t: Trainer, epochs: int) -> None:
+    """The loop, the LR schedule (lr_at reads t.epochs) and progressive resizing follow `epochs`;
+    config.json records it (what a resume continues)."""
+    t.epochs = epochs
+    if t.info.is_main:
+        t.run.write_config(dataclasses.replace(t.cfg, epochs=epochs))
 
 
 def replan_budget(t: Trainer, done: int) -> None:
@@ -275,7 +281,6 @@ def replan_budget(t: Trainer, done: int) -> None:
     re-choose the epochs from their real cost and re-target the LR schedule (same step count so far;
     the remaining steps follow the new length)."""
     from hamengine.engine.train.budget import replan
-    from hamengine.engine.train.optim import lr_factor
 
     # The same measurement on every rank (averaged), so all ranks choose the same epochs.
     now = time.perf_counter() - t.started
@@ -286,10 +291,9 @@ def replan_budget(t: Trainer, done: int) -> None:
         epoch_s = (now - t.budget_mark) / (done - 1)
     (elapsed, epoch_s) = D.all_reduce_sum([now, epoch_s], t.info, t.ex.device)
     world = t.info.world_size
-    if replan(t, t.budget, elapsed / world, epoch_s / world, done):
-        t.scheduler.lr_lambdas = [lr_factor(t.cfg, t.steps_per_epoch) for _ in t.scheduler.lr_lambdas]
-        if t.info.is_main:
-            t.run.write_config(t.cfg)
+    epochs = replan(t, t.budget, elapsed / world, epoch_s / world, done)
+    if epochs != t.epochs:
+        follow_plan(t, epochs)
 
 
 def check_splits(cfg: TrainConfig, source: Any) -> None:
@@ -304,7 +308,7 @@ def restore(t: Trainer) -> None:
     state = load_checkpoint(t.run.last)
     t.model.load_state_dict(state["model"])
     t.optimizer.load_state_dict(state["optimizer"])
-    t.scheduler.load_state_dict(state["scheduler"])
+    # No scheduler state: the LR is lr_at(step) of the plan, and the step follows from the epoch.
     if t.scaler is not None and state.get("scaler"):
         t.scaler.load_state_dict(state["scaler"])
     if t.ema is not None and state.get("ema"):
@@ -351,7 +355,7 @@ def build_step(t: Trainer) -> TrainStep:
     train_model: nn.Module = D.wrap_ddp(t.model, t.info, t.ex.device)  # t.model itself on one process
     compiled = torch.compile(train_model) if t.ex.compile else train_model
     criterion = build_criterion(t.cfg, t.source.labels("train"), len(t.classes)).to(t.ex.device)
-    return TrainStep(compiled, train_model, t.optimizer, criterion, t.ex.device, t.ex.amp_dtype, t.scheduler,
+    return TrainStep(compiled, train_model, t.optimizer, criterion, t.ex.device, t.ex.amp_dtype,
                      t.scaler, t.cfg.grad_clip, t.ema)
 
 
@@ -372,11 +376,11 @@ def train_one_epoch(t: Trainer, epoch: int, display: LiveDisplay, stop: StopRequ
     total = t.steps_per_epoch
     first = epoch == t.progress.epoch  # first epoch of this process: compile / warm-up steps
     meter = EpochMeter(warmup_steps=min(3, total - 1) if first else 0)
-    display.start_epoch(f"epoch {epoch + 1}/{cfg.epochs}", total)
+    display.start_epoch(f"epoch {epoch + 1}/{t.epochs}", total)
     t.step.model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n, last_loss, interrupted, budget_stop = 0, None, False, False
-    side = size_for_epoch(epoch, cfg.epochs, cfg.progressive_min_size, cfg.size, cfg.progressive_end)
+    side = size_for_epoch(epoch, t.epochs, cfg.progressive_min_size, cfg.size, cfg.progressive_end)
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
     it = iter(batches)
@@ -402,6 +406,7 @@ def train_one_epoch(t: Trainer, epoch: int, display: LiveDisplay, stop: StopRequ
         images = resize_batch(images, side)  # progressive resizing (a no-op at the loader's size)
         if meta:  # --meta: [N, M]; whole fields blanked at random (metadata dropout)
             meta = [drop_fields(meta[0], t.meta_schema, cfg.meta_dropout)]
+        set_lr(t.optimizer, t.base_lrs, lr_at(epoch * total + n, cfg, t.epochs, total))  # before the step
         loss_sum += t.step(images, labels, *meta)
         n += 1
         fire("train.step", epoch=epoch + 1, step=n)
@@ -494,14 +499,14 @@ def save(t: Trainer, epoch: int, res: EpochResult, val: dict[str, Any], display:
             save_checkpoint({**meta, "model": t.eval_model.state_dict(), "metrics": row}, t.run.best)
         save_checkpoint({**meta, "model": unwrap(t.model).state_dict(),
                          "ema": t.ema.state_dict() if t.ema else None,
-                         "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+                         "optimizer": t.optimizer.state_dict(),
                          "scaler": t.scaler.state_dict() if t.scaler else None, "rng": rngs,
                          "best": {"metric": p.best, "epoch": p.best_epoch},
                          "epochs_since_best": p.since_best, "metrics": row}, t.run.last)
         plot_curves(p.rows, t.run.plots / "curves.png", title=f"{cfg.model} — {t.run.path.name}")
         auc = "n/a" if val["macro_auc"] is None else f"{val['macro_auc']:.3f}"
         display.log(
-            f"epoch {p.epoch:>3}/{cfg.epochs}  loss {res.loss:.3f}  val loss {val['loss']:.3f}  "
+            f"epoch {p.epoch:>3}/{t.epochs}  loss {res.loss:.3f}  val loss {val['loss']:.3f}  "
             f"acc {val['accuracy']:.3f}  bal acc {val['balanced_accuracy']:.3f}  auc {auc}  "
             f"{timing['img_per_s']:.0f} img/s  data {timing['data_ms']:.0f} ms / step {timing['step_ms']:.0f} ms"
             f"{'  *best*' if improved else ''}")
