@@ -10,8 +10,16 @@ from typing import Any
 import click
 
 from hamengine.commands.bench_tta import bench_tta
-from hamengine.commands.common import command_line, console, emit_json, err_console, int_list, say
-from hamengine.config import PACK_LOADERS, AugPreset, CompileMode, Precision
+from hamengine.commands.common import (
+    command_line,
+    config_options,
+    console,
+    emit_json,
+    err_console,
+    int_list,
+    say,
+)
+from hamengine.config import AugPreset, Precision, TrainConfig, from_dict
 
 
 @click.group()
@@ -154,40 +162,26 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
 
 # ---------------------------------------------------------------- train
 
+# The training options `bench train` times: declared once, on TrainConfig (as `train` shows them).
+BENCH_TRAIN_FIELDS = ("model", "loader", "size", "batch_size", "amp_dtype", "channels_last", "compile", "workers",
+                      "device")
+
 @bench.command("train")
 @click.option("--pack", type=click.Path(), required=True, help="Pack folder to read the train split from.")
-@click.option("--model", default="resnet50", show_default=True, help="Model name (see `hamengine models`).")
-@click.option("--loader", type=click.Choice(list(PACK_LOADERS)), default="auto", show_default=True,
-              help="Loader kind.")
-@click.option("--size", type=int, default=224, show_default=True, help="Input side in pixels.")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Batch size.")
+@config_options(TrainConfig, only=BENCH_TRAIN_FIELDS)
 @click.option("--steps", type=click.IntRange(1), default=30, show_default=True, help="Timed steps per measurement.")
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True,
               help="Untimed warm-up steps (compile).")
-@click.option("--amp-dtype", "--dtype", "amp_dtype", type=click.Choice([p.value for p in Precision]), default="auto",
-              show_default=True, help="Autocast dtype: auto = as `train` decides it (CPU: measured, bf16 only where "
-              "it is >= 1.1x fp32; CUDA: bf16, else fp16); bf16/fp16 force it; fp32 = no autocast.")
-@click.option("--compile", "compile_mode", type=click.Choice([m.value for m in CompileMode]), default="auto",
-              show_default=True, help="torch.compile: auto = on with CUDA; on CPU only when the measured steps "
-              "could pay for the compile (never for a bench this short); on/off force it.")
-@click.option("--channels-last/--no-channels-last", default=None,
-              help="Memory format [default: auto: channels_last on CUDA; on CPU the faster of the two, measured].")
 @click.option("--prefetch/--no-prefetch", default=None,
               help="Background-thread prefetch, as `train --prefetch` [default: off].")
-@click.option("--workers", type=int, default=0, show_default=True, help="Loader workers/threads (0 = all cores).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--out", type=click.Path(), default=None, help="Also write the JSON result to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def bench_train(pack: str, model: str, loader: str, size: int, batch_size: int, steps: int, warmup: int,
-                amp_dtype: str, compile_mode: str, channels_last: bool | None, prefetch: bool | None,
-                workers: int, device: str, out: str | None, as_json: bool) -> None:
+def bench_train(pack: str, steps: int, warmup: int, prefetch: bool | None, out: str | None, as_json: bool,
+                **train_options: Any) -> None:
     """Training-step throughput with the real loader vs synthetic on-device batches (stall_ratio)."""
     from hamengine.bench.train import run_bench_train
-    from hamengine.config import LoaderKind, TrainConfig
 
-    cfg = TrainConfig(pack=pack, model=model, loader=LoaderKind(loader), size=size, batch_size=batch_size,
-                      amp=amp_dtype != "fp32", amp_dtype=Precision(amp_dtype), compile=CompileMode(compile_mode),
-                      channels_last=channels_last, workers=workers, device=device)
+    cfg = from_dict(TrainConfig, {"pack": pack, **train_options}, where="options")
     res = run_bench_train(cfg, steps, warmup, prefetch, log=say(as_json))
     _write(out, res)
     if as_json:

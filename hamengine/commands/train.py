@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
-import types
-import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from hamengine.commands.common import console, emit_json, err_console
+from hamengine.commands.common import config_options, console, emit_json, err_console
 from hamengine.config import OnResume, TrainConfig, resume_conflicts, to_dict
 from hamengine.engine.runtime.run import RunDir
 from hamengine.errors import ConfigError
@@ -37,46 +33,6 @@ def models(size: int, as_json: bool) -> None:
     for i in infos:
         table.add_row(i["name"], f"{i['params'] / 1e6:.2f} M", f"{i['gflops']:.2f}", i["description"])
     console.print(table)
-
-
-def _optional_inner(tp: Any) -> Any:
-    """`float | None` -> float."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
-
-
-def config_options(cls: type = TrainConfig) -> Callable[[Callable], Callable]:
-    """One click option per field of `cls` declared with hamengine.config.option: help, default,
-    choices (from the enum type) and flag names come from the field, so options are defined once."""
-    hints = typing.get_type_hints(cls)
-    defaults = cls()
-    decorators = []
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if "help" not in meta:
-            continue
-        tp, default = _optional_inner(hints[f.name]), getattr(defaults, f.name)
-        if meta["sub"]:  # the option sets one key of a nested config
-            tp, default = typing.get_type_hints(tp)[meta["sub"]], getattr(default, meta["sub"])
-        decl = meta["flag"] or "--" + f.name.replace("_", "-")
-        kw: dict[str, Any] = {"default": default, "help": meta["help"], "show_default": True}
-        if isinstance(tp, type) and issubclass(tp, enum.Enum):
-            kw.update(type=click.Choice(list(meta["choices"] or [m.value for m in tp])), default=default.value)
-        elif tp is bool and "/" not in decl:  # `--a/--no-a` is a boolean flag already
-            kw["is_flag"] = True
-        elif meta["path"]:
-            kw["type"] = click.Path()
-        else:
-            kw["type"] = tp
-        if meta["default_help"]:
-            kw.update(help=f"{meta['help']}  [default: {meta['default_help']}]", show_default=False)
-        decorators.append(click.option(decl, f.name, **kw))
-
-    def apply(fn: Callable) -> Callable:
-        for decorate in reversed(decorators):
-            fn = decorate(fn)
-        return fn
-    return apply
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
