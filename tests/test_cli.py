@@ -107,3 +107,18 @@ def test_no_top_level_packages_leak():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     assert importlib.util.find_spec("hamengine.engine") is not None
+
+
+def test_bench_train_options_are_trains_own():
+    """`bench train` declares no training option by hand: the ones it times are train's, with
+    train's names, defaults, choices and help (generated from TrainConfig)."""
+    from hamengine.commands.bench import BENCH_TRAIN_FIELDS, bench
+    from hamengine.commands.train import train
+
+    ours = {p.name: p for p in bench.commands["train"].params}
+    theirs = {p.name: p for p in train.params}
+    for name in BENCH_TRAIN_FIELDS:
+        a, b = ours[name], theirs[name]
+        assert (a.opts, a.secondary_opts, a.default, a.help) == (b.opts, b.secondary_opts, b.default, b.help), name
+        assert getattr(a.type, "choices", None) == getattr(b.type, "choices", None), name
+    assert ours["batch_size"].default == 32  # train's, no longer a bench-only 128
