@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from hamengine.config import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
-from hamengine.runtime import cpu_count
+from hamengine.loaders.ffcv.export import beton_for
+from hamengine.loaders.pack.records import Pack
+from hamengine.runtime import cpu_count, resolve_device
 
 NATIVE_KINDS = {"ffcv-native": "raw", "ffcv-native-jpg": "jpg"}
 
@@ -46,9 +48,6 @@ class FFCVNative:
             ToTorchImage,
         )
 
-        from hamengine.loaders.ffcv.export import beton_for
-        from hamengine.loaders.pack.records import Pack
-        from hamengine.runtime import resolve_device
 
         pack = Pack(pack_dir)
         self.device = resolve_device(device)

@@ -26,9 +26,13 @@ from typing import Any
 import numpy as np
 
 from hamengine.bench import BenchError
-from hamengine.bench.ffcv_native import NATIVE_KINDS
-from hamengine.config import LoaderKind
-from hamengine.errors import UserError
+from hamengine.bench.ffcv_native import NATIVE_KINDS, FFCVNative
+from hamengine.config import AugConfig, LoaderConfig, LoaderKind, MemoryFormat, TrainConfig
+from hamengine.engine.runtime.environment import hardware
+from hamengine.engine.runtime.execution import resolve_execution
+from hamengine.errors import ConfigError, UserError
+from hamengine.loaders import build_loader
+from hamengine.loaders.ffcv.export import export_ffcv
 
 # The engine's kinds (the `folder` baseline first) and the FFCV peer's own pipelines (bench/ffcv_native.py).
 KINDS = (LoaderKind.FOLDER.value, *(k.value for k in LoaderKind if k not in (LoaderKind.AUTO, LoaderKind.FOLDER)),
@@ -68,9 +72,6 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
 
     import torch
 
-    from hamengine.bench.ffcv_native import FFCVNative
-    from hamengine.config import LoaderConfig
-    from hamengine.loaders import build_loader
 
     native = NATIVE_KINDS.get(kind)
     decodes = kind == "resident" or native == "raw"  # builds a resident cache: cold = in a scratch folder
@@ -78,7 +79,6 @@ def time_loader(kind: str, pack: str, split: str, cfg_kw: dict[str, Any], device
     cfg = LoaderConfig(kind="auto" if native else kind, **cfg_kw, **({"cache_dir": scratch} if scratch else {}))
     t0 = time.perf_counter()
     if cold and (kind == "ffcv" or native):
-        from hamengine.loaders.ffcv.export import export_ffcv
 
         # the export is part of FFCV's set-up (raw: with the resident cache decode it reads)
         try:
@@ -215,8 +215,6 @@ def resolve_bench_dtype(b: LoaderBench) -> tuple[str, str, str | None]:
     the plan's reason; a forced dtype keeps the loaders' own format rule (channels_last on CUDA)."""
     if b.dtype != "auto":
         return b.dtype, "auto", None
-    from hamengine.config import TrainConfig
-    from hamengine.engine.runtime.execution import resolve_execution
 
     ex = resolve_execution(TrainConfig(model="hamnet", size=b.size, batch_size=b.batch_size, device=b.device))
     fmt = "channels_last" if ex.channels_last else "contiguous"
@@ -228,9 +226,6 @@ def run_bench_loader(b: LoaderBench, plot: str | None = None,
                      log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Time each loader of `b`; returns {"results": [...], ratios, hardware, "notes": [...]}. A
     loader that cannot run is a BenchError naming it; a missing optional FFCV is a note."""
-    from hamengine.config import AugConfig, MemoryFormat
-    from hamengine.engine.runtime.environment import hardware
-    from hamengine.errors import ConfigError
 
     kinds = list(b.kinds)
     bad = [k for k in kinds if k not in KINDS]

@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from hamengine.bench import BenchError
+from hamengine.config import PackConfig
+from hamengine.engine.runtime.environment import hardware
+from hamengine.errors import ConfigError
+from hamengine.runtime import cpu_count
 
 _CHILD = "from hamengine.bench.pack import _child; _child()"
 
 
 def _child() -> None:
     """Child entry: pack per the JSON config in argv[1]; print timing and ru_maxrss as JSON."""
-    from hamengine.config import PackConfig
     from hamengine.loaders.pack.writer import pack_dataset
 
     cfg = PackConfig(**json.loads(sys.argv[1]))
@@ -96,9 +99,6 @@ def run_bench_pack(source: Path, worker_counts: list[int], size: int = 256, qual
                    tmp_dir: Path | None = None, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Pack `source` once per worker count (0 = all cores) into a temporary folder, removed
     afterwards; returns {"results": [...] with speedup over the first count, hardware, ...}."""
-    from hamengine.engine.runtime.environment import hardware
-    from hamengine.errors import ConfigError
-    from hamengine.runtime import cpu_count
 
     if not worker_counts or min(worker_counts) < 0:
         raise ConfigError(f"--workers {','.join(map(str, worker_counts)) or '(none)'}: give worker counts >= 0 "

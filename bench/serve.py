@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from hamengine.bench import BenchError
+from hamengine.engine.runtime.environment import hardware
+from hamengine.errors import ConfigError
 
 
 def free_port() -> int:
@@ -128,8 +130,6 @@ def run_bench_serve(run: Path, image: bytes, levels: list[int], n_requests: int 
                     max_batch: int = 8, warmup: int = 5,
                     log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Start `hamengine serve RUN` on a free loopback port and measure each concurrency level."""
-    from hamengine.engine.runtime.environment import hardware
-    from hamengine.errors import ConfigError
 
     if not levels or min(levels) < 1:
         raise ConfigError(f"--concurrency levels must be >= 1 (got {','.join(map(str, levels)) or 'none'})")

@@ -15,6 +15,14 @@ import torch
 from torch import nn
 
 from hamengine.config import LoaderKind, TrainConfig
+from hamengine.engine.runtime.environment import hardware
+from hamengine.engine.runtime.execution import RunShape, configure_backends, resolve_execution
+from hamengine.engine.train.data import PackSource
+from hamengine.engine.train.optim import build_optimizer
+from hamengine.engine.train.prefetch import ThreadPrefetcher
+from hamengine.engine.train.step import TrainStep
+from hamengine.loaders.kinds.base import DTYPES
+from hamengine.models import create_model
 
 
 def _sync(device: torch.device) -> None:
@@ -41,12 +49,6 @@ def _timed(step, batches: Iterator, n: int, device: torch.device) -> tuple[float
 def run_bench_train(cfg: TrainConfig, steps: int = 30, warmup: int = 5, prefetch: bool | None = None,
                     log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Measure with the engine's own TrainStep, execution choices and loader wiring (engine/train/trainer.py)."""
-    from hamengine.engine.runtime.environment import hardware
-    from hamengine.engine.runtime.execution import RunShape, configure_backends, resolve_execution
-    from hamengine.engine.train.optim import build_optimizer
-    from hamengine.engine.train.step import TrainStep
-    from hamengine.loaders.kinds.base import DTYPES
-    from hamengine.models import create_model
 
     cfg.check()
     ex = resolve_execution(cfg, shape=RunShape(images=(steps + warmup) * 2 * cfg.batch_size))
@@ -105,8 +107,6 @@ def run_bench_train(cfg: TrainConfig, steps: int = 30, warmup: int = 5, prefetch
 def _time_loader(cfg: TrainConfig, lcfg, step, device: torch.device, steps: int, warmup: int, prefetch: bool,
                  log: Callable[[str], None]) -> tuple[float, float, int, str, float]:
     """(wall s, data-wait s, images, loader kind, set-up s) of the real loader feeding `step`."""
-    from hamengine.engine.train.data import PackSource
-    from hamengine.engine.train.prefetch import ThreadPrefetcher
 
     t = time.perf_counter()
     loader = PackSource(cfg.pack).loader("train", lcfg, device, 0, 1)

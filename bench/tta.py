@@ -29,10 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hamengine.config import LoaderKind, parse_duration
+from hamengine.config import LoaderKind, TrainConfig, from_dict, parse_duration
+from hamengine.engine.runtime.environment import hardware
 from hamengine.engine.runtime.run import RunDir
+from hamengine.engine.train.data import PackSource
+from hamengine.engine.train.trainer import FitOptions, fit
 from hamengine.errors import ConfigError
-from hamengine.recipes import RECIPES
+from hamengine.fileio import atomic_write_text
+from hamengine.recipes import RECIPES, apply_recipe
 
 CLOCK = "train time, evaluation excluded"
 BASELINE = "baseline"  # the recipe every other one is compared with (versus_baseline)
@@ -134,7 +138,6 @@ class RecordingSource:
     come from the per-file `folder` loader over the original download (the baseline)."""
 
     def __init__(self, pack: str, originals: str | None = None):
-        from hamengine.engine.train.data import PackSource
 
         self.inner = PackSource(pack)
         self.originals = originals
@@ -159,8 +162,6 @@ class RecordingSource:
 # ---------------------------------------------------------------- runs
 
 def build_config(spec: TTASpec, recipe: str, seed: int):
-    from hamengine.config import TrainConfig, from_dict
-    from hamengine.recipes import apply_recipe
 
     data = {**spec.overrides, "pack": str(spec.pack), "out": str(run_path(spec, recipe, seed)),
             "budget": spec.budget, "seed": seed, "device": spec.device}
@@ -169,7 +170,6 @@ def build_config(spec: TTASpec, recipe: str, seed: int):
 
 def run_one(spec: TTASpec, recipe: str, seed: int, console=None) -> dict[str, Any]:
     """One fit; its TTA record. A failure is recorded (error) rather than raised."""
-    from hamengine.engine.train.trainer import FitOptions, fit
 
     run = RunDir(run_path(spec, recipe, seed))
     record: dict[str, Any] = {"recipe": recipe, "seed": seed, "run": str(run.path), "loader": None, "error": None,
@@ -267,8 +267,6 @@ def run_bench_tta(spec: TTASpec, log: Callable[[str], None] = lambda _m: None, c
 
     tta.json is rewritten (atomically) after every run with `complete: false`, so an interrupted
     bench keeps the runs it finished; the last write says `complete: true` and names the plot."""
-    from hamengine.engine.runtime.environment import hardware
-    from hamengine.fileio import atomic_write_text
 
     budget_s = check_spec(spec)
     machine = hardware()  # at the start: the commit (and versions) that the runs are made with

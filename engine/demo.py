@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from hamengine.config import Balance, LoaderKind, PackConfig, TrainConfig
+from hamengine.engine.train.trainer import FitOptions, fit
 
 
 @dataclass
@@ -34,7 +35,6 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
-    from hamengine.engine.train.trainer import FitOptions, fit
     from hamengine.loaders.ingest.synth import synthesize
     from hamengine.loaders.pack.writer import pack_dataset
 

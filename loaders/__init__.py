@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hamengine.loaders.kinds.base import Loader
+
 __all__ = ["build_loader", "Loader"]
 
 
@@ -19,7 +21,6 @@ def __getattr__(name: str) -> Any:
 
         return build_loader
     if name == "Loader":
-        from hamengine.loaders.kinds.base import Loader
 
         return Loader
     raise AttributeError(f"module 'hamengine.loaders' has no attribute {name!r}")

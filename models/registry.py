@@ -10,6 +10,7 @@ from torch import nn
 
 from hamengine.errors import ConfigError
 from hamengine.models.hamnet import HamNet
+from hamengine.models.meta import MetaFusion
 from hamengine.models.pretrained import PretrainedError, imagenet_state_dict, load_backbone, read_weights_file
 from hamengine.models.wrappers import unwrap
 
@@ -69,7 +70,6 @@ def create_model(name: str, num_classes: int = 7, pretrained: bool = False,
                                   "(a hamengine checkpoint) or train from scratch")
         load_backbone(model, imagenet_state_dict(name), spec.head, f"ImageNet weights of {name}")
     if meta_missing is not None:
-        from hamengine.models.meta import MetaFusion
 
         model = MetaFusion(model, spec.head[0], meta_missing, num_classes)
     return model
@@ -79,7 +79,6 @@ def gradcam_target_layer(model: nn.Module, name: str) -> nn.Module:
     """The module whose output Grad-CAM uses (last spatial features) for architecture `name`.
     Accepts compiled (`_orig_mod`) and DDP (`module`) wrappers, and a metadata-fused model (the
     image branch: its backbone)."""
-    from hamengine.models.meta import MetaFusion
 
     plain = unwrap(model)
     return get_spec(name).gradcam(plain.backbone if isinstance(plain, MetaFusion) else plain)

@@ -29,9 +29,12 @@ from hamengine.config import (
     Precision,
 )
 from hamengine.engine.evaluate import calibration, metrics
+from hamengine.engine.evaluate import plots_eval as pe
 from hamengine.engine.evaluate.predict import LoadedRun, load_run, predict_batch, run_default
 from hamengine.engine.runtime.run import RunDir, RunError, check_split
 from hamengine.fileio import atomic_write_bytes
+from hamengine.loaders import build_loader
+from hamengine.loaders.pack.records import Pack, PackError
 
 SUBMISSION = "isic2018_submission.csv"
 GROUND_TRUTH = "isic2018_ground_truth.csv"
@@ -68,7 +71,6 @@ class SplitPredictions:
 
 
 def resolve_pack(run: LoadedRun, override: str | None):
-    from hamengine.loaders.pack.records import Pack, PackError
 
     ref = override or run.config.get("pack")
     if not ref:
@@ -89,7 +91,6 @@ def check_no_training_images(run: LoadedRun, pack, split: str, unchecked: bool) 
     fingerprint, recorded in env.json at training) has lesion-disjoint splits by construction.
     Another pack is checked image id by image id against the training pack's train split when that
     pack is still there unchanged; otherwise refused unless `unchecked`. Returns how it was checked."""
-    from hamengine.loaders.pack.records import Pack, PackError
 
     trained = (RunDir(run.run).read_env() or {}).get("pack_fingerprint")
     if trained is None:
@@ -120,7 +121,6 @@ def eval_loader(pack, split: str, size: int, opts: EvalOptions, device: torch.de
                 memory_format: torch.memory_format = torch.contiguous_format):
     """The split's eval loader: (images [B, 3, S, S], labels [B]) in storage order, unaugmented; with a
     --meta run's schema also metadata [B, M] encoded as the run was trained (whatever pack it is)."""
-    from hamengine.loaders import build_loader
 
     # fp32 batches: evaluation precision matters more than its speed (see predict_batch).
     fmt = MemoryFormat.CHANNELS_LAST if memory_format == torch.channels_last else MemoryFormat.CONTIGUOUS
@@ -214,7 +214,6 @@ def make_plots(out: Path, sp: SplitPredictions, probs: np.ndarray, m: dict[str, 
                ) -> dict[str, Path]:
     from PIL import Image
 
-    from hamengine.engine.evaluate import plots_eval as pe
 
     c = sp.classes
     paths = {"confusion_matrix": out / "confusion_matrix.png", "roc": out / "roc.png",

@@ -19,12 +19,26 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hamengine.config import CLASSES, IMAGENET_MEAN, IMAGENET_STD, TTA, CheckpointName, StrEnum
+from hamengine.config import (
+    CLASS_NAMES,
+    CLASSES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TTA,
+    CheckpointName,
+    StrEnum,
+    TrainConfig,
+)
 from hamengine.engine.evaluate.calibration import Adjustment, load_adjustment
 from hamengine.engine.runtime.checkpoint import CheckpointError, load_checkpoint, model_weights
+from hamengine.engine.runtime.execution import resolve_execution
 from hamengine.engine.runtime.run import RunDir, RunError
 from hamengine.loaders.ingest.imaging import BadImage, open_rgb
 from hamengine.loaders.ingest.metadata import MetadataError, MetaSchema
+from hamengine.loaders.kinds.torch_loader import eval_transform
+from hamengine.models import create_model
+from hamengine.models.meta import MetaFusion
+from hamengine.models.wrappers import unwrap
 from hamengine.runtime import resolve_device
 
 
@@ -55,8 +69,6 @@ def predict_batch(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.NONE,
 
 
 def is_meta_model(model: nn.Module) -> bool:
-    from hamengine.models.meta import MetaFusion
-    from hamengine.models.wrappers import unwrap
 
     return isinstance(unwrap(model), MetaFusion)
 
@@ -83,7 +95,6 @@ class LoadedRun:
 def run_default(config: Mapping[str, Any], key: str, given: Any, kind: type[StrEnum]) -> Any:
     """`given`, or (None) what the run was trained to be judged with: config.json's `key` (`checkpoint`,
     `test_tta`), or the TrainConfig default for runs written before the key existed."""
-    from hamengine.config import TrainConfig
 
     value = given if given is not None else config.get(key) or getattr(TrainConfig, key, None)
     try:
@@ -114,7 +125,6 @@ def load_run(run: str | Path, checkpoint: CheckpointName | str | None = None,
              device: str | torch.device = "auto") -> LoadedRun:
     """Model of a run, in eval mode on `device`. Architecture and input size from RUN/config.json;
     checkpoint None: the weights the run is judged by (config.json `checkpoint`)."""
-    from hamengine.models import create_model
 
     run = Path(run)
     if not run.is_dir():
@@ -150,8 +160,6 @@ def load_run(run: str | Path, checkpoint: CheckpointName | str | None = None,
 def inference_execution(config: Mapping[str, Any], model_name: str, size: int, device: torch.device) -> Any:
     """The run's model as eval/predict/explain/serve run it: resolve_execution's inference plan
     (fp32, eager; memory format measured for this model, side and batch, or the run's forced one)."""
-    from hamengine.config import TrainConfig
-    from hamengine.engine.runtime.execution import resolve_execution
 
     forced = config.get("channels_last")
     cfg = TrainConfig(model=model_name, size=size, batch_size=int(config.get("batch_size") or 32),
@@ -174,7 +182,6 @@ def run_meta_schema(run_dir: RunDir, config: dict[str, Any]) -> MetaSchema | Non
 def eval_crop(im: Image.Image, size: int) -> torch.Tensor:
     """RGB image -> uint8 [3, S, S]: the loaders' eval transform (shorter side to S, antialiased
     bilinear, center crop), so a file predicts as its packed copy evaluates."""
-    from hamengine.loaders.kinds.torch_loader import eval_transform
 
     img = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # 3 x H x W
     return eval_transform(img, size)
@@ -285,7 +292,6 @@ class Predictor:
         return results
 
     def top_k(self, probs: np.ndarray, k: int = 3) -> list[dict[str, Any]]:
-        from hamengine.config import CLASS_NAMES
 
         order = np.argsort(-probs, kind="stable")[: max(1, min(k, len(self.classes)))]
         return [{"dx": self.classes[c], "name": CLASS_NAMES.get(self.classes[c], self.classes[c]),

@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hamengine.config import TrainConfig
+from hamengine.engine.runtime.execution import resolve_execution
+from hamengine.engine.runtime.hostplan import CACHE_FILE, cache_dir
 from hamengine.runtime import cpu_count
 
 
@@ -93,9 +96,6 @@ def doctor_report() -> dict[str, Any]:
 def execution_plan(model: str = "hamnet", size: int = 128, batch_size: int = 32, device: str = "auto") -> dict[str, Any]:
     """What `train --model MODEL --size SIZE --batch-size B` would run here with every option on
     auto (resolve_execution, probe included): the record, its explanation and the cache file."""
-    from hamengine.config import TrainConfig
-    from hamengine.engine.runtime.execution import resolve_execution
-    from hamengine.engine.runtime.hostplan import CACHE_FILE, cache_dir
 
     ex = resolve_execution(TrainConfig(model=model, size=size, batch_size=batch_size, device=device))
     return {**ex.record(), "lines": ex.explain(), "cache": str(cache_dir() / CACHE_FILE)}

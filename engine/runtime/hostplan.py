@@ -29,6 +29,7 @@ from torch import nn
 
 from hamengine.config import Precision
 from hamengine.fileio import atomic_write_text
+from hamengine.models import create_model
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 CACHE_FILE = "host-plan.json"
@@ -155,7 +156,6 @@ def measure(model_name: str, size: int, batch: int, candidates: Sequence[Candida
     the full batch (an emulated-bf16 resnet18 step at batch 32 takes ~40 s: it is screened out on a
     step a quarter of that). A screened-out candidate's entry is its screened rate. `reference`: the
     best rate already known for this shape (cached candidates), which screens too."""
-    from hamengine.models import create_model
 
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is untouched (a run's seed stream)
         torch.manual_seed(0)

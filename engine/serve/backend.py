@@ -26,7 +26,10 @@ from PIL import Image
 
 from hamengine.config import CLASS_NAMES
 from hamengine.engine.runtime.run import RunDir
+from hamengine.engine.serve.gradcam import explain_image
 from hamengine.errors import UserError
+from hamengine.loaders.ingest.imaging import BadImage
+from hamengine.loaders.ingest.metadata import MetadataError
 
 
 class InputError(UserError, ValueError):
@@ -75,7 +78,6 @@ class PredictorBackend:
 
     def encode_meta(self, meta: dict[str, Any]) -> Any:
         """float32 [M] for one request's {age, sex, localization}; InputError names a bad field."""
-        from hamengine.loaders.ingest.metadata import MetadataError
 
         try:
             enc = self.predictor.encode_meta([meta])
@@ -84,7 +86,6 @@ class PredictorBackend:
         return None if enc is None else enc[0]
 
     def prepare(self, image: Image.Image):
-        from hamengine.loaders.ingest.imaging import BadImage
 
         try:
             return self.predictor.preprocess(image)[1]  # float [3, S, S], normalized (EXIF applied)
@@ -101,8 +102,6 @@ class PredictorBackend:
         return self.predictor.predict_tensor(torch.stack(prepared), meta)  # float64 [N, C]
 
     def explain(self, image: Image.Image, dx: str | None) -> tuple[bytes, str]:
-        from hamengine.engine.serve.gradcam import explain_image
-        from hamengine.loaders.ingest.imaging import BadImage
 
         target = self.classes.index(dx) if dx is not None else None
         try:

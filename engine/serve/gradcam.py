@@ -18,6 +18,8 @@ from torch import nn
 
 from hamengine.config import CLASS_NAMES
 from hamengine.errors import ConfigError
+from hamengine.loaders.ingest.imaging import BadImage
+from hamengine.models import gradcam_target_layer
 
 
 class GradCAM:
@@ -85,7 +87,6 @@ class Explanation:
 
 def explain_tensor(predictor, x: torch.Tensor, target: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Normalized batch [N, 3, S, S] -> (cams [N, S, S], target classes [N]) with the predictor's model."""
-    from hamengine.models import gradcam_target_layer
 
     layer = gradcam_target_layer(predictor.model, predictor.model_name)
     cam = GradCAM(predictor.model, layer)
@@ -160,7 +161,6 @@ def explain_files(run: str | Path, images: Sequence[str | Path], out: str | Path
                   checkpoint: str | None = None, device: str = "auto") -> dict:
     """`hamengine explain`: a panel PNG per readable image plus contact_sheet.png in `out`."""
     from hamengine.engine.evaluate.predict import Predictor
-    from hamengine.loaders.ingest.imaging import BadImage
 
     predictor = Predictor(run, checkpoint=checkpoint, device=device)
     classes = tuple(predictor.classes)

@@ -8,6 +8,8 @@ import html
 import json
 from typing import Any
 
+from hamengine.config import CLASS_NAMES
+
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -197,7 +199,6 @@ def meta_fields(meta: dict[str, Any] | None) -> str:
 
 def render_page(info: dict[str, Any]) -> str:
     """The page with the model line, upload limit and class names filled in (all escaped)."""
-    from hamengine.config import CLASS_NAMES
 
     model_line = f"model {info.get('model')} · run {info.get('run')} · {info.get('input_size')} px"
     names = {c["dx"]: c["name"] for c in info.get("classes", [])} or dict(CLASS_NAMES)

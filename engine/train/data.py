@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from hamengine.config import LoaderConfig
+from hamengine.loaders import build_loader
+from hamengine.loaders.pack.records import Pack
 
 
 class PackSource:
     """Batches from a pack through hamengine.loaders.build_loader (the loader contract)."""
 
     def __init__(self, pack: str | Path):
-        from hamengine.loaders.pack.records import Pack
 
         self.pack = Pack(pack)
         self.classes = tuple(self.pack.classes)
@@ -30,6 +31,5 @@ class PackSource:
         return self.pack.labels(split)
 
     def loader(self, split: str, cfg: LoaderConfig, device: torch.device, rank: int = 0, world_size: int = 1):
-        from hamengine.loaders import build_loader
 
         return build_loader(self.pack, split, cfg, device, rank=rank, world_size=world_size)

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from hamengine.config import CLASS_NAMES
 from hamengine.engine.runtime.run import RunDir, RunError, check_split
+from hamengine.fileio import atomic_write_bytes
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -274,7 +275,6 @@ def model_card(run: Path, cfg: dict[str, Any], m: dict[str, Any] | None, manifes
 
 def write_report(run: str | Path, split: str = "test") -> dict[str, Any]:
     """RUN/report.md (figures linked) and RUN/report.html (figures embedded)."""
-    from hamengine.fileio import atomic_write_bytes
 
     check_split(split)
     rd = RunDir(run)

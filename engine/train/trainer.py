@@ -27,10 +27,11 @@ from torch import nn
 
 from hamengine.config import CLASSES, Decision, TrainConfig, parse_duration, to_dict
 from hamengine.engine.runtime.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from hamengine.engine.runtime.environment import hardware
 from hamengine.engine.runtime.execution import Execution, RunShape, configure_backends, resolve_execution
 from hamengine.engine.runtime.run import RunDir
 from hamengine.engine.train import distributed as D
-from hamengine.engine.train.budget import replan_due
+from hamengine.engine.train.budget import choose_side, plan_budget, replan, replan_due
 from hamengine.engine.train.data import PackSource
 from hamengine.engine.train.logger import EpochMeter, LiveDisplay
 from hamengine.engine.train.optim import build_criterion, build_optimizer, lr_at, set_lr
@@ -41,7 +42,8 @@ from hamengine.engine.train.step import EMA, TrainStep, autocast
 from hamengine.errors import ConfigError
 from hamengine.fileio import atomic_write_text
 from hamengine.hooks import fire
-from hamengine.loaders.ingest.metadata import drop_fields
+from hamengine.loaders.ingest.metadata import MetaSchema, drop_fields
+from hamengine.models import create_model
 from hamengine.models.wrappers import unwrap
 
 
@@ -181,7 +183,6 @@ def seed_all(seed: int) -> None:
 def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.device,
           loaders: list[Any]) -> Trainer:
     """Run folder, seeds, loaders, model, optimizer, resume, run files, DDP/compile: ready to train."""
-    from hamengine.models import create_model
 
     run = RunDir(cfg.out)
     if info.is_main:
@@ -234,7 +235,6 @@ def setup(cfg: TrainConfig, opts: FitOptions, info: D.DistInfo, device: torch.de
 def choose_budget_side(cfg: TrainConfig, source: Any, info: D.DistInfo, device: torch.device) -> dict[str, Any] | None:
     """--budget with --budget-sides (a new, single-process run): set cfg.size to the side the host
     can train for enough epochs, from the same measured plan resolve_execution uses at each side."""
-    from hamengine.engine.train.budget import choose_side
 
     if not (cfg.budget and cfg.budget_sides) or cfg.resume:
         return None
@@ -261,7 +261,6 @@ def run_shape(cfg: TrainConfig, source: Any, world_size: int) -> RunShape:
 
 def apply_budget(t: Trainer) -> None:
     """--budget: plan the epochs (a new run; a resumed one keeps config.json's) and hand them to the loop."""
-    from hamengine.engine.train.budget import plan_budget
 
     t.budget = plan_budget(t, t.started, replan=not t.cfg.resume)
     if not t.cfg.resume:
@@ -280,7 +279,6 @@ def replan_budget(t: Trainer, done: int) -> None:
     """After epoch `done` (1, 2, and once about 10% in: budget.replan_due) of a --budget run:
     re-choose the epochs from their real cost and re-target the LR schedule (same step count so far;
     the remaining steps follow the new length)."""
-    from hamengine.engine.train.budget import replan
 
     # The same measurement on every rank (averaged), so all ranks choose the same epochs.
     now = time.perf_counter() - t.started
@@ -322,7 +320,6 @@ def restore(t: Trainer) -> None:
 
 def write_run_files(t: Trainer) -> None:
     """config.json, env.json; on resume, metrics.jsonl cut back to the checkpoint's epoch."""
-    from hamengine.engine.runtime.environment import hardware
 
     t.run.write_config(t.cfg)
     t.run.write_env({**hardware(), **t.ex.record(), "world_size": t.info.world_size,
@@ -337,7 +334,6 @@ def write_run_files(t: Trainer) -> None:
 
 def meta_schema_of(cfg: TrainConfig, source: Any) -> Any:
     """--meta: the pack's metadata encoding (a resumed run keeps the one it started with)."""
-    from hamengine.loaders.ingest.metadata import MetaSchema
 
     if not cfg.meta:
         return None

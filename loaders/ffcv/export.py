@@ -52,6 +52,7 @@ from hamengine.loaders.ffcv.rows import (
     resident_cache_file,
     writer_class,
 )
+from hamengine.loaders.kinds.base import verify_shards
 from hamengine.loaders.pack.ffcv_record import (
     DIR_NAME,
     FORMAT,
@@ -249,7 +250,6 @@ def _export_locked(pack: Pack, out_dir: Path, progress: bool, mode: ExportMode =
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from hamengine.loaders.kinds.base import verify_shards
 
     splits = pack.splits
     for split in splits:

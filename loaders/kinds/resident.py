@@ -53,6 +53,7 @@ from hamengine.loaders.kinds.base import (
     verify_shards,
 )
 from hamengine.loaders.kinds.stream import StreamPrefetcher
+from hamengine.loaders.kinds.torch_loader import worker_context
 from hamengine.loaders.pack.records import Pack, PackError
 
 CACHE_VERSION = 1
@@ -388,7 +389,6 @@ class ResidentLoader(Loader):
         self.cache = self.maker.cache  # interleaved for the OpenCV kernel: the planar copy is freed
         self._dl: DataLoader | None = None
         if pooled:
-            from hamengine.loaders.kinds.torch_loader import worker_context
 
             self._dl = DataLoader(_BatchDataset(self.maker), sampler=_BatchSampler(self), batch_size=None,
                                   num_workers=workers, persistent_workers=True, prefetch_factor=PREFETCH,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hamengine.errors import UserError
+from hamengine.loaders.ingest.metadata import MetaSchema, fit_schema
 from hamengine.loaders.pack.tario import TarIndexError, index_path_for, read_index
 
 if TYPE_CHECKING:
@@ -248,7 +249,6 @@ class Pack:
     def meta_schema(self) -> MetaSchema:
         """The metadata encoding of this pack: the manifest's `metadata` record (packs written before it
         existed: fitted now from the train split's rows, as `pack` would have)."""
-        from hamengine.loaders.ingest.metadata import MetaSchema, fit_schema
 
         rec = self.manifest.get("metadata")
         if rec is not None:
