@@ -23,6 +23,7 @@ from hamengine.bench import BenchError
 from hamengine.config import PackConfig
 from hamengine.engine.runtime.environment import hardware
 from hamengine.errors import ConfigError
+from hamengine.loaders.pack.writer import pack_dataset
 from hamengine.runtime import cpu_count
 
 _CHILD = "from hamengine.bench.pack import _child; _child()"
@@ -30,7 +31,6 @@ _CHILD = "from hamengine.bench.pack import _child; _child()"
 
 def _child() -> None:
     """Child entry: pack per the JSON config in argv[1]; print timing and ru_maxrss as JSON."""
-    from hamengine.loaders.pack.writer import pack_dataset
 
     cfg = PackConfig(**json.loads(sys.argv[1]))
     start = time.perf_counter()

@@ -304,7 +304,9 @@ def plot_tta(result: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hamengine.engine.evaluate.plots_eval import save_figure
+    from hamengine.engine.evaluate.plots_eval import (
+        save_figure,  # lazy: matplotlib only when a figure is drawn
+    )
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = {name: f"C{i}" for i, name in enumerate(result["recipes"])}

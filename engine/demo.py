@@ -15,6 +15,8 @@ from rich.console import Console
 
 from hamengine.config import Balance, LoaderKind, PackConfig, TrainConfig
 from hamengine.engine.train.trainer import FitOptions, fit
+from hamengine.loaders.ingest.synth import synthesize
+from hamengine.loaders.pack.writer import pack_dataset
 
 
 @dataclass
@@ -35,8 +37,6 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
-    from hamengine.loaders.ingest.synth import synthesize
-    from hamengine.loaders.pack.writer import pack_dataset
 
     console = console or Console()
     root = Path(cfg.workdir)

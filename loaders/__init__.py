@@ -17,10 +17,11 @@ __all__ = ["build_loader", "Loader"]
 
 def __getattr__(name: str) -> Any:
     if name == "build_loader":
-        from hamengine.loaders.build import build_loader
+        from hamengine.loaders.build import (
+            build_loader,  # lazy: `import hamengine.loaders` stays light until a loader is built
+        )
 
         return build_loader
     if name == "Loader":
-
         return Loader
     raise AttributeError(f"module 'hamengine.loaders' has no attribute {name!r}")

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from hamengine.engine.evaluate.evaluator import write_json
 from hamengine.engine.runtime.run import RunDir, RunError, check_split
 
 
@@ -56,7 +57,9 @@ def plot_compare(rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hamengine.engine.evaluate.plots_eval import save_figure
+    from hamengine.engine.evaluate.plots_eval import (
+        save_figure,  # lazy: matplotlib only when a figure is drawn
+    )
 
     names = [r["run"] for r in rows]
     y = np.arange(len(rows))
@@ -99,7 +102,6 @@ def compare_runs(runs: list[str | Path], split: str = "test", out: str | Path | 
     if out is not None:
         out = Path(out)
         res["figure"] = str(plot_compare(rows, out / "compare.png"))
-        from hamengine.engine.evaluate.evaluator import write_json
 
         res["json"] = str(write_json(out / "compare.json", {k: v for k, v in res.items() if k != "json"}))
     return res

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from hamengine.config import CLASS_NAMES
+from hamengine.engine.evaluate.predict import Predictor
 from hamengine.engine.runtime.run import RunDir
 from hamengine.engine.serve.gradcam import explain_image
 from hamengine.errors import UserError
@@ -60,7 +61,6 @@ class PredictorBackend:
 
     def __init__(self, run_dir: str | Path, device: str = "auto", checkpoint: str | None = None,
                  tta: str | None = None):
-        from hamengine.engine.evaluate.predict import Predictor
 
         self.run_dir = Path(run_dir)
         self.predictor = Predictor(self.run_dir, checkpoint=checkpoint, device=device, tta=tta)

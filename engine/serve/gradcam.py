@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from hamengine.config import CLASS_NAMES
+from hamengine.engine.evaluate.predict import Predictor
 from hamengine.errors import ConfigError
 from hamengine.loaders.ingest.imaging import BadImage
 from hamengine.models import gradcam_target_layer
@@ -124,7 +125,9 @@ def save_panel(e: Explanation, name: str, classes: Sequence[str], path: Path) ->
     """Input crop and overlay side by side, one PNG."""
     import matplotlib.pyplot as plt
 
-    from hamengine.engine.evaluate.plots_eval import save_figure
+    from hamengine.engine.evaluate.plots_eval import (
+        save_figure,  # lazy: matplotlib only when a figure is drawn
+    )
 
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.8))
     axes[0].imshow(e.crop)
@@ -141,7 +144,9 @@ def save_contact_sheet(items: Sequence[tuple[str, Explanation]], classes: Sequen
                        cols: int = 4) -> Path:
     import matplotlib.pyplot as plt
 
-    from hamengine.engine.evaluate.plots_eval import save_figure
+    from hamengine.engine.evaluate.plots_eval import (
+        save_figure,  # lazy: matplotlib only when a figure is drawn
+    )
 
     n = max(1, len(items))
     cols = min(cols, n)
@@ -160,7 +165,6 @@ def save_contact_sheet(items: Sequence[tuple[str, Explanation]], classes: Sequen
 def explain_files(run: str | Path, images: Sequence[str | Path], out: str | Path, dx: str | None = None,
                   checkpoint: str | None = None, device: str = "auto") -> dict:
     """`hamengine explain`: a panel PNG per readable image plus contact_sheet.png in `out`."""
-    from hamengine.engine.evaluate.predict import Predictor
 
     predictor = Predictor(run, checkpoint=checkpoint, device=device)
     classes = tuple(predictor.classes)

@@ -10,10 +10,11 @@ import matplotlib
 matplotlib.use("Agg")  # no display; safe in threads, servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hamengine.engine.evaluate.plots_eval import save_figure
+
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Loss (train, val), validation accuracy / balanced accuracy / macro AUC, and throughput."""
-    from hamengine.engine.evaluate.plots_eval import save_figure
 
     ep = [r["epoch"] for r in rows]
 

@@ -175,7 +175,7 @@ LIMITATIONS = [
 
 
 def build_blocks(run: Path, split: str = "test") -> tuple[list[Block], list[str]]:
-    from hamengine.engine.train.plots_train import plot_curves
+    from hamengine.engine.train.plots_train import plot_curves  # lazy: matplotlib only when a figure is drawn
 
     warnings: list[str] = []
     rd = RunDir(run)

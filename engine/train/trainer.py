@@ -26,6 +26,8 @@ from rich.console import Console
 from torch import nn
 
 from hamengine.config import CLASSES, Decision, TrainConfig, parse_duration, to_dict
+from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run
+from hamengine.engine.evaluate.metrics import classification_metrics
 from hamengine.engine.runtime.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hamengine.engine.runtime.environment import hardware
 from hamengine.engine.runtime.execution import Execution, RunShape, configure_backends, resolve_execution
@@ -455,7 +457,6 @@ def evaluate(model: nn.Module, batches: Iterable, ex: Execution, info: D.DistInf
              classes: tuple[str, ...] = CLASSES, max_steps: int = 0) -> dict[str, Any]:
     """Validation during training, in the training precision. Every rank scores its shard; the
     probabilities are gathered so that AUC and balanced accuracy cover the whole split."""
-    from hamengine.engine.evaluate.metrics import classification_metrics
 
     y, p, loss_sum = collect_predictions(model, batches, ex.device, ex.amp_dtype, max_steps)
     y, p = D.gather_arrays([y, p], info)
@@ -470,7 +471,7 @@ def evaluate(model: nn.Module, batches: Iterable, ex: Execution, info: D.DistInf
 
 def save(t: Trainer, epoch: int, res: EpochResult, val: dict[str, Any], display: LiveDisplay) -> None:
     """The epoch's metrics line, best.pt when it improved, last.pt (for resume), the curves."""
-    from hamengine.engine.train.plots_train import plot_curves
+    from hamengine.engine.train.plots_train import plot_curves  # lazy: matplotlib only when a figure is drawn
 
     first = epoch == t.progress.epoch
     if first:
@@ -531,7 +532,6 @@ def test_evaluation(t: Trainer) -> dict[str, Any]:
     """The run's judged weights (cfg.checkpoint: best or last) on the test split through `evaluate_run`,
     exactly as `hamengine eval` scores them (same metrics.json, predictions, ISIC files and figures in
     RUN/eval-test/)."""
-    from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run
 
     start = time.perf_counter()
     # --decision val-bias: per-class biases are fitted on val predictions of the same weights (same

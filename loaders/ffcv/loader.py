@@ -101,7 +101,11 @@ class FFCVLoader(Loader):
             image_ops = [CenterCropRGBImageDecoder((s, s), ratio=1.0)]
         label_ops = [IntDecoder(), ToTensor()]  # int64 [N, 1]
         if self.fused:
-            from hamengine.loaders.ffcv.ops import RandomVerticalFlip, ToNCHW, lookup_table
+            from hamengine.loaders.ffcv.ops import (  # lazy: FFCV (an optional extra) only when its pipeline is built
+                RandomVerticalFlip,
+                ToNCHW,
+                lookup_table,
+            )
 
             if self.augment and self.aug.vflip:
                 image_ops.append(RandomVerticalFlip())

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from hamengine.config import LoaderConfig
+from hamengine.loaders.kinds.resident import cache_path, cache_shape, load_or_build_cache
 from hamengine.loaders.pack.ffcv_record import FFCVExportError
 from hamengine.loaders.pack.records import Pack
 from hamengine.runtime import cpu_count
@@ -92,7 +93,6 @@ def resident_cache_file(pack: Pack, split: str, size: int, cache_dir: str | None
     """The resident cache file for output side `size` (built now if missing): raw mode's pixels."""
     import torch
 
-    from hamengine.loaders.kinds.resident import cache_path, cache_shape, load_or_build_cache
 
     h, w = cache_shape(pack, split, size)
     path = cache_path(pack, split, h, w, cache_dir)

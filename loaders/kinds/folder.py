@@ -19,6 +19,7 @@ from torchvision import transforms as T
 
 from hamengine.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, AugPreset, LoaderConfig
 from hamengine.errors import ConfigError
+from hamengine.loaders.ingest.sources import load_source, read_image_bytes
 from hamengine.loaders.kinds.base import Batch, Loader, shutdown_workers
 from hamengine.loaders.kinds.torch_loader import _PlanSampler, worker_context
 from hamengine.loaders.pack.records import Pack
@@ -48,7 +49,6 @@ class FolderDataset(Dataset):
         return len(self.refs)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        from hamengine.loaders.ingest.sources import read_image_bytes
 
         i, seed = item
         torch.manual_seed(seed)
@@ -59,7 +59,6 @@ class FolderDataset(Dataset):
 
 def source_refs(pack: Pack, split: str, source: str) -> list[str]:
     """Image references in `source` for the pack's split, in the pack's storage order."""
-    from hamengine.loaders.ingest.sources import load_source
 
     table = load_source(source, allow_missing=True)
     by_id = dict(zip(table.df["image_id"], table.df["image"], strict=True))
