@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from hamengine.commands.common import print_error
 from hamengine.errors import UserError
 
 # name -> "module:attribute". Order here is the order in --help.
@@ -64,7 +65,6 @@ class LazyGroup(click.Group):
         the library under it) is printed as `error: <message>` and exits with its exit_code. An
         OSError (an output folder that cannot be written) is shown the same way. Anything else is a
         bug and keeps its traceback."""
-        from hamengine.commands.common import print_error
 
         try:
             return super().invoke(ctx)

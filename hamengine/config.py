@@ -8,10 +8,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 from hamengine.errors import ConfigError
 from hamengine.recipes import RECIPES, recipe_help
@@ -475,7 +478,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
     try:
         if p.suffix == ".toml":
-            import tomllib
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
@@ -503,7 +505,6 @@ def parse_size(text: str) -> int:
 
 def parse_duration(text: str) -> float:
     """'90s' / '20m' / '1.5h' / '1h30m' / '600' (seconds) -> seconds (--budget)."""
-    import re
 
     t = str(text).strip().lower().replace(" ", "")
     units = {"h": 3600.0, "m": 60.0, "s": 1.0}

@@ -6,6 +6,7 @@ POSIX within one filesystem). On any error the temp file is removed and the old 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -65,7 +66,6 @@ def fsync_dir(path: str | Path) -> None:
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file, read in 4 MiB blocks."""
-    import hashlib
 
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from hamengine.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported lazily: `hamengine --help` must not pay for it
-    import torch
+    import torch  # lazy: torch (--help stays fast)
 
 
 def cpu_count() -> int:
@@ -26,7 +26,7 @@ def cpu_count() -> int:
 def resolve_device(pref: str | torch.device, local_rank: int = 0) -> torch.device:
     """'auto' -> cuda:<local_rank> when CUDA is present, else cpu; cpu, cuda, cuda:N as asked.
     Asking for CUDA where there is none is a ConfigError naming --device (every command uses this)."""
-    import torch
+    import torch  # lazy: torch (--help stays fast)
 
     if isinstance(pref, torch.device):
         return pref

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.table import Table
 
 from hamengine.commands.bench_tta import bench_tta
 from hamengine.commands.common import (
@@ -51,7 +52,7 @@ def _write(path: Path | str | None, result: dict[str, Any]) -> None:
 def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir: Path | None,
                result_file: Path | None, as_json: bool) -> None:
     """Pack SOURCE with each worker count; report images/s, peak RSS and the speedup over the first."""
-    from hamengine.bench.pack import run_bench_pack
+    from hamengine.bench.pack import run_bench_pack  # lazy: torch (--help stays fast)
 
     report = run_bench_pack(source, int_list("--workers", workers_list), size, quality, tmp_dir,
                             log=say(as_json))
@@ -60,7 +61,6 @@ def bench_pack(source: Path, workers_list: str, size: int, quality: int, tmp_dir
     if as_json:
         emit_json(report)
         return
-    from rich.table import Table
 
     results = report["results"]
     t = Table(title=f"hamengine pack, {results[0]['images']} images -> shorter side {size}")
@@ -118,7 +118,10 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
                  cold: bool, as_json: bool, plot: str | None) -> None:
     """Time each loader over the same pack, same images, same cores: images/s, p50/p99 batch latency,
     CPU per image, ratios to `folder` and to `ffcv`."""
-    from hamengine.bench.loader import LoaderBench, run_bench_loader
+    from hamengine.bench.loader import (  # lazy: torch (--help stays fast)
+        LoaderBench,
+        run_bench_loader,
+    )
 
     kinds = [k.strip() for k in loaders.split(",") if k.strip()]
     out = run_bench_loader(LoaderBench(pack=pack, kinds=kinds, source=source, split=split, aug=aug,
@@ -132,7 +135,6 @@ def bench_loader(pack: str, source: str | None, loaders: str, split: str, aug: s
     if as_json:
         emit_json(out)
         return
-    from rich.table import Table
 
     hw = out["hardware"]
     t = Table(title=f"bench loader: --aug {aug}, batch {batch_size}, {size}px, {batches} batches")
@@ -179,7 +181,7 @@ BENCH_TRAIN_FIELDS = ("model", "loader", "size", "batch_size", "amp_dtype", "cha
 def bench_train(pack: str, steps: int, warmup: int, prefetch: bool | None, out: str | None, as_json: bool,
                 **train_options: Any) -> None:
     """Training-step throughput with the real loader vs synthetic on-device batches (stall_ratio)."""
-    from hamengine.bench.train import run_bench_train
+    from hamengine.bench.train import run_bench_train  # lazy: torch (--help stays fast)
 
     cfg = from_dict(TrainConfig, {"pack": pack, **train_options}, where="options")
     res = run_bench_train(cfg, steps, warmup, prefetch, log=say(as_json))
@@ -221,7 +223,10 @@ def bench_serve(run: Path, n_requests: int, concurrency: str, image_path: Path |
                 max_batch: int, warmup: int, as_json: bool) -> None:
     """Requests/s and client latency p50/p99 of POST /api/predict against `hamengine serve RUN`
     started on a free loopback port (never exposed), at each concurrency level."""
-    from hamengine.bench.serve import run_bench_serve, synthetic_jpeg
+    from hamengine.bench.serve import (  # lazy: torch (--help stays fast)
+        run_bench_serve,
+        synthetic_jpeg,
+    )
 
     levels = int_list("--concurrency", concurrency)
     image = image_path.read_bytes() if image_path else synthetic_jpeg()
@@ -230,7 +235,6 @@ def bench_serve(run: Path, n_requests: int, concurrency: str, image_path: Path |
     if as_json:
         emit_json(report)
         return
-    from rich.table import Table
 
     table = Table(title=f"bench serve: {report['model']} on {report['device']} (max batch {max_batch})")
     for col in ("concurrency", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.table import Table
 
 from hamengine.commands.common import command_line, console, emit_json, err_console, int_list, say
 from hamengine.errors import ConfigError
@@ -49,7 +50,10 @@ def bench_tta(pack: str, recipes: str, budget: str, seeds: str, out: str, source
     """Train each recipe x seed under the same --budget; report the train-clock seconds (per-epoch
     validation excluded) to each val balanced-accuracy target, the best val and the final test
     balanced accuracy (lesion-bootstrap 95% CI). Writes OUT/tta.json and OUT/tta.png."""
-    from hamengine.bench.tta import TTASpec, run_bench_tta
+    from hamengine.bench.tta import (  # lazy: torch (--help stays fast)
+        TTASpec,
+        run_bench_tta,
+    )
 
     overrides: dict[str, Any] = {}
     if model:
@@ -73,7 +77,6 @@ def bench_tta(pack: str, recipes: str, budget: str, seeds: str, out: str, source
 
 
 def _table(result: dict[str, Any]) -> None:
-    from rich.table import Table
 
     keys = [f"{t:g}" for t in result["targets"]]
     t = Table(title=f"time to val balanced accuracy, budget {result['budget_s']:.0f} s ({result['clock']})")

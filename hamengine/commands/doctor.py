@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+from rich.table import Table
 
 from hamengine.commands.common import console, emit_json
 
@@ -17,14 +18,16 @@ def doctor(as_json: bool, model: str, size: int, batch_size: int, device: str) -
     pipelines can be built here, the CPU count, and the execution plan `train` chooses on this host:
     the CPU's capability (native bf16 or not), training img/s of each candidate (fp32 / bf16 x NCHW /
     channels_last; measured once, then read from the cache) and the choice with its reason."""
-    from hamengine.engine.runtime.environment import doctor_report, execution_plan
+    from hamengine.engine.runtime.environment import (  # lazy: torch (--help stays fast)
+        doctor_report,
+        execution_plan,
+    )
 
     report = doctor_report()
     plan = execution_plan(model, size, batch_size, device)
     if as_json:
         emit_json({**report, "plan": plan})
         return
-    from rich.table import Table
 
     table = Table(title="hamengine doctor", show_header=False)
     for key, value in report.items():

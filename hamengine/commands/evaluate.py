@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.table import Table
 
 from hamengine.commands.common import CKPT_CHOICES, CKPT_HELP, TTA_CHOICES, TTA_HELP, console, emit_json, fail
-from hamengine.config import PACK_LOADERS
+from hamengine.config import PACK_LOADERS, TTA, CheckpointName, LoaderKind
 
 RUN_ARG = click.Path(file_okay=False, path_type=Path)
 
@@ -43,9 +44,13 @@ def eval_run(run: Path, split: str, checkpoint: str | None, tta: str | None, fit
              no_meta: bool, no_plots: bool, as_json: bool) -> None:
     """Evaluate RUN on a pack split: metrics with lesion-bootstrap CIs, predictions.csv, an ISIC 2018
     Task 3 submission CSV and figures, all in RUN/eval-<split>/."""
-    from hamengine.config import TTA, CheckpointName, LoaderKind
-    from hamengine.engine.evaluate.evaluator import EvalOptions, evaluate_run
-    from hamengine.engine.train.report import metrics_table
+    from hamengine.engine.evaluate.evaluator import (  # lazy: torch (--help stays fast)
+        EvalOptions,
+        evaluate_run,
+    )
+    from hamengine.engine.train.report import (
+        metrics_table,  # lazy: torch (--help stays fast)
+    )
 
     opts = EvalOptions(split=split, checkpoint=CheckpointName(checkpoint) if checkpoint else None,
                        tta=TTA(tta) if tta else None, calibrate=calibrate,
@@ -93,11 +98,14 @@ def predict(run: Path, images: tuple[Path, ...], checkpoint: str | None, tta: st
     others still predicted; the exit status is non-zero if any file failed. A run trained with
     --meta also takes the patient's age, sex and the body site (optional: what is left out counts
     as unknown)."""
-    from rich.table import Table
 
-    from hamengine.engine.evaluate.predict import Predictor
-    from hamengine.loaders.ingest.imaging import BadImage
-    from hamengine.loaders.ingest.metadata import read_meta_csv
+    from hamengine.engine.evaluate.predict import (
+        Predictor,  # lazy: torch (--help stays fast)
+    )
+    from hamengine.loaders.ingest.imaging import BadImage  # lazy: torch (--help stays fast)
+    from hamengine.loaders.ingest.metadata import (
+        read_meta_csv,  # lazy: torch (--help stays fast)
+    )
 
     if meta_csv is not None and any(v is not None for v in (age, sex, site)):
         fail("give either --meta-csv or --age/--sex/--site, not both")
@@ -148,7 +156,9 @@ def predict(run: Path, images: tuple[Path, ...], checkpoint: str | None, tta: st
 def explain(run: Path, images: tuple[Path, ...], out: Path, dx: str | None, checkpoint: str | None, device: str,
             as_json: bool) -> None:
     """Grad-CAM overlays of RUN's decision for each IMAGE (the predicted class, or --class)."""
-    from hamengine.engine.serve.gradcam import explain_files
+    from hamengine.engine.serve.gradcam import (
+        explain_files,  # lazy: torch (--help stays fast)
+    )
 
     res = explain_files(run, list(images), out, dx=dx, checkpoint=checkpoint, device=device)
     if as_json:
@@ -172,7 +182,10 @@ def explain(run: Path, images: tuple[Path, ...], out: Path, dx: str | None, chec
 def compare(runs: tuple[Path, ...], split: str, out: Path | None, as_json: bool) -> None:
     """Compare evaluated RUNS side by side: balanced accuracy and macro AUC with 95% CIs, per-class
     recall, parameters, training img/s and wall time."""
-    from hamengine.engine.evaluate.compare import compare_runs, compare_table
+    from hamengine.engine.evaluate.compare import (  # lazy: torch (--help stays fast)
+        compare_runs,
+        compare_table,
+    )
 
     res = compare_runs(list(runs), split=split, out=out)
     if as_json:
@@ -190,7 +203,9 @@ def compare(runs: tuple[Path, ...], split: str, out: Path | None, as_json: bool)
 def report(run: Path, split: str, as_json: bool) -> None:
     """Write RUN/report.md and a self-contained RUN/report.html: curves, evaluation figures, config,
     environment and a model card."""
-    from hamengine.engine.train.report import write_report
+    from hamengine.engine.train.report import (
+        write_report,  # lazy: torch (--help stays fast)
+    )
 
     res = write_report(run, split=split)
     if as_json:

@@ -25,8 +25,10 @@ def export_ffcv(pack_dir: Path, mode: str, size: int | None, force: bool, as_jso
     """Export PACK to FFCV: PACK/<name>/<split>.beton per split (labels and order as the pack's),
     recorded with each file's sha256 in PACK/manifest.json under `exports.<name>` (the pack's
     fingerprint does not change). Each mode is its own export. Needs the `ffcv` extra."""
-    from hamengine.loaders.ffcv.export import export_ffcv as run_export
-    from hamengine.loaders.ffcv.export import export_name
+    from hamengine.loaders.ffcv.export import (
+        export_ffcv as run_export,  # lazy: torch (--help stays fast)
+    )
+    from hamengine.loaders.ffcv.export import export_name  # lazy: torch (--help stays fast)
 
     if size is not None and mode != "raw":
         fail("--size applies to --mode raw only (jpg and proportion store the pack's own resolution)", 2)

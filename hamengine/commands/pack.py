@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.progress import Progress
 from rich.table import Table
 
 from hamengine.commands.common import console, emit_json, err_console, fail
@@ -74,7 +75,9 @@ def pack(source: Path, out: Path, size: int, quality: int, keep_original: bool, 
          split_file: Path | None, seed: int, shard_size: str, workers: int, skip_bad: bool,
          allow_missing: bool, force: bool, max_pixels: int, formats: tuple[str, ...], as_json: bool) -> None:
     """Pack a HAM10000 folder into tar shards + DALI indexes + manifest (lesion-grouped, stratified split)."""
-    from hamengine.loaders.pack.writer import pack_dataset
+    from hamengine.loaders.pack.writer import (
+        pack_dataset,  # lazy: torch (--help stays fast)
+    )
 
     try:
         cfg = PackConfig(source=str(source), out=str(out), size=size, quality=quality,
@@ -87,7 +90,9 @@ def pack(source: Path, out: Path, size: int, quality: int, keep_original: bool, 
                                 log=lambda m: err_console.print(m, highlight=False))
         ffcv_export = None
         if "ffcv" in formats:
-            from hamengine.loaders.ffcv.export import export_ffcv
+            from hamengine.loaders.ffcv.export import (
+                export_ffcv,  # lazy: torch (--help stays fast)
+            )
 
             ffcv_export = export_ffcv(out, force=force, progress=not as_json,
                                       log=lambda m: err_console.print(m, highlight=False))
@@ -122,9 +127,8 @@ def pack(source: Path, out: Path, size: int, quality: int, keep_original: bool, 
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def verify(pack_dir: Path, quick: bool, as_json: bool) -> None:
     """Check every shard's sha256, index and sample (decode, label); exit 1 naming the first bad one."""
-    from rich.progress import Progress
 
-    from hamengine.loaders.pack.verify import verify_pack
+    from hamengine.loaders.pack.verify import verify_pack  # lazy: torch (--help stays fast)
 
     with Progress(console=err_console, disable=as_json, transient=True) as bar:
         task = bar.add_task("verifying shards", total=None)
@@ -147,7 +151,7 @@ def verify(pack_dir: Path, quick: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def inspect_pack(pack_dir: Path, as_json: bool) -> None:
     """Show a pack: class x split table, lesions per split, image sizes, bytes."""
-    from hamengine.loaders.pack.records import Pack
+    from hamengine.loaders.pack.records import Pack  # lazy: torch (--help stays fast)
 
     p = Pack(pack_dir)
     m = p.manifest
@@ -182,7 +186,11 @@ def inspect_pack(pack_dir: Path, as_json: bool) -> None:
 def _exports_summary(pack) -> dict:
     """{kind: {split: file, samples, bytes, sha256}} of the exports the manifest records (None for a
     record this version cannot read); {} when none."""
-    from hamengine.loaders.pack.ffcv_record import DIR_NAME, recorded_export, valid_record
+    from hamengine.loaders.pack.ffcv_record import (  # lazy: torch (--help stays fast)
+        DIR_NAME,
+        recorded_export,
+        valid_record,
+    )
 
     record = recorded_export(pack.manifest)
     if record is None:

@@ -64,10 +64,15 @@ def serve(run: Path, host: str, port: int, device: str, checkpoint: str | None, 
     try:
         import uvicorn
 
-        from hamengine.engine.serve.server import ServeLimits, create_app
+        from hamengine.engine.serve.server import (  # lazy: torch (--help stays fast)
+            ServeLimits,
+            create_app,
+        )
     except ImportError as exc:
         fail(f"serving needs the 'serve' extra ({exc.name} is missing): pip install 'hamengine[serve]'")
-    from hamengine.engine.evaluate.predict import weights_of
+    from hamengine.engine.evaluate.predict import (
+        weights_of,  # lazy: torch (--help stays fast)
+    )
 
     try:
         checkpoint = str(weights_of(run, checkpoint))

@@ -42,7 +42,10 @@ def synth(out: str, n: int, seed: int, size: str, workers: int, masks: bool, for
     """Write a synthetic HAM10000-shaped dataset: HAM10000_metadata.csv plus HAM10000_images_part_1/2,
     with HAM10000's class balance, several images per lesion and JPEGs whose class shows in the
     lesion's shape, border, colour and texture (the classes overlap, like real ones)."""
-    from hamengine.loaders.ingest.synth import synth_summary, synthesize
+    from hamengine.loaders.ingest.synth import (  # lazy: torch (--help stays fast)
+        synth_summary,
+        synthesize,
+    )
 
     wh = _parse_wh(size)
     if workers < 0:

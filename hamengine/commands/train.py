@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
+from rich.table import Table
 
 from hamengine.commands.common import config_options, console, emit_json, err_console
-from hamengine.config import OnResume, TrainConfig, resume_conflicts, to_dict
+from hamengine.config import OnResume, TrainConfig, from_dict, load_config_file, resume_conflicts, to_dict
 from hamengine.engine.runtime.run import RunDir
 from hamengine.errors import ConfigError
+from hamengine.recipes import apply_recipe
 
 
 @click.command()
@@ -19,13 +23,12 @@ from hamengine.errors import ConfigError
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def models(size: int, as_json: bool) -> None:
     """List the registered models with parameter count and GFLOPs (one image at --size)."""
-    from hamengine.models import list_models, model_info
+    from hamengine.models import list_models, model_info  # lazy: torch (--help stays fast)
 
     infos = [model_info(n, size) for n in list_models()]
     if as_json:
         emit_json(infos)
         return
-    from rich.table import Table
 
     table = Table(title=f"models (GFLOPs at {size}x{size}, 2 FLOPs per multiply-add)")
     for col in ("name", "params", "GFLOPs", "description"):
@@ -42,8 +45,6 @@ OPTION_FIELDS = tuple(name for name, f in _FIELDS.items() if "help" in f.metadat
 def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
     """TrainConfig defaults < recipe (--recipe, or `recipe` in the file) < saved run config (on
     --resume: it holds every resolved value) < --config file < flags given on the command line."""
-    from hamengine.config import from_dict, load_config_file
-    from hamengine.recipes import apply_recipe
 
     given = [k for k in OPTION_FIELDS
              if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
@@ -67,9 +68,7 @@ def resolve_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
 
 def _saved_config(out: str) -> TrainConfig | None:
     """The config.json of the run to resume; None when there is no run there (fit says so)."""
-    import json
 
-    from hamengine.config import from_dict
 
     run = RunDir(out)
     if not run.config_path.is_file():
@@ -107,7 +106,7 @@ def check_resume(run: RunDir, saved: TrainConfig, cfg: TrainConfig) -> None:
 
 def _moved_pack_problem(run: RunDir, saved: TrainConfig, cfg: TrainConfig) -> list[str]:
     """A --pack other than the saved path is fine when it is the same pack, moved (same fingerprint)."""
-    from hamengine.loaders.pack.records import Pack
+    from hamengine.loaders.pack.records import Pack  # lazy: torch (--help stays fast)
 
     recorded = (run.read_env() or {}).get("pack_fingerprint")
     if recorded is None or Pack(cfg.pack, check_files=False).fingerprint == recorded:
@@ -129,7 +128,10 @@ def _moved_pack_problem(run: RunDir, saved: TrainConfig, cfg: TrainConfig) -> li
 def train(ctx: click.Context, **params: Any) -> None:
     """Train a model on a pack into a run directory (config.json, metrics.jsonl, checkpoints/,
     plots/, eval-test/). Under torchrun each process trains a shard (DDP)."""
-    from hamengine.engine.train.trainer import FitOptions, fit
+    from hamengine.engine.train.trainer import (  # lazy: torch (--help stays fast)
+        FitOptions,
+        fit,
+    )
 
     cfg = resolve_config(ctx, params)
     # With --json, stdout carries only the JSON: progress and epoch lines go to stderr.
@@ -141,7 +143,6 @@ def train(ctx: click.Context, **params: Any) -> None:
 
 
 def report(summary: dict, as_json: bool) -> None:
-    import os
 
     if os.environ.get("RANK", "0") != "0":
         return
@@ -151,7 +152,6 @@ def report(summary: dict, as_json: bool) -> None:
     test = summary.get("test")
     if not test:
         return
-    from rich.table import Table
 
     which = (f"best checkpoint (epoch {summary['best_epoch']})" if test.get("checkpoint") == "best.pt"
              else f"final weights (epoch {summary['epochs']})")
@@ -178,7 +178,10 @@ def demo(workdir: str, n: int, epochs: int | None, seed: int, as_json: bool) -> 
     """End to end on CPU in a few minutes: synthesize HAM10000-like images, pack them, train
     hamnet (precision and memory format as measured on this host: bf16 where the CPU runs it
     natively, fp32 where bf16 is emulated), evaluate the test split, print the metrics and the run path."""
-    from hamengine.engine.demo import DemoConfig, run_demo
+    from hamengine.engine.demo import (  # lazy: torch (--help stays fast)
+        DemoConfig,
+        run_demo,
+    )
 
     cfg = DemoConfig(workdir=workdir, n=n, seed=seed)
     if epochs is not None:
