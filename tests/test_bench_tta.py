@@ -89,7 +89,7 @@ def _fake_fit(cfg, opts):
 
 
 def test_failed_recipe_is_recorded_and_the_others_still_run(loader_pack, tmp_path, monkeypatch):
-    import hamengine.engine.train.trainer as train
+    import hamengine.bench.tta as train  # run_one calls the `fit` imported there
 
     monkeypatch.setattr(train, "fit", _fake_fit)
     spec = TTASpec(pack=str(loader_pack), out=str(tmp_path / "tta"), budget="1m", recipes=["default", "fast"],
@@ -108,7 +108,7 @@ def test_failed_recipe_is_recorded_and_the_others_still_run(loader_pack, tmp_pat
 
 
 def test_table_shows_runs_failures_and_means(loader_pack, tmp_path, monkeypatch):
-    import hamengine.engine.train.trainer as train
+    import hamengine.bench.tta as train  # run_one calls the `fit` imported there
     from hamengine.commands.common import console
 
     monkeypatch.setattr(train, "fit", _fake_fit)
@@ -208,7 +208,7 @@ def test_size_override_keeps_a_progressive_floor_below_it(monkeypatch, tmp_path)
 
 def test_tta_json_keeps_finished_runs_when_the_bench_is_interrupted(loader_pack, tmp_path, monkeypatch):
     """After each run tta.json holds the runs so far (complete: false); an interruption keeps them."""
-    import hamengine.engine.train.trainer as train
+    import hamengine.bench.tta as train  # run_one calls the `fit` imported there
 
     calls = []
 
@@ -233,7 +233,7 @@ def test_tta_json_keeps_finished_runs_when_the_bench_is_interrupted(loader_pack,
 def test_an_interrupted_run_stops_the_bench(loader_pack, tmp_path, monkeypatch):
     """Ctrl-C inside a run: fit returns interrupted (last.pt kept); the bench records it and stops
     instead of starting the next run."""
-    import hamengine.engine.train.trainer as train
+    import hamengine.bench.tta as train  # run_one calls the `fit` imported there
 
     seeds = []
 
