@@ -9,6 +9,7 @@ from sklearn import metrics as skm
 
 from hamengine.config import CLASSES
 from hamengine.engine.evaluate import calibration, metrics
+from hamengine.engine.runtime.run import RunDir
 
 C = len(CLASSES)
 
@@ -144,7 +145,7 @@ def test_calibration_file_roundtrip(tmp_path) -> None:
     assert calibration.load_temperature(tmp_path) == 1.0
     calibration.save_calibration(tmp_path, 1.7, {"fitted_on": "val"})
     assert calibration.load_temperature(tmp_path) == pytest.approx(1.7)
-    (tmp_path / calibration.CALIBRATION_FILE).write_text("{not json")
+    RunDir(tmp_path).calibration.write_text("{not json")
     with pytest.raises(ValueError, match="calibration.json"):
         calibration.load_temperature(tmp_path)
 

@@ -31,7 +31,7 @@ from hamengine.config import (
 from hamengine.engine.evaluate import calibration, metrics
 from hamengine.engine.evaluate import plots_eval as pe
 from hamengine.engine.evaluate.predict import LoadedRun, load_run, predict_batch, run_default
-from hamengine.engine.runtime.run import RunDir, RunError, check_split
+from hamengine.engine.runtime.run import CALIBRATION_FILE, RunDir, RunError, check_split
 from hamengine.fileio import atomic_write_bytes
 from hamengine.loaders import build_loader
 from hamengine.loaders.pack.records import Pack, PackError
@@ -319,7 +319,7 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) 
         raise RunError(str(e)) from None
     temperature = adj.temperature
     if cal is None and temperature != 1.0:
-        cal = {"temperature": temperature, "source": calibration.CALIBRATION_FILE}
+        cal = {"temperature": temperature, "source": CALIBRATION_FILE}
     m, probs = score(sp, adj, opts.n_boot, opts.seed)
     if bias_fit is not None:
         m["decision_fit"] = bias_fit
