@@ -7,37 +7,18 @@ the pack stores 144 px anyway, so drawing larger only costs time), packed at 144
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from hamengine.config import Balance, LoaderKind, PackConfig, TrainConfig
+from hamengine.config import DemoConfig, PackConfig, TrainConfig
 from hamengine.engine.train.trainer import FitOptions, fit
 from hamengine.loaders.ingest.synth import synthesize
 from hamengine.loaders.pack.writer import pack_dataset
 
 
-@dataclass
-class DemoConfig:
-    workdir: str = "demo-data"
-    n: int = 2000
-    seed: int = 0
-    image_size: tuple[int, int] = (200, 150)  # synthetic source images (W, H)
-    pack_size: int = 144  # shorter side stored in the pack
-    size: int = 128  # training crop
-    epochs: int = 15
-    batch_size: int = 32
-    lr: float = 2e-3
-    balance: Balance = Balance.SAMPLER
-    model: str = "hamnet"
-    loader: LoaderKind = LoaderKind.AUTO
-    device: str = "cpu"
-
-
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
-
     console = console or Console()
     root = Path(cfg.workdir)
     t0 = time.perf_counter()

@@ -517,3 +517,23 @@ def parse_duration(text: str) -> float:
     if seconds <= 0:
         raise ConfigError(f"--budget {text!r} must be positive")
     return seconds
+
+
+@dataclass
+class DemoConfig:
+    """`hamengine demo` (engine/demo.py): the options it shows are declared here, once."""
+
+    workdir: str = option("demo-data", "Folder for the synthetic data, the pack and the run (reused when run again).",
+                          path=True)
+    n: int = option(2000, "Synthetic images to generate.")
+    seed: int = option(0, "Seed for data and training.")
+    image_size: tuple[int, int] = (200, 150)  # synthetic source images (W, H)
+    pack_size: int = 144  # shorter side stored in the pack
+    size: int = 128  # training crop
+    epochs: int = option(15, "Training epochs (the demo's tuned value for 2 CPU cores).")
+    batch_size: int = 32
+    lr: float = 2e-3
+    balance: Balance = Balance.SAMPLER
+    model: str = "hamnet"
+    loader: LoaderKind = LoaderKind.AUTO
+    device: str = "cpu"

@@ -12,7 +12,15 @@ from click.core import ParameterSource
 from rich.table import Table
 
 from hamengine.commands.common import config_options, console, emit_json, err_console
-from hamengine.config import OnResume, TrainConfig, from_dict, load_config_file, resume_conflicts, to_dict
+from hamengine.config import (
+    DemoConfig,
+    OnResume,
+    TrainConfig,
+    from_dict,
+    load_config_file,
+    resume_conflicts,
+    to_dict,
+)
 from hamengine.engine.runtime.run import RunDir
 from hamengine.errors import ConfigError
 from hamengine.recipes import apply_recipe
@@ -168,24 +176,15 @@ def report(summary: dict, as_json: bool) -> None:
 
 
 @click.command()
-@click.option("--workdir", type=click.Path(), default="demo-data", show_default=True,
-              help="Folder for the synthetic data, the pack and the run (reused when run again).")
-@click.option("--n", type=int, default=2000, show_default=True, help="Synthetic images to generate.")
-@click.option("--epochs", type=int, default=None, help="Training epochs [default: the demo's tuned value].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for data and training.")
+@config_options(DemoConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (timings, metrics, run) as JSON.")
-def demo(workdir: str, n: int, epochs: int | None, seed: int, as_json: bool) -> None:
+def demo(as_json: bool, **options: Any) -> None:
     """End to end on CPU in a few minutes: synthesize HAM10000-like images, pack them, train
     hamnet (precision and memory format as measured on this host: bf16 where the CPU runs it
     natively, fp32 where bf16 is emulated), evaluate the test split, print the metrics and the run path."""
-    from hamengine.engine.demo import (  # lazy: torch (--help stays fast)
-        DemoConfig,
-        run_demo,
-    )
+    from hamengine.engine.demo import run_demo  # lazy: torch (--help stays fast)
 
-    cfg = DemoConfig(workdir=workdir, n=n, seed=seed)
-    if epochs is not None:
-        cfg.epochs = epochs
+    cfg = DemoConfig(**options)
     summary = run_demo(cfg, console=err_console if as_json else console)
     report(summary["train"], as_json=False) if not as_json else emit_json(summary)
     if not as_json:
