@@ -17,9 +17,9 @@ half-written cache is never read. Building it from a pack verifies the split's s
 Per train batch: index_select the uint8 rows -> float -> one grid_sample doing crop + resize +
 rotation + flips (augment.warp_*) -> colour jitter + normalize as one batched 3x3 matmul -> cast.
 Crop-flip on CPU (no rotation, no jitter) skips grid_sample (`kernel`): with OpenCV installed,
-crop_cv.CropFlipCV resizes each uint8 plane with OpenCV's SIMD fixed-point bilinear, flips it, and
-normalizes + casts through a 256-entry lookup table per channel (~2.5x cheaper than the torch
-path); without OpenCV, augment.crop_flip_separable gathers + blends the 2 source rows of each
+crop_cv.CropFlipCV resizes each sample of an interleaved copy of the cache with OpenCV's SIMD
+fixed-point bilinear, flips it, and normalizes + casts through a 256-entry lookup table per channel
+into the consumer's memory format (~2.5x cheaper than the torch path); without OpenCV, augment.crop_flip_separable gathers + blends the 2 source rows of each
 output row straight from the uint8 cache, then the 2 columns of each output column.
 Augmentation parameters are drawn on the CPU (one generator per batch, seeded from (seed, epoch, rank,
 k)) and cross to a GPU in one pinned non_blocking copy, with the batch's indices: no host sync per
@@ -226,11 +226,11 @@ class BatchMaker:
         crop_flip_cpu = augment and not aug.rotation and not aug.has_jitter and cache.device.type == "cpu"
         self.cv_crop: crop_cv.CropFlipCV | None = None
         if crop_flip_cpu and crop_cv.available(out_dtype):
-            # Only the OpenCV kernel reads this maker's cache: interleave it once (before workers
-            # fork, so they share it), and the planar copy is dropped (ResidentLoader takes this one).
-            self.cache = crop_cv.interleaved(cache)
             a, b = augment_mod.normalize_coefficients(cache.device)
-            self.cv_crop = crop_cv.CropFlipCV(self.cache, size, out_dtype, a, b)
+            self.cv_crop = crop_cv.CropFlipCV(cache, size, out_dtype, a, b)
+            # Only the OpenCV kernel reads this maker's cache: keep its interleaved copy (made before
+            # workers fork, so they share it); the planar one is dropped (ResidentLoader takes this one).
+            self.cache = self.cv_crop.cache
         self.kernel = ("none" if not augment else "opencv" if self.cv_crop is not None
                        else "separable" if crop_flip_cpu else "grid-sample")
         if augment and aug.rotation:
